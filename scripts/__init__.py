@@ -1,0 +1,1 @@
+"""Cardiac phenotype-guided cine generation (CPGG) bundle: data, phantom, phenotypes and models."""
