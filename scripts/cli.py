@@ -1,0 +1,71 @@
+"""Command-line guard for `python -m monai.bundle run`: reject override keys that no config defines.
+
+MONAI silently adds an unknown `--key value` pair as a new config entry, so a typo such as `--num_subject 5`
+would run with the default; this check turns it into a clear error.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import sys
+from collections.abc import Iterator, Sequence
+
+from monai.bundle import ConfigParser
+
+RUN_ARGS = {"config_file", "meta_file", "logging_file", "run_id", "init_id", "final_id", "tracking", "args_file"}
+
+
+def _ids(config: object, prefix: str = "") -> Iterator[str]:
+    """Every id of a nested config, e.g. `network_def`, `network_def#channels`, `train#handlers#0`."""
+    items = config.items() if isinstance(config, dict) else enumerate(config) if isinstance(config, list) else ()
+    for key, value in items:
+        cid = f"{prefix}{key}"
+        yield cid
+        yield from _ids(value, cid + "#")
+
+
+def _cli_pairs(argv: Sequence[str]) -> dict[str, str]:
+    """`--key value` and `--key=value` pairs of a `monai.bundle run` command line."""
+    pairs, i = {}, 0
+    while i < len(argv):
+        token = argv[i]
+        if token.startswith("--"):
+            key, eq, value = token[2:].partition("=")
+            if not eq and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value, i = argv[i + 1], i + 1
+            pairs[key] = value
+        i += 1
+    return pairs
+
+
+def _as_list(value: str) -> list[str]:
+    """A `--config_file` value: one path, or a Python/JSON list of paths."""
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        parsed = value
+    return [str(p) for p in parsed] if isinstance(parsed, (list, tuple)) else [str(parsed)]
+
+
+def unknown_keys(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(override keys on a `monai.bundle run` command line that no config file defines, all known keys)."""
+    pairs = _cli_pairs(argv)
+    if "config_file" not in pairs:
+        return [], []
+    known = set(_ids(ConfigParser.load_config_files(_as_list(pairs["config_file"])))) | RUN_ARGS
+    return [k for k in pairs if k not in known], sorted(known)
+
+
+def check_overrides(argv: Sequence[str] | None = None) -> None:
+    """Raise `ValueError` naming each unknown `--key` (with a close match, if any).
+
+    Only acts when the process is `python -m monai.bundle run ...`; inside other programs it does nothing.
+    """
+    argv = list(sys.argv if argv is None else argv)
+    if not (argv and argv[0].replace("\\", "/").endswith("monai/bundle/__main__.py") and "run" in argv[1:2]):
+        return
+    bad, known = unknown_keys(argv[2:])
+    if bad:
+        hints = [f"--{k}" + "".join(f" (did you mean --{c}?)" for c in difflib.get_close_matches(k, known, n=1)) for k in bad]
+        raise ValueError(f"unknown config key(s) on the command line: {', '.join(hints)}; the config files define no such id")

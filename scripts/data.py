@@ -1,0 +1,345 @@
+"""Preprocessing of 4-chamber cines into 1 x 50 x 96 x 96 clips (MONAI dictionary transforms) and the prepare job.
+
+Arrays are C x T x H x W with H, W the NIfTI X, Y axes (MONAI's array order; no transpose). Frame 0 is end-diastole.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.transforms import (
+    BorderPadd,
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    MapTransform,
+    Resized,
+    ScaleIntensityRangePercentilesd,
+    SpatialCropd,
+    Transposed,
+)
+from torch.utils.data import DataLoader, Dataset
+
+from scripts.io import CineError, load_subject, save_npy, write_json, write_text
+from scripts.phenotypes import LABELS, fit_normaliser, read_phenotype_table, write_phenotype_table
+
+logger = logging.getLogger(__name__)
+
+NUM_FRAMES = 50
+IMAGE_SIZE = 96
+KEYS = ("image", "label")
+SPLITS = ("training", "validation", "test")
+RESERVED = {"image", "label", "subject", "has_phenotypes", "spacing_mm", "frame_interval_s"}
+
+
+# --------------------------------------------------------------------------------------------------------- transforms
+class LoadSubjectd(MapTransform):
+    """Load and validate a subject's image and label cines (scripts.io.load_subject) as (X, Y, T) arrays."""
+
+    def __init__(self) -> None:
+        super().__init__(KEYS)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        image, label = load_subject(d["image"], d["label"], str(d["subject"]))
+        d["image"], d["label"] = image.array, label.array
+        d["original_shape"] = list(image.array.shape)
+        d["spacing_mm"], d["frame_interval_s"] = list(image.spacing_mm), image.frame_interval_s
+        return d
+
+
+class AlignEndDiastoled(MapTransform):
+    """Roll (C, T, H, W) arrays in time so that frame 0 is the frame of largest LV area (MONAI has no cyclic shift)."""
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        area = (torch.as_tensor(d["label"]) == LABELS["LV"]).sum(dim=(0, 2, 3))
+        shift = int(np.argmax(area.numpy()))
+        for key in self.key_iterator(d):
+            d[key] = torch.roll(torch.as_tensor(d[key]), -shift, dims=1)
+        d["ed_shift"] = shift
+        return d
+
+
+def heart_box(heart: np.ndarray, spacing_mm: Sequence[float], margin: float) -> list[list[int]]:
+    """[[x0, x1], [y0, y1]] (pixels, end exclusive, may leave the image): a square in mm around a 2D mask's bounding
+    box, its side the larger mm extent times (1 + 2 * margin)."""
+    idx = np.nonzero(heart)
+    lo = np.array([i.min() for i in idx], float)
+    hi = np.array([i.max() + 1 for i in idx], float)
+    spacing = np.asarray(spacing_mm, float)
+    side_mm = ((hi - lo) * spacing).max() * (1.0 + 2.0 * margin)
+    size = np.ceil(side_mm / spacing - 1e-6)
+    start = np.floor((lo + hi - size) / 2.0 + 0.5)
+    return [[int(a), int(a + n)] for a, n in zip(start, size)]
+
+
+def crop_pad(x: torch.Tensor, box: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Crop the last two axes of `x` to `box`, with zeros where the box leaves the array."""
+    (x0, x1), (y0, y1) = box
+    nx, ny = x.shape[-2:]
+    pads = [max(0, -y0), max(0, y1 - ny), max(0, -x0), max(0, x1 - nx)]
+    x = torch.nn.functional.pad(torch.as_tensor(x), pads)
+    return x[..., x0 + pads[2]:x1 + pads[2], y0 + pads[0]:y1 + pads[0]]
+
+
+def box_fraction(heart_counts: np.ndarray, box: Sequence[Sequence[int]]) -> float:
+    """Share of the (X, Y) per-pixel heart voxel counts that lies inside the box."""
+    (x0, x1), (y0, y1) = box
+    inside = heart_counts[max(x0, 0):max(x1, 0), max(y0, 0):max(y1, 0)].sum()
+    return float(inside / heart_counts.sum())
+
+
+class CropHeartd(MapTransform):
+    """Square crop (in mm, same box for all frames) around all heart labels over all frames, zero-padded outside the
+    field of view. Own transform: MONAI's CropForegroundd boxes are per axis in pixels, not square in mm."""
+
+    def __init__(self, margin: float) -> None:
+        super().__init__(KEYS)
+        if not margin >= 0:
+            raise ValueError(f"crop margin must be >= 0 (a fraction of the box side), got {margin}")
+        self.margin = margin
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        counts = (torch.as_tensor(d["label"])[0] > 0).sum(dim=0).numpy()  # heart voxels per (X, Y) pixel, all frames
+        box = heart_box(counts > 0, d["spacing_mm"], self.margin)
+        for key in self.key_iterator(d):
+            d[key] = crop_pad(d[key], box)
+        d["crop_box"], d["heart_fraction"] = box, box_fraction(counts, box)
+        return d
+
+
+def preprocessing(margin: float = 0.15) -> Compose:
+    """Subject item {"subject", "image", "label"} (paths) -> image float16 and label uint8 arrays, 1 x 50 x 96 x 96."""
+    return Compose([
+        LoadSubjectd(),
+        EnsureChannelFirstd(KEYS, channel_dim="no_channel"),
+        Transposed(KEYS, indices=(0, 3, 1, 2)),  # C x T x H x W
+        AlignEndDiastoled(KEYS),
+        CropHeartd(margin),
+        # cyclic time resampling: append frame 0, resize T + 1 -> 51 with the end points fixed, drop the last frame
+        # (labels: pixel-centred nearest; exact for T = 50, within 0.7 of a source frame otherwise)
+        BorderPadd(KEYS, spatial_border=[0, 1, 0, 0, 0, 0], mode="wrap"),
+        Resized(KEYS, spatial_size=(NUM_FRAMES + 1, -1, -1), mode=("trilinear", "nearest-exact"),
+                align_corners=(True, None)),
+        SpatialCropd(KEYS, roi_slices=[slice(0, NUM_FRAMES), slice(None), slice(None)]),
+        # in-plane: bilinear with Gaussian anti-aliasing when shrinking (T is unchanged), labels pixel-centred nearest
+        Resized(KEYS, spatial_size=(-1, IMAGE_SIZE, IMAGE_SIZE), mode=("trilinear", "nearest-exact"),
+                anti_aliasing=(True, False)),
+        ScaleIntensityRangePercentilesd("image", lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True),
+        EnsureTyped(KEYS, data_type="numpy", dtype=(np.float16, np.uint8), track_meta=False),
+    ])
+
+
+def _cine_error(exc: BaseException | None) -> CineError | None:
+    """The CineError behind an exception (MONAI's Compose wraps transform errors in RuntimeError), if any."""
+    while exc is not None and not isinstance(exc, CineError):
+        exc = exc.__cause__
+    return exc
+
+
+def _record(d: dict) -> dict:
+    """What the report keeps of a preprocessed subject; output spacing = box side (mm) / 96, interval = T * dt / 50."""
+    keys = ("subject", "original_shape", "ed_shift", "crop_box", "heart_fraction")
+    return {**{k: d[k] for k in keys}, "original_spacing_mm": d["spacing_mm"],
+            "original_frame_interval_s": d["frame_interval_s"],
+            "spacing_mm": [(b - a) * s / IMAGE_SIZE for (a, b), s in zip(d["crop_box"], d["spacing_mm"])],
+            "frame_interval_s": d["frame_interval_s"] * d["original_shape"][2] / NUM_FRAMES}
+
+
+class _PrepareSubjects(Dataset):
+    """Item i: preprocess subject i, save its arrays atomically and return its record (or its CineError message)."""
+
+    def __init__(self, items: list[dict], output_dir: Path, margin: float) -> None:
+        self.items, self.output_dir, self.transform = items, output_dir, preprocessing(margin)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.items[i]
+        try:
+            d = self.transform(item)
+        except Exception as e:  # only CineErrors are subject errors; anything else is re-raised
+            if (err := _cine_error(e)) is None:
+                raise
+            return {"subject": item["subject"], "error": str(err)}
+        save_npy(self.output_dir / "images" / f"{item['subject']}.npy", d["image"])
+        save_npy(self.output_dir / "labels" / f"{item['subject']}.npy", d["label"])
+        return _record(d)
+
+
+def _identity(x: dict) -> dict:
+    return x
+
+
+def process_subjects(items: list[dict], output_dir: Path, margin: float, num_workers: int,
+                     log_every: int) -> list[dict]:
+    """Records of all items in order, processed by `num_workers` processes (0 or 1: in this process, one thread)."""
+    workers = num_workers if num_workers > 1 else 0
+    loader = DataLoader(_PrepareSubjects(items, output_dir, margin), batch_size=None, num_workers=workers,
+                        collate_fn=_identity)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in DataLoader workers, so that results do not depend on the worker count
+    records, start = [], time.perf_counter()
+    try:
+        for n, record in enumerate(loader, 1):
+            records.append(record)
+            if n % max(log_every, 1) == 0 or n == len(items):
+                failed = sum("error" in r for r in records)
+                logger.info("processed %d/%d subjects (%d skipped), %.2f s per subject", n, len(items), failed,
+                            (time.perf_counter() - start) / n)
+    finally:
+        torch.set_num_threads(threads)
+    return records
+
+
+# ------------------------------------------------------------------------------------------------------------- tables
+def _cell(text: str) -> int | float | str | None:
+    """A labels.csv cell: int, float, text, or None when empty."""
+    text = text.strip()
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text or None
+
+
+def read_labels_table(path: Path) -> tuple[list[str], dict[str, dict]]:
+    """labels.csv (first column `eid`): (columns, {eid: {column: value}}); ValueError naming the file when malformed."""
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        rows = [r for r in csv.reader(f) if r]
+    header = [h.strip() for h in rows[0]] if rows else []
+    if not header or header[0] != "eid" or len(set(header)) < len(header):
+        raise ValueError(f"{path}: the header must start with 'eid' and have unique column names, got {header}")
+    table: dict[str, dict] = {}
+    for n, row in enumerate(rows[1:], 2):
+        eid = row[0].strip()
+        if len(row) != len(header) or not eid or eid in table:
+            raise ValueError(f"{path}: row {n}: {len(row)} cells for {len(header)} columns, or an empty/duplicate eid")
+        table[eid] = {c: _cell(v) for c, v in zip(header[1:], row[1:])}
+    return header[1:], table
+
+
+def _check_columns(phenotype_columns: list[str], label_columns: list[str]) -> None:
+    clash = (set(phenotype_columns) | set(label_columns)) & RESERVED | set(phenotype_columns) & set(label_columns)
+    if clash:
+        raise ValueError(f"phenotype/labels.csv column names clash with each other or with datalist keys: "
+                         f"{sorted(clash)}")
+
+
+# ------------------------------------------------------------------------------------------------------------- splits
+def split_counts(n: int, fractions: Sequence[float]) -> list[int]:
+    """Subjects per split: largest-remainder rounding; training gets >= 1, and with n >= 3 so does every split with a
+    positive fraction."""
+    f = np.asarray(fractions, float)
+    if f.shape != (len(SPLITS),) or (f < 0).any() or not f.sum() > 0 or not f[0] > 0:
+        raise ValueError(f"splits must be {len(SPLITS)} non-negative fractions with training > 0, "
+                         f"got {list(fractions)}")
+    exact = f / f.sum() * n
+    counts = np.floor(exact).astype(int)
+    counts[np.argsort(counts - exact, kind="stable")[: n - counts.sum()]] += 1
+    need = (f > 0) if n >= 3 else np.array([n > 0, False, False])  # n = 1 or 2: training first
+    for i in np.flatnonzero(need & (counts == 0)):
+        counts[np.argmax(counts)] -= 1
+        counts[i] += 1
+    return counts.tolist()
+
+
+def split_subjects(subjects: Sequence[str], fractions: Sequence[float], seed: int) -> dict[str, list[str]]:
+    """Seeded subject-level split into training/validation/test (depends only on the seed and the subject set)."""
+    order = sorted(subjects)
+    shuffled = [order[i] for i in np.random.default_rng(seed).permutation(len(order))]
+    bounds = np.cumsum([0, *split_counts(len(order), fractions)])
+    return {name: sorted(shuffled[a:b]) for name, a, b in zip(SPLITS, bounds[:-1], bounds[1:])}
+
+
+# ------------------------------------------------------------------------------------------------------------ prepare
+def find_subjects(dataset_dir: Path, image_name: str, label_name: str) -> list[dict]:
+    """Items {"subject", "image", "label"} for the sub-folders holding `image_name` (a file or a DICOM folder)."""
+    return [{"subject": p.name, "image": str(p / image_name), "label": str(p / label_name)}
+            for p in sorted(dataset_dir.iterdir()) if (p / image_name).exists()]
+
+
+def _datalist_item(record: dict, columns: list[str], table: dict, label_columns: list[str], labels: dict) -> dict:
+    s = record["subject"]
+    return {"image": f"images/{s}.npy", "label": f"labels/{s}.npy", "subject": s, "has_phenotypes": s in table,
+            **{c: table[s][c] if s in table else None for c in columns},
+            **{c: labels.get(s, {}).get(c) for c in label_columns},
+            "spacing_mm": record["spacing_mm"], "frame_interval_s": record["frame_interval_s"]}
+
+
+def _report_md(report: dict) -> str:
+    lines = [f"# Prepared {report['prepared']} of {report['found']} subjects", "",
+             "| split | subjects |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in report["split_sizes"].items()],
+             "", f"Subjects without a phenotype row: {len(report['without_phenotypes'])}", "",
+             f"## Skipped ({len(report['skipped'])})", ""]
+    lines += [f"- `{s['subject']}`: {s['reason']}" for s in report["skipped"]] or ["none"]
+    return "\n".join(lines) + "\n"
+
+
+def prepare(dataset_dir: str | Path, output_dir: str | Path, phenotypes_csv: str | Path | None = None,
+            splits: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0, margin: float = 0.15, num_workers: int = 2,
+            image_name: str = "la_4ch.nii.gz", label_name: str = "seg4_la_4ch.nii.gz", log_every: int = 100) -> dict:
+    """Prepare a cohort `<dataset_dir>/<subject>/{image_name,label_name}` into `output_dir`; returns the report.
+
+    Writes images/ and labels/ (.npy), datalist.json (MONAI decathlon form), phenotypes.csv, phenotype_stats.json
+    (fitted on the training split), report.json and report.md. Subjects failing with a CineError are skipped and
+    reported.
+    """
+    if dataset_dir is None or not Path(dataset_dir).is_dir():
+        raise ValueError(f"dataset_dir must be an existing folder (pass --dataset_dir <folder>), got {dataset_dir}")
+    dataset_dir, output_dir = Path(dataset_dir), Path(output_dir)
+    split_counts(1, splits)  # validate before any work
+    pheno_path = Path(phenotypes_csv) if phenotypes_csv else dataset_dir / "phenotypes.csv"
+    columns, table = read_phenotype_table(pheno_path) if phenotypes_csv or pheno_path.is_file() else ([], {})
+    if not columns:
+        logger.warning("no phenotype table at %s: subjects are prepared without phenotypes", pheno_path)
+    labels_path = dataset_dir / "labels.csv"
+    label_columns, labels = read_labels_table(labels_path) if labels_path.is_file() else ([], {})
+    _check_columns(columns, label_columns)
+    items = find_subjects(dataset_dir, image_name, label_name)
+    if not items:
+        raise ValueError(f"{dataset_dir}: no subject folder holds {image_name!r}")
+    logger.info("preparing %d subjects from %s into %s", len(items), dataset_dir, output_dir)
+
+    records = process_subjects(items, output_dir, margin, num_workers, log_every)
+    done = [r for r in records if "error" not in r]
+    report = {"dataset_dir": str(dataset_dir), "found": len(items), "prepared": len(done),
+              "skipped": [{"subject": r["subject"], "reason": r["error"]} for r in records if "error" in r],
+              "without_phenotypes": [r["subject"] for r in done if r["subject"] not in table],
+              "split_sizes": {}, "subjects": {r["subject"]: r for r in done}}
+    if not done:
+        write_json(output_dir / "report.json", report)
+        raise ValueError(f"no subject could be prepared from {dataset_dir}; reasons in {output_dir / 'report.json'}")
+
+    split = split_subjects([r["subject"] for r in done], splits, seed)
+    report["split_sizes"] = {k: len(v) for k, v in split.items()}
+    by_subject = {r["subject"]: r for r in done}
+    datalist = {name: [_datalist_item(by_subject[s], columns, table, label_columns, labels) for s in subjects]
+                for name, subjects in split.items()}
+    datalist.update(phenotype_columns=columns, label_columns=label_columns, seed=seed, splits=list(splits),
+                    shape=[1, NUM_FRAMES, IMAGE_SIZE, IMAGE_SIZE])
+    write_json(output_dir / "datalist.json", datalist)
+    if columns:
+        write_phenotype_table(output_dir / "phenotypes.csv", columns,
+                              {s: table[s] for s in sorted(by_subject) if s in table})  # atomic there
+        train = [s for s in split["training"] if s in table]
+        if train:
+            write_json(output_dir / "phenotype_stats.json", fit_normaliser(table, train, columns))
+        else:
+            logger.warning("no training subject has phenotypes: phenotype_stats.json not written")
+    write_json(output_dir / "report.json", report)
+    write_text(output_dir / "report.md", _report_md(report))
+    logger.info("prepared %d/%d subjects (%d skipped, %d without phenotypes); splits %s; written to %s",
+                len(done), len(items), len(report["skipped"]), len(report["without_phenotypes"]),
+                report["split_sizes"], output_dir)
+    return report

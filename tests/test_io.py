@@ -1,0 +1,200 @@
+"""scripts.io: cine loading (NIfTI, DICOM series), validation errors and atomic writes.
+
+Also holds the small synthetic cine used by tests/test_prepare.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+from scripts.io import CineError, atomic_write, load_cine, load_subject
+
+SHAPE = (120, 100)  # X, Y
+
+
+# ------------------------------------------------------------------------------------------------------------ helpers
+def _ellipse(xx: np.ndarray, yy: np.ndarray, centre: tuple[float, float], axes: tuple[float, float]) -> np.ndarray:
+    return ((xx - centre[0]) / axes[0]) ** 2 + ((yy - centre[1]) / axes[1]) ** 2 <= 1.0
+
+
+def synthetic_cine(frames: int = 25, ed: int = 0, centre: tuple[float, float] = (60.0, 50.0), seed: int = 0
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(image float32, label uint8), both (X, Y, T): 5 moving ellipses; the LV area peaks sharply at frame `ed`."""
+    xx, yy = np.meshgrid(np.arange(SHAPE[0]), np.arange(SHAPE[1]), indexing="ij")
+    cx, cy = centre
+    label = np.zeros((*SHAPE, frames), np.uint8)
+    for t in range(frames):
+        d = min((t - ed) % frames, (ed - t) % frames) / (frames / 2)  # cyclic distance to ED, 0..1
+        v, a = 1.0 - 0.35 * d, 1.0 + 0.3 * d  # ventricles shrink linearly away from ED, atria grow
+        frame = label[..., t]
+        frame[_ellipse(xx, yy, (cx + 18, cy - 12), (14 * a, 10 * a))] = 4  # LA
+        frame[_ellipse(xx, yy, (cx + 18, cy + 12), (13 * a, 10 * a))] = 5  # RA
+        frame[_ellipse(xx, yy, (cx - 10, cy + 13), (18 * v, 9 * v))] = 3  # RV
+        frame[_ellipse(xx, yy, (cx - 10, cy - 10), (22 * v + 3, 11 * v + 3))] = 2  # myocardium
+        frame[_ellipse(xx, yy, (cx - 10, cy - 10), (22 * v, 11 * v))] = 1  # LV blood pool
+    intensity = np.array([30.0, 220.0, 70.0, 200.0, 180.0, 190.0], np.float32)
+    noise = np.random.default_rng(seed).normal(0.0, 5.0, label.shape).astype(np.float32)
+    return intensity[label] + noise, label
+
+
+def write_nifti(path: Path, array: np.ndarray, spacing: tuple[float, float] = (1.5, 1.5), dt: float = 0.03,
+                time_unit: str = "unknown", add_slice_axis: bool = True) -> Path:
+    """Save (X, Y, T) as X x Y x 1 x T (or `array` as is with add_slice_axis=False), pixdim[4] = dt."""
+    data = array[:, :, None, :] if add_slice_axis else array
+    img = nib.Nifti1Image(data, np.diag([spacing[0], spacing[1], 8.0, 1.0]))
+    img.header["pixdim"][4] = dt
+    img.header.set_xyzt_units(xyz="mm", t=time_unit)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, path)
+    return path
+
+
+def write_dicom_series(folder: Path, cine: np.ndarray, spacing: tuple[float, float], instance: list[int],
+                       timing: dict[str, float]) -> None:
+    """One MR file per frame of an (X, Y, T) cine; `timing` holds TriggerTime step (ms) or NominalInterval/HeartRate."""
+    folder.mkdir(parents=True)
+    series = generate_uid()
+    for t in range(cine.shape[2]):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID, ds.SeriesInstanceUID, ds.Modality = MRImageStorage, series, "MR"
+        ds.InstanceNumber = instance[t]
+        for key, value in timing.items():
+            setattr(ds, key, t * value if key == "TriggerTime" else value)
+        ds.ImagePositionPatient, ds.ImageOrientationPatient = [0, 0, 0], [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing = [spacing[1], spacing[0]]  # (between rows = along Y, between columns = along X)
+        frame = cine[:, :, t].T.astype(np.uint16)  # rows = Y, columns = X
+        ds.Rows, ds.Columns = frame.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.PixelData = frame.tobytes()
+        ds.save_as(folder / f"IM{(7 * t) % cine.shape[2]:04d}.dcm", enforce_file_format=True)  # names out of order
+
+
+@pytest.fixture
+def subject(tmp_path: Path) -> tuple[Path, Path]:
+    """A valid (image, label) NIfTI pair of 25 frames."""
+    image, label = synthetic_cine()
+    return write_nifti(tmp_path / "la_4ch.nii.gz", image), write_nifti(tmp_path / "seg4_la_4ch.nii.gz", label)
+
+
+def _raises(path: Path, *fragments: str, subject: str = "s1", label: Path | None = None) -> None:
+    """load_cine (or load_subject when `label` is given) raises a CineError naming the subject and all fragments."""
+    with pytest.raises(CineError) as err:
+        load_subject(path, label, subject) if label else load_cine(path, subject)
+    for fragment in (f"subject '{subject}'", *fragments):
+        assert fragment in str(err.value), (fragment, str(err.value))
+
+
+# -------------------------------------------------------------------------------------------------------------- tests
+def test_valid_subject(subject: tuple[Path, Path]) -> None:
+    image, label = load_subject(*subject, "s1")
+    assert image.array.shape == label.array.shape == (*SHAPE, 25)
+    assert image.array.dtype == np.float32 and label.array.dtype == np.uint8
+    assert image.spacing_mm == (1.5, 1.5) and image.frame_interval_s == pytest.approx(0.03)
+    assert np.array_equal(label.array, synthetic_cine()[1]) and image.affine.shape == (4, 4)
+
+
+@pytest.mark.parametrize("unit, value", [("sec", 0.03), ("msec", 30.0), ("unknown", 30.0), ("unknown", 0.03)])
+def test_frame_interval_ms_or_s(tmp_path: Path, unit: str, value: float) -> None:
+    path = write_nifti(tmp_path / "c.nii.gz", synthetic_cine()[0], dt=value, time_unit=unit)
+    assert load_cine(path).frame_interval_s == pytest.approx(0.03)
+
+
+def test_shape_mismatch(tmp_path: Path, subject: tuple[Path, Path]) -> None:
+    label = write_nifti(tmp_path / "small.nii.gz", synthetic_cine()[1][:110])
+    _raises(subject[0], str(subject[0]), str(label), "(120, 100, 25)", "(110, 100, 25)", label=label)
+
+
+@pytest.mark.parametrize("shape, kind", [((120, 100, 12), "3D volume with no time axis"),
+                                         ((120, 100, 3, 25), "3 slices over time")])
+def test_volume_instead_of_cine(tmp_path: Path, shape: tuple[int, ...], kind: str) -> None:
+    path = write_nifti(tmp_path / "vol.nii.gz", np.zeros(shape, np.float32), add_slice_axis=False)
+    _raises(path, str(path), f"found shape {shape}", kind, "expected a 2D cine X x Y x 1 x T")
+
+
+@pytest.mark.parametrize("edit, problem", [(lambda lab: lab * 0, "label cine is empty"),
+                                           (lambda lab: np.where(lab == 1, 2, lab), "no LV (label 1)"),
+                                           (lambda lab: np.where(lab == 3, 7, lab), "label values outside 0..5: [7]"),
+                                           (lambda lab: lab * 0.5, "non-integer label value")])
+def test_bad_labels(tmp_path: Path, subject: tuple[Path, Path], edit, problem: str) -> None:
+    label = write_nifti(tmp_path / "bad.nii.gz", edit(synthetic_cine()[1]).astype(np.float32))
+    _raises(subject[0], str(label), problem, label=label)
+
+
+def test_nan_and_infinite_voxels(tmp_path: Path) -> None:
+    image = synthetic_cine()[0]
+    image[0, 0, :3], image[1, 1, :2] = np.nan, np.inf
+    path = write_nifti(tmp_path / "nan.nii.gz", image)
+    _raises(path, str(path), "3 NaN and 2 infinite voxel(s)")
+
+
+def test_too_few_frames(tmp_path: Path) -> None:
+    path = write_nifti(tmp_path / "short.nii.gz", synthetic_cine(frames=8)[0])
+    _raises(path, str(path), "only 8 frame(s)", "at least 10")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.02])  # cut in the data, cut in the header
+def test_truncated_file(subject: tuple[Path, Path], keep: float) -> None:
+    path = subject[0]
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    _raises(path, str(path), "truncated or corrupt")
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    _raises(tmp_path / "nope.nii.gz", str(tmp_path / "nope.nii.gz"), "file not found")
+
+
+def test_non_positive_frame_interval(tmp_path: Path) -> None:
+    path = write_nifti(tmp_path / "c.nii.gz", synthetic_cine()[0], dt=0.0)
+    _raises(path, str(path), "frame interval must be positive, got 0.0 s")
+
+
+def test_non_positive_spacing(tmp_path: Path) -> None:  # nibabel itself replaces zero/negative NIfTI pixdims
+    write_dicom_series(tmp_path / "series", synthetic_cine()[0], (0.0, 1.5), list(range(1, 26)), {"TriggerTime": 30})
+    _raises(tmp_path / "series", str(tmp_path / "series"), "pixel spacing must be positive")
+
+
+@pytest.mark.parametrize("instance, timing, dt", [
+    ([25 - t for t in range(25)], {"TriggerTime": 31.0}, 0.031),  # InstanceNumber reversed: order by TriggerTime
+    (list(range(1, 26)), {"NominalInterval": 900.0}, 0.9 / 25),
+    (list(range(1, 26)), {"HeartRate": 60}, 1.0 / 25),
+])
+def test_dicom_series_round_trip(tmp_path: Path, instance: list[int], timing: dict, dt: float) -> None:
+    cine = np.rint(synthetic_cine()[0]).clip(0).astype(np.float32)
+    write_dicom_series(tmp_path / "series", cine, (1.25, 1.75), instance, timing)
+    loaded = load_cine(tmp_path / "series", "s1")
+    assert np.array_equal(loaded.array, cine)
+    assert loaded.spacing_mm == pytest.approx((1.25, 1.75)) and loaded.frame_interval_s == pytest.approx(dt)
+    assert np.linalg.matrix_rank(loaded.affine) == 4
+
+
+def test_dicom_series_with_several_positions(tmp_path: Path) -> None:
+    write_dicom_series(tmp_path / "series", synthetic_cine()[0], (1.5, 1.5), list(range(1, 26)), {"TriggerTime": 30})
+    path = tmp_path / "series" / "IM0007.dcm"
+    ds = pydicom.dcmread(path)
+    ds.ImagePositionPatient = [0, 0, 8]
+    ds.save_as(path)
+    _raises(tmp_path / "series", "2 slice positions (a 3D volume)")
+
+
+def test_atomic_write(tmp_path: Path) -> None:
+    target = tmp_path / "out" / "a.npy"
+    with atomic_write(target) as tmp:
+        np.save(tmp, np.arange(3))
+    assert np.array_equal(np.load(target), np.arange(3))
+    with pytest.raises(RuntimeError), atomic_write(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("writer failed")
+    assert np.array_equal(np.load(target), np.arange(3)) and [p.name for p in target.parent.iterdir()] == ["a.npy"]
