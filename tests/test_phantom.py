@@ -73,8 +73,8 @@ def test_cine_motion_and_labels(measured_cohort: list[tuple]) -> None:
 
 def test_class_distributions_overlap_but_differ() -> None:
     draws = [phantom.draw_subject(7, i, WEIGHTS) for i in range(480)]
-    table = np.array([[phantom.intended_phenotypes(d.geometry, d.frame_interval_s)[c] for c in PHENOTYPE_COLUMNS]
-                      for d in draws])
+    intended = [phantom.intended_phenotypes(d.geometry, d.frame_interval_s) for d in draws]
+    table = np.array([[p[c] for c in PHENOTYPE_COLUMNS] for p in intended])
     y = np.array([d.row["diagnosis_index"] for d in draws])
     col = {c: table[:, i] for i, c in enumerate(PHENOTYPE_COLUMNS)}
     mean = lambda c, k: col[c][y == k].mean()  # noqa: E731

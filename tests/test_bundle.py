@@ -1,0 +1,63 @@
+"""The repository as a MONAI bundle: metadata, large files, command-line guard and the pipeline config."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from scripts import cli
+from tests.conftest import REPO
+
+
+def _bundle(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_metadata_verifies_against_the_vendored_schema() -> None:
+    done = _bundle("verify_metadata", "--meta_file", "configs/metadata.json",
+                   "--filepath", "configs/schemas/meta_schema_20240725.json")
+    assert done.returncode == 0 and "metadata is verified with no error" in done.stdout + done.stderr
+
+
+def test_metadata_records_the_installed_versions() -> None:
+    import monai
+    import numpy
+    import torch
+
+    meta = json.loads((REPO / "configs" / "metadata.json").read_text())
+    assert meta["monai_version"] == monai.__version__
+    assert meta["pytorch_version"] == torch.__version__.split("+")[0]
+    assert meta["numpy_version"].split(".")[:2] == numpy.__version__.split(".")[:2]
+
+
+def test_large_files_lists_only_existing_files() -> None:
+    spec = yaml.safe_load((REPO / "large_files.yml").read_text())
+    assert isinstance(spec["large_files"], list)
+    for entry in spec["large_files"]:
+        assert {"path", "url"} <= set(entry) and (REPO / entry["path"]).is_file()
+
+
+def test_unknown_keys_parsing() -> None:
+    argv = ["--config_file", "['configs/make_phantom.json','configs/prepare.json']", "--num_subjects", "3",
+            "--dataset_dir=/x", "--typo_key", "1", "--run_id", "run"]
+    bad, known = cli.unknown_keys(argv)
+    assert bad == ["typo_key"] and "num_subjects" in known and "dataset_dir" in known
+    cli.check_overrides(["pytest", "--typo_key", "1"])  # not a bundle run: nothing to check
+    with pytest.raises(ValueError, match=r"--typo_key"):
+        cli.check_overrides(["/x/monai/bundle/__main__.py", "run", *argv])
+
+
+def test_pipeline_runs_phantom_then_prepare(tmp_path) -> None:
+    done = _bundle("run", "--config_file", "configs/pipeline.json", "--output_dir", str(tmp_path),
+                   "--num_subjects", "4", "--seed", "2")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (tmp_path / "phantom" / "montage.png").is_file()
+    datalist = json.loads((tmp_path / "prepared" / "datalist.json").read_text())
+    assert sum(len(datalist[k]) for k in ("training", "validation", "test")) == 4
+    assert set(json.loads((tmp_path / "stage_times.json").read_text())) == {"make_phantom", "prepare"}
