@@ -30,6 +30,9 @@ MYOCARDIAL_DENSITY = 1.05  # g/mL
 AREA_LENGTH = 8.0 / (3.0 * math.pi)  # V = AREA_LENGTH * A^2 / L (cm^2, cm -> mL)
 WT_STEP_PX = 0.05  # wall-thickness sampling step, in pixels
 ATRIAL_LINE_HALF_PX = 100  # half-length of the rasterised atrial major axis, in pixels
+VALVE_GAP_MM = 4.5  # valve band: ventricle and atrium pixels this close (centre to centre) face each other across
+# the valve. Bridges the 1-px gaps automatic segmentations leave (centres 2 px or sqrt(5) px apart, 3.7-4.1 mm at
+# 1.83 mm pixels) but not 2-px gaps (3 px, 5.5 mm); docs/phenotypes.md
 _IN_PLANE_8 = np.zeros((3, 3, 3), bool)
 _IN_PLANE_8[1] = True  # (T, X, Y) arrays: 8-connected within a frame, never across frames
 
@@ -76,18 +79,39 @@ def _frame_mean(t: np.ndarray, pts: np.ndarray, n_frames: int) -> np.ndarray:
         return sums / counts[:, None]
 
 
+def _disk_offsets(spacing: tuple[float, float], radius_mm: float) -> list[tuple[int, int]]:
+    """Pixel offsets (di, dj) != (0, 0) whose centres lie within radius_mm of the origin."""
+    ri, rj = (int(radius_mm / s * (1 + 1e-9)) for s in spacing)
+    return [(di, dj) for di in range(-ri, ri + 1) for dj in range(-rj, rj + 1)
+            if (di, dj) != (0, 0) and (di * spacing[0]) ** 2 + (dj * spacing[1]) ** 2 <= radius_mm**2 * (1 + 1e-9)]
+
+
+def _near(mask: np.ndarray, offsets: list[tuple[int, int]]) -> np.ndarray:
+    """Pixels of a (T, X, Y) mask's frames within the given in-plane offsets of a mask pixel (never across frames)."""
+    out = mask.copy()
+    nx, ny = mask.shape[1:]
+    for di, dj in offsets:
+        out[:, max(di, 0):nx + min(di, 0), max(dj, 0):ny + min(dj, 0)] |= \
+            mask[:, max(-di, 0):nx + min(-di, 0), max(-dj, 0):ny + min(-dj, 0)]
+    return out
+
+
+def _valve_gap_mm(spacing: tuple[float, float]) -> float:
+    """VALVE_GAP_MM, but at least one pixel, so that 4-adjacent (touching) pixels always count."""
+    return max(VALVE_GAP_MM, *spacing)
+
+
 def _valve_midpoints(chamber: np.ndarray, atrium: np.ndarray, spacing: tuple[float, float]) -> np.ndarray:
-    """Per-frame mean (mm) of the midpoints of 4-adjacent (chamber, atrium) pixel pairs; NaN where they do not touch."""
-    ts, mids = [], []
-    for axis in (1, 2):
-        a0, a1 = [slice(None)] * 3, [slice(None)] * 3
-        a0[axis], a1[axis] = slice(None, -1), slice(1, None)
-        pairs = (chamber[tuple(a0)] & atrium[tuple(a1)]) | (atrium[tuple(a0)] & chamber[tuple(a1)])
-        t, i, j = np.nonzero(pairs)
-        off = (0.5, 0.0) if axis == 1 else (0.0, 0.5)
-        ts.append(t)
-        mids.append(np.stack([(i + off[0]) * spacing[0], (j + off[1]) * spacing[1]], 1))
-    return _frame_mean(np.concatenate(ts), np.concatenate(mids), chamber.shape[0])
+    """Per-frame valve midpoint (mm) of (T, X, Y) masks: the mean of the centroid of the chamber pixels within the valve
+    gap of an atrium pixel and the centroid of the atrium pixels within it of a chamber pixel (two bands mirrored
+    about the interface where the shapes are); NaN in frames where no chamber and atrium pixels are that close."""
+    offsets = _disk_offsets(spacing, _valve_gap_mm(spacing))
+    n_frames = chamber.shape[0]
+    sides = []
+    for own, other in ((chamber, atrium), (atrium, chamber)):
+        t, pts, _ = _pixels(own & _near(other, offsets), spacing)
+        sides.append(_frame_mean(t, pts, n_frames))
+    return (sides[0] + sides[1]) / 2.0
 
 
 def _principal_extent(pts: np.ndarray) -> tuple[np.ndarray, float, float]:
@@ -101,10 +125,10 @@ def _principal_extent(pts: np.ndarray) -> tuple[np.ndarray, float, float]:
 def _ventricle(chamber: np.ndarray, atrium: np.ndarray, spacing: tuple[float, float], name: str, subject: str,
                away_from_atria: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Valve-to-apex area-length volumes (mL) per frame, with the base (valve) point and apex (mm) per frame and a mask
-    of the frames where chamber and atrium touch.
+    of the frames with a valve band (chamber and atrium pixels within VALVE_GAP_MM of each other).
 
-    Other frames use the chamber's extent along its first principal axis as L, with base and apex at the extremes along
-    that axis (apex on the `away_from_atria` side).
+    Frames without one use the chamber's extent along its first principal axis as L, with base and apex at the extremes
+    along that axis (apex on the `away_from_atria` side), and are logged.
     """
     base = _valve_midpoints(chamber, atrium, spacing)
     t, pts, counts = _pixels(chamber, spacing)
@@ -114,8 +138,9 @@ def _ventricle(chamber: np.ndarray, atrium: np.ndarray, spacing: tuple[float, fl
     apex, length = pts[last], dist[last] / 10.0
     has_valve = ~np.isnan(base[:, 0])
     if not has_valve.all():
-        logger.warning("%s%s: no %s-atrium interface in frames %s; using the principal-axis extent as L",
-                       _where(subject), name, name, np.flatnonzero(~has_valve).tolist())
+        logger.warning("%s%s: no %s-atrium interface (no pixels within %g mm of each other) in frames %s; using the "
+                       "principal-axis extent as L", _where(subject), name, name, _valve_gap_mm(spacing),
+                       np.flatnonzero(~has_valve).tolist())
     for f in np.flatnonzero(~has_valve):
         fp = pts[ends[f] - counts[f]:ends[f]]
         axis, lo, hi = _principal_extent(fp)
