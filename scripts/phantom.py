@@ -527,8 +527,9 @@ def write_nifti(array: np.ndarray, path: Path, spacing: float, frame_interval_s:
         nib.save(image, tmp)
 
 
-def make_subject(output_dir: str | Path, seed: int, index: int, class_weights: tuple[float, ...]) -> dict:
-    """Render, write and measure one subject; returns eid, labels row, measured phenotypes and ED/ES frames."""
+def make_subject(output_dir: str | Path, seed: int, index: int, class_weights: tuple[float, ...],
+                 keep_frames: bool = False) -> dict:
+    """Render, write and measure one subject; returns eid, labels row, measured phenotypes (and ED/ES frames)."""
     d = draw_subject(seed, index, class_weights)
     image, label = render(d.scan, d.geometry, d.rng)
     folder = Path(output_dir) / d.eid
@@ -537,7 +538,8 @@ def make_subject(output_dir: str | Path, seed: int, index: int, class_weights: t
     write_nifti(label, folder / "seg4_la_4ch.nii.gz", d.scan.spacing, d.frame_interval_s)
     measured = measure_cine(label.transpose(2, 1, 0), (d.scan.spacing, d.scan.spacing), d.frame_interval_s, d.eid)
     es = int(np.argmin(d.geometry.lv[:, 0] * d.geometry.lv[:, 1] ** 2))
-    return {"eid": d.eid, "row": d.row, "phenotypes": measured, "ed": image[0], "es": image[es]}
+    frames = {"ed": image[0], "es": image[es]} if keep_frames else {}
+    return {"eid": d.eid, "row": d.row, "phenotypes": measured, **frames}
 
 
 def make_cohort(
@@ -556,13 +558,18 @@ def make_cohort(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    args = [(out, seed, i, tuple(class_weights)) for i in range(num_subjects)]
-    with ProcessPoolExecutor(max_workers=num_workers) if num_workers > 1 else _Serial() as pool:
-        results = []
-        for k, res in enumerate(pool.map(make_subject, *zip(*args), chunksize=4)):
+    args = [(out, seed, i, tuple(class_weights), i < montage_subjects) for i in range(num_subjects)]
+    pool = ProcessPoolExecutor(max_workers=num_workers) if num_workers > 1 else None
+    results = []
+    try:
+        mapped = pool.map(make_subject, *zip(*args), chunksize=4) if pool else map(make_subject, *zip(*args))
+        for k, res in enumerate(mapped, 1):
             results.append(res)
-            if (k + 1) % 50 == 0 or k + 1 == num_subjects:
-                logger.info("phantom: %d/%d subjects (%.1f s)", k + 1, num_subjects, time.perf_counter() - start)
+            if k % 50 == 0 or k == num_subjects:
+                logger.info("phantom: %d/%d subjects (%.1f s)", k, num_subjects, time.perf_counter() - start)
+    finally:
+        if pool:
+            pool.shutdown()
     write_phenotype_table(out / "phenotypes.csv", PHENOTYPE_COLUMNS, {r["eid"]: r["phenotypes"] for r in results})
     with atomic_write(out / "labels.csv") as tmp:
         _write_labels(tmp, results)
@@ -587,17 +594,3 @@ def _write_labels(path: Path, results: list[dict]) -> None:
         writer = csv.writer(f)
         writer.writerow(["eid", *LABEL_COLUMNS])
         writer.writerows([r["eid"], *(r["row"][k] for k in LABEL_COLUMNS)] for r in results)
-
-
-class _Serial:
-    """In-process stand-in for an executor (num_workers <= 1)."""
-
-    def __enter__(self) -> _Serial:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    @staticmethod
-    def map(fn, *iterables, chunksize: int = 1):  # noqa: ANN001, ANN205 - mirrors Executor.map
-        return map(fn, *iterables)
