@@ -343,13 +343,15 @@ def _anatomy(scan: Scan, rng: np.random.Generator) -> np.ndarray:
     _paint(img, _alpha(body, s), c["fat"])
     _paint(img, _alpha(body + fat, s), c["muscle"])
     cavity = _superellipse_sdf(x0, y0 + 6, bx - scan.fat - 22, by - scan.fat - 18, n - 0.4)
-    _paint(img, _alpha(cavity, s), c["lung"])
+    texture = gaussian_filter(rng.normal(0, 1, (h, w)), 2.0).astype(np.float32)
+    texture /= texture.std() + 1e-6
+    _paint(img, _alpha(cavity, s), c["lung"] * (1 + 0.25 * texture))
     vessels = np.zeros((h, w), np.float32)  # pulmonary vessels: bright dots blurred to 1-3 mm
     vessels[rng.integers(0, h, 90), rng.integers(0, w, 90)] = rng.uniform(2, 7, 90)
     vessels = np.clip(gaussian_filter(vessels, 0.8), 0, 1) * _alpha(cavity + 4, s)
     _paint(img, vessels, c["aorta"])
     liver = _ellipse_sdf(x0 + 0.55 * bx, y0 - 0.42 * by, 0.5 * bx, 0.62 * by)
-    _paint(img, _alpha(np.maximum(liver, cavity - 8), s), c["liver"])
+    _paint(img, _alpha(np.maximum(liver, cavity - 8), s), c["liver"] * (1 + 0.06 * texture))
     sx, sy = m["spine"]
     _paint(img, _alpha(np.maximum(_ellipse_sdf(x - sx, y - sy - 22, 48, 30), body + fat), s), c["muscle"])  # paraspinal
     _paint(img, _alpha(np.hypot(x - sx, y - sy) - 17, s), c["bone"] * 0.6)  # cortex
@@ -421,6 +423,9 @@ def render(scan: Scan, g: Geometry, rng: np.random.Generator) -> tuple[np.ndarra
     _paint(heart, _alpha(whole - 3.5 - 3 * patch, s) * 0.85, c["fat"])  # epicardial and AV-groove fat
     _paint(heart, _alpha(whole - 1.8, s), c["myo"])  # pericardium, atrial walls, RV free wall, atrial septum
     _paint(heart, _alpha(d["myo"], s), c["myo"])
+    veins = _pulmonary_veins(u, v, g)
+    _paint(heart, _alpha(veins - 1.5, s), c["myo"])
+    _paint(heart, _alpha(veins, s), c["atria"] * 0.95)
     flow = 1 + 0.04 * patch
     for name, key in (("la", "atria"), ("ra", "atria"), ("rv", "rv"), ("lv", "lv")):
         _paint(heart, _alpha(d[name], s), c[key] * flow)
@@ -431,6 +436,19 @@ def render(scan: Scan, g: Geometry, rng: np.random.Generator) -> tuple[np.ndarra
     noise = rng.standard_normal((2, *img.shape), dtype=np.float32) * np.float32(scan.noise)
     noisy = np.hypot(img + noise[0], noise[1])
     return np.clip(noisy * scan.gain, 0, 32767).astype(np.int16), label
+
+
+def _pulmonary_veins(u: np.ndarray, v: np.ndarray, g: Geometry) -> np.ndarray:
+    """Signed distance (mm) to two pulmonary veins leaving the LA posterolaterally (outside every label)."""
+    col = (slice(None), None, None)
+    u0, v0 = (-g.la[:, 0] * (1 - ATRIAL_CAP))[col], np.float32(g.v_la)
+    length = (g.la[:, 0] + 18)[col]
+    veins = []
+    for angle in (1.25, 1.8):  # radians from the long axis, towards the lateral side
+        du, dv = -np.cos(angle), -np.sin(angle)
+        along = np.clip((u - u0) * du + (v - v0) * dv, 0, length)
+        veins.append(np.hypot(u - u0 - along * du, v - v0 - along * dv) - 4.5)
+    return np.minimum(*veins)
 
 
 def _trabeculae(heart: np.ndarray, u: np.ndarray, v: np.ndarray, rv: np.ndarray, g: Geometry, s: float,
