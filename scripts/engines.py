@@ -1,0 +1,272 @@
+"""Training, validation and sampling pieces for the phenotype VAE that MONAI and Ignite do not provide.
+
+Used by `configs/train_phenotype_vae.json` and `configs/sample_phenotypes.json`: a dataset of normalised phenotype
+vectors from a prepared folder, the VAE loss, iteration functions for `SupervisedTrainer`/`SupervisedEvaluator`, a
+Frechet-distance metric, a metrics-JSON handler, checkpoint handlers for resuming, and phenotype sampling to CSV.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from ignite.engine import Engine, Events
+from ignite.exceptions import NotComputableError
+from ignite.metrics import Metric
+from monai.data import Dataset
+from monai.handlers import CheckpointLoader, CheckpointSaver
+from monai.metrics import FIDMetric
+from monai.networks import eval_mode
+from monai.utils import CommonKeys
+from torch import nn
+
+from scripts.io import atomic_write, write_json
+from scripts.phenotypes import denormalise, normalise, write_phenotype_table
+
+logger = logging.getLogger(__name__)
+
+PHENOTYPES = "phenotypes"  # dataset key of the normalised phenotype vector
+
+
+# ------------------------------------------------------------------------------------------------------------- data
+def read_stats(path: str | Path) -> dict:
+    """Read and check a phenotype_stats.json ({"columns", "mean", "std", "n"}) written by configs/prepare.json."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: phenotype statistics not found; the prepared folder {path.parent} needs a "
+                                "phenotype_stats.json (configs/prepare.json writes it when the cohort has a phenotype "
+                                "table and training subjects with phenotypes)")
+    try:
+        stats = json.loads(path.read_text(encoding="utf-8"))
+        ok = (len(stats["columns"]) == len(stats["mean"]) == len(stats["std"]) > 0
+              and all(math.isfinite(m) for m in stats["mean"]) and all(math.isfinite(s) and s > 0 for s in stats["std"]))
+    except (ValueError, TypeError, KeyError):  # invalid JSON, wrong types, missing keys
+        ok = False
+    if not ok:
+        raise ValueError(f"{path}: malformed statistics: need equal-length, non-empty 'columns', 'mean' and 'std' "
+                         "(finite values, std > 0)")
+    return stats
+
+
+def phenotype_vectors(prepared_dir: str | Path, split: str) -> tuple[list[str], torch.Tensor]:
+    """(subjects, (N, F) float32 normalised vectors) of the `split` items that have phenotypes.
+
+    Normalised with the folder's phenotype_stats.json (fitted on the training split by prepare; never refitted).
+    """
+    folder = Path(prepared_dir)
+    datalist_path = folder / "datalist.json"
+    if not datalist_path.is_file():
+        raise FileNotFoundError(f"{folder}: not a prepared folder (no datalist.json); run configs/prepare.json first")
+    stats = read_stats(folder / "phenotype_stats.json")
+    datalist = json.loads(datalist_path.read_text(encoding="utf-8"))
+    columns = stats["columns"]
+    if datalist.get("phenotype_columns") != columns:
+        raise ValueError(f"{folder}: datalist.json phenotype_columns {datalist.get('phenotype_columns')} differ from "
+                         f"phenotype_stats.json columns {columns}")
+    if split not in datalist:
+        raise ValueError(f"{folder}: datalist.json has no {split!r} list (has {sorted(datalist)})")
+    items = [d for d in datalist[split] if d.get("has_phenotypes")]
+    bad = [d.get("subject") for d in items
+           if not all(isinstance(d.get(c), (int, float)) and math.isfinite(d[c]) for c in columns)]
+    if bad:
+        raise ValueError(f"{folder}: {split} items flagged has_phenotypes with missing or non-numeric values: {bad[:10]}")
+    if len(items) < 2:
+        raise ValueError(f"{folder}: {len(items)} {split} item(s) have phenotypes (has_phenotypes true); the phenotype "
+                         "VAE needs at least 2 per split. Prepare the cohort with a phenotype table.")
+    values = normalise([[d[c] for c in columns] for d in items], stats)
+    return [d["subject"] for d in items], torch.as_tensor(values, dtype=torch.float32)
+
+
+def phenotype_dataset(prepared_dir: str | Path, split: str) -> Dataset:
+    """MONAI Dataset of {"subject", "phenotypes": (F,) float32 normalised vector} for one split."""
+    subjects, x = phenotype_vectors(prepared_dir, split)
+    return Dataset([{"subject": s, PHENOTYPES: v} for s, v in zip(subjects, x)])
+
+
+# ------------------------------------------------------------------------------------------------- loss and steps
+class VAELoss(nn.Module):
+    """MSE (mean over elements) + beta * KL(q(z|x) || N(0, I)) (summed over latent dims, mean over the batch).
+
+    beta 0.01 as in the authors' code. Returns {"loss", "recon", "kl"} (scalar tensors).
+    """
+
+    def __init__(self, beta: float = 0.01) -> None:
+        super().__init__()
+        self.beta = beta
+
+    def forward(self, recon: torch.Tensor, target: torch.Tensor, mu: torch.Tensor,
+                logvar: torch.Tensor) -> dict[str, torch.Tensor]:
+        """recon, target (B, F); mu, logvar (B, latent)."""
+        mse = nn.functional.mse_loss(recon, target)
+        kl = (-0.5 * (1 + logvar - mu.square() - logvar.exp()).sum(1)).mean()
+        return {"loss": mse + self.beta * kl, "recon": mse, "kl": kl}
+
+
+def train_step(engine: Engine, batch: dict) -> dict[str, float]:
+    """`iteration_update` of SupervisedTrainer: one optimiser step; returns the loss pieces for logging/metrics."""
+    x = batch[PHENOTYPES].to(engine.state.device, non_blocking=engine.non_blocking)  # (B, F)
+    engine.network.train()
+    engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+    recon, mu, logvar = engine.network(x)
+    losses = engine.loss_function(recon, x, mu, logvar)
+    losses["loss"].backward()
+    engine.optimizer.step()
+    return {k: v.item() for k, v in losses.items()}
+
+
+def eval_step(engine: Engine, batch: dict) -> dict[str, torch.Tensor]:
+    """`iteration_update` of SupervisedEvaluator: {"pred": reconstruction from z = mu, "label": input}, (B, F) each."""
+    x = batch[PHENOTYPES].to(engine.state.device, non_blocking=engine.non_blocking)
+    with eval_mode(engine.network):
+        recon, _, _ = engine.network(x)
+    return {CommonKeys.PRED: recon, CommonKeys.LABEL: x}
+
+
+# ---------------------------------------------------------------------------------------------------------- metrics
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Gaussian Frechet distance between two sets of (N, F) vectors (MONAI FIDMetric, float64)."""
+    return float(FIDMetric()(a.double().cpu(), b.double().cpu()))
+
+
+class FrechetDistance(Metric):
+    """Frechet distance between the epoch's real vectors ("label") and as many vectors sampled from `network`.
+
+    Samples are drawn with a generator seeded by `seed` at every evaluation, so epochs are compared on the same z.
+    """
+
+    required_output_keys = (CommonKeys.LABEL,)  # Ignite passes (output["label"],) to `update`
+
+    def __init__(self, network: nn.Module, seed: int = 0) -> None:
+        self.network, self.seed = network, seed
+        super().__init__()
+
+    def reset(self) -> None:
+        self._real: list[torch.Tensor] = []
+
+    def update(self, output: tuple[torch.Tensor]) -> None:
+        self._real.append(output[0].detach().double().cpu())  # (B, F)
+
+    def compute(self) -> float:
+        if sum(len(r) for r in self._real) < 2:
+            raise NotComputableError("FrechetDistance needs at least 2 vectors")
+        real = torch.cat(self._real)  # (N, F)
+        fake = self.network.sample(len(real), torch.Generator().manual_seed(self.seed))  # (N, F)
+        return frechet_distance(fake, real)
+
+
+# --------------------------------------------------------------------------------------------------------- handlers
+class MetricsJSON:
+    """After each evaluation, write {"epoch", metric: value...} of the evaluator to `path` (atomically)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        write_json(self.path, {"epoch": engine.state.epoch, **{k: float(v) for k, v in engine.state.metrics.items()}})
+
+
+class BestCheckpointSaver(CheckpointSaver):
+    """MONAI CheckpointSaver whose best-key-metric record has a `state_dict`, so a resumed run keeps its best model."""
+
+    def state_dict(self) -> dict:
+        return self._key_metric_checkpoint.state_dict()
+
+
+def check_state_dict(state: object, network: nn.Module, path: str | Path) -> None:
+    """Raise ValueError naming `path` and the keys where `state` does not match `network`'s names and shapes.
+
+    TypeError where `state` is not a mapping at all.
+    """
+    if not isinstance(state, Mapping):
+        raise TypeError(f"{path}: not a network state dict (found {type(state).__name__})")
+    expected = network.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k}: checkpoint {tuple(getattr(state[k], 'shape', ()))} vs network {tuple(v.shape)}"
+              for k, v in expected.items() if k in state and tuple(getattr(state[k], "shape", ())) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        found = [f"{name} {keys}" for name, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                                     ("shape mismatch", shapes)) if keys]
+        raise ValueError(f"{path}: checkpoint does not match {type(network).__name__} ({'; '.join(found)}); was it "
+                         "trained on other phenotype columns or with other hidden/latent sizes?")
+
+
+class LatestCheckpoint:
+    """One resumable checkpoint at `path`: the state dicts of `save_dict` plus the trainer state ("trainer").
+
+    Rewritten atomically every `interval` epochs (MONAI's CheckpointSaver names interval checkpoints by epoch, so there
+    is no fixed file to resume from, and writes them non-atomically). With `resume`, an existing `path` is loaded when
+    the trainer starts, through MONAI's CheckpointLoader (`map_location`, strict shapes, weights_only), after a shape
+    check that names the file; training then continues from the saved epoch up to the trainer's `max_epochs`.
+    Attach it after the ValidationHandler, so that a checkpoint holds its epoch's best-model record.
+    """
+
+    def __init__(self, path: str | Path, save_dict: dict, resume: bool = True, interval: int = 1,
+                 map_location: str | torch.device | None = None) -> None:
+        self.path, self.save_dict, self.resume = Path(path), save_dict, resume
+        self.interval, self.map_location = interval, map_location
+
+    def attach(self, engine: Engine) -> None:
+        if self.resume:
+            engine.add_event_handler(Events.STARTED, self.load)
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self.save)
+
+    def load(self, engine: Engine) -> None:
+        if not self.path.is_file():
+            logger.info("no checkpoint at %s: training from scratch", self.path)
+            return
+        state = torch.load(self.path, map_location=self.map_location, weights_only=True)
+        for key, obj in self.save_dict.items():
+            if isinstance(obj, nn.Module):
+                check_state_dict(state.get(key) if isinstance(state, Mapping) else state, obj, self.path)
+        CheckpointLoader(str(self.path), {**self.save_dict, "trainer": engine}, map_location=self.map_location,
+                         strict_shape=True)(engine)
+        logger.info("resumed from %s at epoch %d of %d", self.path, engine.state.epoch, engine.state.max_epochs)
+
+    def save(self, engine: Engine) -> None:
+        state = {k: v.state_dict() for k, v in self.save_dict.items()} | {"trainer": engine.state_dict()}
+        with atomic_write(self.path) as tmp:
+            torch.save(state, tmp)
+
+
+# --------------------------------------------------------------------------------------------------------- sampling
+def sample_phenotypes(network: nn.Module, checkpoint: str | Path, stats_path: str | Path, n: int, seed: int,
+                      out_csv: str | Path, columns: Sequence[str] | None = None) -> Path:
+    """Sample `n` phenotype vectors (z ~ N(0, I), seeded) from a trained `network` and write them as CSV.
+
+    `checkpoint`: a network state dict (phenotype_vae.pt) or a latest checkpoint (its "network" entry), loaded with
+    weights_only and checked against the network's shapes. Values are de-normalised with `stats_path`; the CSV has
+    `eid` S000000... then `columns` (default: every column of the statistics, in their order). Returns `out_csv`.
+    """
+    stats = read_stats(stats_path)
+    columns = list(stats["columns"] if columns is None else columns)
+    absent = [c for c in columns if c not in stats["columns"]]
+    if absent or not columns:
+        raise ValueError(f"columns {absent or columns} not in the phenotype statistics {stats_path} (it has "
+                         f"{stats['columns']})")
+    if n < 1:
+        raise ValueError(f"num_samples must be >= 1, got {n}")
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"{checkpoint}: checkpoint not found; train with configs/train_phenotype_vae.json")
+    state = torch.load(checkpoint, map_location=next(network.parameters()).device, weights_only=True)
+    if isinstance(state, Mapping) and isinstance(state.get("network"), Mapping):
+        state = state["network"]
+    check_state_dict(state, network, checkpoint)
+    network.load_state_dict(state)
+    z = network.sample(n, torch.Generator().manual_seed(seed))  # (n, F) normalised
+    if z.shape[1] != len(stats["columns"]):
+        raise ValueError(f"the network gives {z.shape[1]} values, {stats_path} has {len(stats['columns'])} columns")
+    values = denormalise(z.double().cpu().numpy(), stats)
+    index = [stats["columns"].index(c) for c in columns]
+    rows = {f"S{i:06d}": {c: float(row[k]) for c, k in zip(columns, index)} for i, row in enumerate(values)}
+    write_phenotype_table(out_csv, columns, rows)
+    logger.info("sampled %d phenotype vectors (seed %d) from %s into %s", n, seed, checkpoint, out_csv)
+    return Path(out_csv)
