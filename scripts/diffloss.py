@@ -1,0 +1,200 @@
+"""Per-token diffusion loss of CPGG/MAR: an adaptive-norm residual MLP denoises one continuous token given z.
+
+The noise schedule (cosine, 1000 steps), the forward noising (`add_noise`) and the inference timesteps
+(`set_timesteps`) come from MONAI's `DDPMScheduler`. Its `step` is not used: in MONAI 1.6.1 it takes t - 1 as the
+previous step even after `set_timesteps(100)` (a toy N(0, 0.3^2) target sampled in 100 steps with the exact noise
+predictor comes out with std 0.80), it has no temperature on the per-step noise and interpolates the learned variance
+range linearly instead of in log space; and MONAI has no variational-bound term for learned variances. The respaced
+posterior step and that term (improved DDPM, Nichol & Dhariwal 2021) are written here in a few lines.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
+from monai.networks.schedulers import DDPMScheduler
+from torch import nn
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Adaptive norm: x * (1 + scale) + shift, all (N, width)."""
+    return x * (1 + scale) + shift
+
+
+class _ResBlock(nn.Module):
+    """LayerNorm -> adaptive shift/scale -> Linear-SiLU-Linear, gated residual."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x, y (N, width) -> (N, width)."""
+        shift, scale, gate = self.ada(y).chunk(3, dim=-1)
+        return x + gate * self.mlp(_modulate(self.norm(x), shift, scale))
+
+
+class AdaLNMLP(nn.Module):
+    """Noise predictor eps_theta(x_t | t, z): (N, token_dim) -> (N, 2 * token_dim) = [eps, variance value v].
+
+    The timestep (sinusoidal, 256 frequencies, then an MLP) and z (linear) embeddings are summed into the
+    modulation input y of every block; the modulations and the output layer start at zero (the head starts as
+    eps = 0, v = 0).
+    """
+
+    def __init__(self, token_dim: int, z_dim: int, width: int = 1024, depth: int = 3, freq_dim: int = 256) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.time_embed = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+        self.cond_embed = nn.Linear(z_dim, width)
+        self.input_proj = nn.Linear(token_dim, width)
+        self.blocks = nn.ModuleList(_ResBlock(width) for _ in range(depth))
+        self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.out = nn.Linear(width, 2 * token_dim)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for lin in (self.time_embed[0], self.time_embed[2]):
+            nn.init.normal_(lin.weight, std=0.02)
+        for lin in [b.ada[-1] for b in self.blocks] + [self.final_ada[-1], self.out]:
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """x (N, token_dim), t (N,) integer steps, z (N, z_dim) -> (N, 2 * token_dim)."""
+        y = self.time_embed(get_timestep_embedding(t, self.freq_dim).to(z)) + self.cond_embed(z)  # (N, width)
+        h = self.input_proj(x)
+        for block in self.blocks:
+            h = block(h, y)
+        shift, scale = self.final_ada(y).chunk(2, dim=-1)
+        return self.out(_modulate(self.final_norm(h), shift, scale))
+
+
+def _posterior(x0: torch.Tensor, x_t: torch.Tensor, acp_t: torch.Tensor, acp_prev: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q(x_prev | x_t, x0) for a (possibly respaced) step t -> prev: (mean, beta, variance).
+
+    acp_* are cumulative alpha products, scalars or (N, 1); beta = 1 - acp_t / acp_prev is the step's noise level.
+    """
+    beta = 1 - acp_t / acp_prev
+    mean = (acp_prev.sqrt() * beta * x0 + (1 - beta).sqrt() * (1 - acp_prev) * x_t) / (1 - acp_t)
+    return mean, beta, beta * (1 - acp_prev) / (1 - acp_t)
+
+
+def _learned_log_variance(v: torch.Tensor, beta: torch.Tensor, post_var: torch.Tensor) -> torch.Tensor:
+    """Learned range: log-variance interpolated between log(posterior variance) (v = -1) and log(beta) (v = 1)."""
+    frac = (v + 1) / 2
+    return frac * beta.log() + (1 - frac) * post_var.log()
+
+
+def _randn(rows: int, dim: int, generator: Generators, like: torch.Tensor) -> torch.Tensor:
+    """(rows, dim) standard normal drawn on the CPU, so a seed gives the same draws on any device.
+
+    A sequence of generators splits the rows into equal consecutive chunks, one per generator (one per sample).
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        noise = torch.randn(rows, dim, generator=generator)
+    else:
+        if rows % len(generator):
+            raise ValueError(f"{rows} rows cannot be split evenly over {len(generator)} generators")
+        noise = torch.cat([torch.randn(rows // len(generator), dim, generator=g) for g in generator])
+    return noise.to(like)
+
+
+class DiffLoss(nn.Module):
+    """Diffusion loss and sampler for continuous tokens of size `token_dim`, conditioned on z of size `z_dim`.
+
+    Paper sizes: depth 3, width 1024, cosine schedule with 1000 training steps, 100 at inference; each transformer
+    output is reused for `diffusion_batch_mul` (4) noise draws in training.
+    """
+
+    def __init__(self, token_dim: int, z_dim: int, depth: int = 3, width: int = 1024,
+                 num_train_timesteps: int = 1000, diffusion_batch_mul: int = 4) -> None:
+        super().__init__()
+        self.token_dim, self.diffusion_batch_mul = token_dim, diffusion_batch_mul
+        self.net = AdaLNMLP(token_dim, z_dim, width, depth)
+        self.scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, schedule="cosine",
+                                       variance_type="learned_range", clip_sample=False)
+        self.register_buffer("alphas_cumprod", self.scheduler.alphas_cumprod.clone(), persistent=False)
+
+    def loss(self, target: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean over masked tokens of MSE(noise) + variational bound of the learned variance (bits per value).
+
+        target (N, token_dim), z (N, z_dim), mask (N,) true/1 where the token is masked (None: all tokens).
+        """
+        if mask is not None:
+            target, z = target[mask.bool()], z[mask.bool()]  # only masked tokens carry a loss
+        x0 = target.repeat(self.diffusion_batch_mul, 1)  # (M, token_dim)
+        z = z.repeat(self.diffusion_batch_mul, 1)
+        t = torch.randint(0, self.scheduler.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        noise = torch.randn_like(x0)
+        x_t = self.scheduler.add_noise(x0, noise, t)
+        eps, v = self.net(x_t, t, z).chunk(2, dim=1)
+        mse = (noise - eps).pow(2).mean(dim=1)
+        return (mse + self._variance_bound(x0, x_t, t, eps.detach(), v)).mean()
+
+    def _variance_bound(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                        v: torch.Tensor) -> torch.Tensor:
+        """KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) / log 2 per token (N,), trains only v (eps is detached).
+
+        t = 0 gets no term: the sampler adds no noise at its last step, so that variance is never used (the authors'
+        discretised-pixel likelihood there assumes 8-bit images, not continuous latents).
+        """
+        acp_t = self.alphas_cumprod[t][:, None]  # (N, 1)
+        acp_prev = torch.where(t > 0, self.alphas_cumprod[(t - 1).clamp(min=0)], 1.0)[:, None]
+        true_mean, beta, post_var = _posterior(x0, x_t, acp_t, acp_prev)
+        post_var = post_var.clamp(min=1e-20)  # t = 0 has variance 0; keeps the masked-out branch finite
+        x0_pred = (x_t - (1 - acp_t).sqrt() * eps) / acp_t.sqrt()
+        mean, _, _ = _posterior(x0_pred, x_t, acp_t, acp_prev)
+        log_var, true_log_var = _learned_log_variance(v, beta, post_var), post_var.log()
+        kl = 0.5 * (-1 + log_var - true_log_var + (true_log_var - log_var).exp()
+                    + (true_mean - mean).pow(2) * (-log_var).exp())
+        return torch.where(t > 0, kl.mean(dim=1) / math.log(2), 0.0)
+
+    def _predict(self, x: torch.Tensor, t: int, z: torch.Tensor, cfg: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (n, D), z (n or 2n, Dz) -> eps, v (n, D); with cfg > 1, z = [cond; uncond] and eps is guided."""
+        guided = cfg > 1.0
+        xx = torch.cat([x, x]) if guided else x
+        eps, v = self.net(xx, torch.full((xx.shape[0],), t, device=x.device), z).chunk(2, dim=1)
+        if guided:
+            eps_cond, eps_uncond = eps.chunk(2)
+            return eps_uncond + cfg * (eps_cond - eps_uncond), v[: x.shape[0]]
+        return eps, v
+
+    @torch.no_grad()
+    def sample(self, z: torch.Tensor, temperature: float = 1.0, cfg: float = 1.0, generator: Generators = None,
+               num_inference_steps: int = 100) -> torch.Tensor:
+        """Ancestral sampling over `num_inference_steps` respaced steps -> tokens (n, token_dim).
+
+        z (N, z_dim): with cfg > 1 the batch holds [cond; uncond] halves (n = N / 2) and guidance is applied to
+        the predicted noise; otherwise n = N. `temperature` scales the per-step noise only. `generator`: one
+        generator, or one per sample owning an equal consecutive chunk of the n rows.
+        """
+        if cfg < 1.0:
+            raise ValueError(f"cfg must be >= 1, got {cfg}")
+        n = z.shape[0] // 2 if cfg > 1.0 else z.shape[0]
+        self.scheduler.set_timesteps(num_inference_steps)
+        steps = self.scheduler.timesteps.tolist()  # descending, e.g. 999, 989, ..., 0
+        x = _randn(n, self.token_dim, generator, z)
+        for t, prev in zip(steps, steps[1:] + [None]):
+            eps, v = self._predict(x, t, z, cfg)
+            acp_t = self.alphas_cumprod[t]
+            acp_prev = self.alphas_cumprod[prev] if prev is not None else torch.ones_like(acp_t)
+            x0 = (x - (1 - acp_t).sqrt() * eps) / acp_t.sqrt()
+            x, beta, post_var = _posterior(x0, x, acp_t, acp_prev)
+            if prev is not None:
+                std = (0.5 * _learned_log_variance(v, beta, post_var)).exp()
+                x = x + temperature * std * _randn(n, self.token_dim, generator, z)
+        return x

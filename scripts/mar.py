@@ -1,0 +1,243 @@
+"""Masked autoregressive transformer (MAR) of CPGG: phenotype-conditioned generation of 3D-VAE cine latents.
+
+Latents (B, 16, 25, 12, 12) are cut into patches of 5 x 2 x 2 (time x space): 5 * 6 * 6 = 180 tokens of 320 values.
+An MAE-style encoder sees the visible tokens after `buffer_size` condition positions; the decoder sees all positions,
+masked ones as a learned mask token; its outputs z condition a per-token diffusion head (`DiffLoss`).
+
+The transformer blocks are written here on `torch.nn.functional.scaled_dot_product_attention`: MONAI's
+`TransformerBlock` needs einops (not a dependency of this bundle) and, with `use_flash_attention=True`, applies the
+attention dropout in eval mode too (two eval passes differ), which would break reproducible sampling.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks import eval_mode
+from monai.networks.blocks import MLPBlock
+from torch import nn
+
+from scripts.diffloss import DiffLoss
+
+# The paper's / authors' sizes (n_phenotypes 82 there); `TINY` runs in seconds on a CPU, for tests and smoke runs.
+# TINY keeps the diffusion head wider than a token (320 values): narrower, it cannot carry x_t through and does not
+# learn (a 32-wide head stays at loss ~1.4 over 100 steps of overfitting one batch; 384 wide reaches ~0.6).
+PAPER = {"width": 768, "encoder_depth": 12, "decoder_depth": 12, "num_heads": 12, "mlp_ratio": 4.0,
+         "buffer_size": 64, "head_depth": 3, "head_width": 1024}
+TINY = {"width": 32, "encoder_depth": 1, "decoder_depth": 1, "num_heads": 1, "mlp_ratio": 4.0, "buffer_size": 4,
+        "head_depth": 1, "head_width": 384}
+
+
+def patchify(x: torch.Tensor, patch: Sequence[int]) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B, L, D): L = (T/pt)(H/ph)(W/pw) tokens in (t, h, w) order, D = C*pt*ph*pw values
+    in (c, pt, ph, pw) order."""
+    b, c, t, h, w = x.shape
+    pt, ph, pw = patch
+    x = x.reshape(b, c, t // pt, pt, h // ph, ph, w // pw, pw)
+    return x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, (t // pt) * (h // ph) * (w // pw), c * pt * ph * pw)
+
+
+def unpatchify(tokens: torch.Tensor, patch: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
+    """(B, L, D) -> (B, C, T, H, W) with shape = (C, T, H, W); inverse of `patchify`."""
+    c, t, h, w = shape
+    pt, ph, pw = patch
+    x = tokens.reshape(tokens.shape[0], t // pt, h // ph, w // pw, c, pt, ph, pw)
+    return x.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(tokens.shape[0], c, t, h, w)
+
+
+def sample_mask_ratios(n: int, min_ratio: float = 0.7, std: float = 0.25,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """(n,) draws of N(1, std^2) truncated to [min_ratio, 1] (mean 0.867 for 0.7, 0.25), by inverse CDF.
+
+    Same distribution as `scipy.stats.truncnorm((min_ratio - 1) / std, 0, loc=1, scale=std)`.
+    """
+    lo = torch.special.ndtr(torch.tensor((min_ratio - 1.0) / std, dtype=torch.float64))
+    u = lo + (0.5 - lo) * torch.rand(n, dtype=torch.float64, generator=generator)  # uniform on [cdf(a), cdf(0)]
+    return (1.0 + std * torch.special.ndtri(u)).clamp(min_ratio, 1.0)
+
+
+def masking_schedule(seq_len: int, num_iter: int) -> list[int]:
+    """Tokens still masked after each of `num_iter` decoding steps (cosine schedule, ends at 0).
+
+    Each step reveals at least one token and leaves at least one for every later step; the last step fills the rest.
+    """
+    if not 1 <= num_iter <= seq_len:
+        raise ValueError(f"num_iter must be in [1, {seq_len}], got {num_iter}")
+    counts, remaining = [], seq_len
+    for step in range(num_iter - 1):
+        n = math.floor(seq_len * math.cos(math.pi / 2 * (step + 1) / num_iter))
+        remaining = min(max(n, num_iter - 1 - step), remaining - 1)
+        counts.append(remaining)
+    return counts + [0]
+
+
+class Block(nn.Module):
+    """Pre-norm ViT block (qkv bias, GELU MLP, LayerNorm eps 1e-6) on SDPA; dropout only in training."""
+
+    def __init__(self, width: int, num_heads: int, mlp_ratio: float, dropout: float) -> None:
+        super().__init__()
+        if width % num_heads:
+            raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
+        self.num_heads, self.dropout = num_heads, dropout
+        self.norm1 = nn.LayerNorm(width, eps=1e-6)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Sequential(nn.Linear(width, width), nn.Dropout(dropout))
+        self.norm2 = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = MLPBlock(width, int(width * mlp_ratio), dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, width) -> (B, L, width)."""
+        b, n, w = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # (B, h, L, dh)
+        a = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        x = x + self.proj(a.transpose(1, 2).reshape(b, n, w))
+        return x + self.mlp(self.norm2(x))
+
+
+class MAR(nn.Module):
+    """Phenotype-conditioned MAR with diffusion loss; `forward` is the training loss, `sample_latents` generates.
+
+    The phenotype vector (normalised, `n_phenotypes` values) is projected linearly to the width (as the authors do)
+    and fills the `buffer_size` leading positions; a learned null embedding replaces it with probability
+    `cond_drop_prob` in training and stands for "no condition" (classifier-free guidance, unconditional sampling).
+    Defaults are the paper's sizes (`PAPER`), dropout 0.1 as the authors'.
+    """
+
+    def __init__(self, n_phenotypes: int, latent_shape: Sequence[int] = (16, 25, 12, 12),
+                 patch_size: Sequence[int] = (5, 2, 2), width: int = 768, encoder_depth: int = 12,
+                 decoder_depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, dropout: float = 0.1,
+                 buffer_size: int = 64, cond_drop_prob: float = 0.1, mask_ratio_min: float = 0.7,
+                 head_depth: int = 3, head_width: int = 1024, num_train_timesteps: int = 1000,
+                 diffusion_batch_mul: int = 4) -> None:
+        super().__init__()
+        self.latent_shape, self.patch_size = tuple(latent_shape), tuple(patch_size)
+        if any(s % p for s, p in zip(self.latent_shape[1:], self.patch_size)):
+            raise ValueError(f"latent shape {self.latent_shape} is not divisible by patch {self.patch_size}")
+        self.seq_len = math.prod(s // p for s, p in zip(self.latent_shape[1:], self.patch_size))
+        self.token_dim = self.latent_shape[0] * math.prod(self.patch_size)
+        self.buffer_size, self.cond_drop_prob, self.mask_ratio_min = buffer_size, cond_drop_prob, mask_ratio_min
+        positions = self.seq_len + buffer_size
+
+        self.cond_proj = nn.Linear(n_phenotypes, width)
+        self.null_cond = nn.Parameter(torch.zeros(1, width))
+        self.z_proj = nn.Linear(self.token_dim, width)
+        self.z_proj_norm = nn.LayerNorm(width, eps=1e-6)
+        self.encoder_pos = nn.Parameter(torch.zeros(1, positions, width))
+        self.encoder_blocks = nn.ModuleList(Block(width, num_heads, mlp_ratio, dropout) for _ in range(encoder_depth))
+        self.encoder_norm = nn.LayerNorm(width, eps=1e-6)
+        self.decoder_embed = nn.Linear(width, width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.decoder_pos = nn.Parameter(torch.zeros(1, positions, width))
+        self.decoder_blocks = nn.ModuleList(Block(width, num_heads, mlp_ratio, dropout) for _ in range(decoder_depth))
+        self.decoder_norm = nn.LayerNorm(width, eps=1e-6)
+        self.diffusion_pos = nn.Parameter(torch.zeros(1, self.seq_len, width))
+        self._init_weights()  # before the head, which has its own initialisation
+        self.diffloss = DiffLoss(self.token_dim, width, head_depth, head_width, num_train_timesteps,
+                                 diffusion_batch_mul)
+
+    def _init_weights(self) -> None:
+        for p in (self.null_cond, self.mask_token, self.encoder_pos, self.decoder_pos, self.diffusion_pos):
+            nn.init.normal_(p, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _condition(self, phenotypes: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """(B, P) normalised phenotypes or None (unconditional) -> (B, width); condition dropout in training."""
+        null = self.null_cond.expand(batch, -1)
+        if phenotypes is None:
+            return null
+        cond = self.cond_proj(phenotypes)
+        if self.training and self.cond_drop_prob > 0:
+            drop = torch.rand(batch, 1, device=cond.device) < self.cond_drop_prob
+            cond = torch.where(drop, null, cond)
+        return cond
+
+    def _encode(self, tokens: torch.Tensor, mask: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """tokens (B, L, D), mask (B, L) true = masked (same count per row), cond (B, width)
+        -> (B, buffer + visible, width)."""
+        b = tokens.shape[0]
+        x = torch.cat([cond[:, None].expand(b, self.buffer_size, -1), self.z_proj(tokens)], dim=1)  # (B, buf + L, w)
+        x = self.z_proj_norm(x + self.encoder_pos)
+        keep = F.pad(~mask, (self.buffer_size, 0), value=True)  # (B, buf + L)
+        x = x[keep].reshape(b, -1, x.shape[-1])  # drop masked tokens
+        for block in self.encoder_blocks:
+            x = block(x)
+        return self.encoder_norm(x)
+
+    def _decode(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Encoder output (B, buffer + visible, width), mask (B, L) -> z (B, L, width) for the diffusion head."""
+        b, _, w = x.shape
+        keep = F.pad(~mask, (self.buffer_size, 0), value=True)  # (B, buf + L)
+        full = self.mask_token.expand(b, keep.shape[1], w).clone()
+        full[keep] = self.decoder_embed(x).reshape(-1, w)
+        x = full + self.decoder_pos
+        for block in self.decoder_blocks:
+            x = block(x)
+        return self.decoder_norm(x)[:, self.buffer_size:] + self.diffusion_pos
+
+    def forward(self, latents: torch.Tensor, phenotypes: torch.Tensor | None = None) -> torch.Tensor:
+        """Training loss: latents (B, C, T, H, W), phenotypes (B, P) normalised or None -> scalar.
+
+        One mask ratio per batch (truncated normal on [mask_ratio_min, 1]), a random order per sample; the diffusion
+        loss is taken on the masked tokens.
+        """
+        tokens = patchify(latents, self.patch_size)  # (B, L, D)
+        b = tokens.shape[0]
+        n_masked = math.ceil(self.seq_len * sample_mask_ratios(1, self.mask_ratio_min).item())
+        ranks = torch.rand(b, self.seq_len, device=tokens.device).argsort(dim=1).argsort(dim=1)  # random order
+        mask = ranks < n_masked  # (B, L)
+        z = self._decode(self._encode(tokens, mask, self._condition(phenotypes, b)), mask)  # (B, L, width)
+        return self.diffloss.loss(tokens.reshape(b * self.seq_len, -1), z.reshape(b * self.seq_len, -1),
+                                  mask.reshape(-1))
+
+    @torch.no_grad()
+    def sample_latents(self, phenotypes: torch.Tensor | None = None, seeds: Sequence[int] | None = None,
+                       num_samples: int | None = None, num_iter: int = 16, cfg: float = 3.0,
+                       cfg_schedule: str = "linear", temperature: float = 1.0, num_inference_steps: int = 100,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """Iterative decoding (in eval mode) -> latents (B, C, T, H, W).
+
+        phenotypes (B, P) normalised, or None for unconditional samples (then no guidance is run). B comes from
+        phenotypes, seeds or num_samples. Each sample draws its order and all its noise from its own CPU generator
+        seeded with seeds[i] (without seeds: seeds drawn from `generator` or the global RNG), so sample i of a batch
+        equals the same sample generated alone with the same seed. cfg >= 1 scales guidance on the predicted noise,
+        ramped from 1 with the share of revealed tokens ("linear", as MAR/Muse) or "constant".
+        """
+        if cfg_schedule not in ("linear", "constant"):
+            raise ValueError(f"cfg_schedule must be 'linear' or 'constant', got {cfg_schedule!r}")
+        if cfg < 1.0:
+            raise ValueError(f"cfg must be >= 1, got {cfg}")
+        b = len(phenotypes) if phenotypes is not None else len(seeds) if seeds is not None else num_samples
+        if not b:
+            raise ValueError("give phenotypes, seeds or num_samples >= 1")
+        if seeds is None:
+            seeds = torch.randint(0, 2**62, (b,), generator=generator).tolist()
+        if len(seeds) != b:
+            raise ValueError(f"{len(seeds)} seeds for a batch of {b}")
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        device = self.mask_token.device
+        ranks = torch.stack([torch.randperm(self.seq_len, generator=g) for g in gens]).argsort(dim=1).to(device)
+
+        with eval_mode(self):  # no dropout, no condition dropout
+            guided = cfg > 1.0 and phenotypes is not None
+            cond = self._condition(phenotypes, b)  # (B, width)
+            if guided:
+                cond = torch.cat([cond, self.null_cond.expand(b, -1)])  # (2B, width): [cond; uncond]
+            rows = 2 if guided else 1
+            tokens = torch.zeros(b, self.seq_len, self.token_dim, device=device, dtype=self.mask_token.dtype)
+            mask = torch.ones(b, self.seq_len, dtype=torch.bool, device=device)
+            for n_next in masking_schedule(self.seq_len, num_iter):
+                z = self._decode(self._encode(tokens.repeat(rows, 1, 1), mask.repeat(rows, 1), cond),
+                                 mask.repeat(rows, 1))  # (rows * B, L, width)
+                mask_next = ranks < n_next  # the first n_next tokens of each order stay masked
+                to_pred = mask & ~mask_next  # (B, L), the same count per row
+                cfg_iter = 1 + (cfg - 1) * (self.seq_len - n_next) / self.seq_len if cfg_schedule == "linear" else cfg
+                tokens[to_pred] = self.diffloss.sample(z[to_pred.repeat(rows, 1)], temperature,
+                                                       cfg_iter if guided else 1.0, gens, num_inference_steps)
+                mask = mask_next
+        return unpatchify(tokens, self.patch_size, self.latent_shape)
