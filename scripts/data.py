@@ -5,7 +5,6 @@ Arrays are C x T x H x W with H, W the NIfTI X, Y axes (MONAI's array order; no 
 
 from __future__ import annotations
 
-import csv
 import logging
 import time
 from collections.abc import Hashable, Mapping, Sequence
@@ -27,7 +26,7 @@ from monai.transforms import (
 from torch.utils.data import DataLoader, Dataset
 
 from scripts.io import CineError, load_subject, save_npy, write_json, write_text
-from scripts.phenotypes import LABELS, fit_normaliser, read_phenotype_table, write_phenotype_table
+from scripts.phenotypes import LABELS, fit_normaliser, read_eid_table, read_phenotype_table, write_phenotype_table
 
 logger = logging.getLogger(__name__)
 
@@ -214,19 +213,9 @@ def _cell(text: str) -> int | float | str | None:
 
 
 def read_labels_table(path: Path) -> tuple[list[str], dict[str, dict]]:
-    """labels.csv (first column `eid`): (columns, {eid: {column: value}}); ValueError naming the file when malformed."""
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        rows = [r for r in csv.reader(f) if r]
-    header = [h.strip() for h in rows[0]] if rows else []
-    if not header or header[0] != "eid" or len(set(header)) < len(header):
-        raise ValueError(f"{path}: the header must start with 'eid' and have unique column names, got {header}")
-    table: dict[str, dict] = {}
-    for n, row in enumerate(rows[1:], 2):
-        eid = row[0].strip()
-        if len(row) != len(header) or not eid or eid in table:
-            raise ValueError(f"{path}: row {n}: {len(row)} cells for {len(header)} columns, or an empty/duplicate eid")
-        table[eid] = {c: _cell(v) for c, v in zip(header[1:], row[1:])}
-    return header[1:], table
+    """labels.csv (first column `eid`): (columns, {eid: {column: int, float, text or None}}); errors as read_eid_table."""
+    header, rows = read_eid_table(path)
+    return header[1:], {eid: {c: _cell(v) for c, v in zip(header[1:], row[1:])} for _, eid, row in rows}
 
 
 def _check_columns(phenotype_columns: list[str], label_columns: list[str]) -> None:

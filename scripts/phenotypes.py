@@ -277,17 +277,15 @@ def _parse_value(cell: str, where: str) -> float:
     return value
 
 
-def read_phenotype_table(path: str | Path, columns: Sequence[str] | None = None
-                         ) -> tuple[list[str], dict[str, dict[str, float]]]:
-    """Read a CSV phenotype table whose first column is `eid`: (columns, {eid: {column: value}}).
+def read_eid_table(path: str | Path) -> tuple[list[str], list[tuple[int, str, list[str]]]]:
+    """Read a CSV whose first column is `eid`: (header, [(row number, eid, cells)]); blank lines are skipped.
 
-    Row numbers in errors are CSV record numbers (the header is row 1); blank lines are skipped.
-
-    With `columns`, only those are returned (in that order) and checked; other columns may hold anything.
+    PhenotypeTableError names the file and the row (CSV record number, header = row 1) for: missing or empty file,
+    first column not `eid`, duplicate column names, no subject rows, empty or duplicate eid, wrong number of cells.
     """
     path = Path(path)
     if not path.is_file():
-        raise PhenotypeTableError(f"{path}: phenotype table not found")
+        raise PhenotypeTableError(f"{path}: table not found")
     with path.open(newline="", encoding="utf-8-sig") as f:
         rows = [(n, r) for n, r in enumerate(csv.reader(f), 1) if r]
     if not rows:
@@ -298,27 +296,38 @@ def read_phenotype_table(path: str | Path, columns: Sequence[str] | None = None
     dupes = sorted({h for h in header if header.count(h) > 1})
     if dupes:
         raise PhenotypeTableError(f"{path}: duplicate column names {dupes}")
-    wanted = list(columns) if columns is not None else header[1:]
-    absent = [c for c in wanted if c not in header[1:]]
-    if absent:
-        raise PhenotypeTableError(f"{path}: columns not in the table: {absent}")
     if len(rows) == 1:
         raise PhenotypeTableError(f"{path}: no subject rows")
-    index = [header.index(c) for c in wanted]
-    table: dict[str, dict[str, float]] = {}
     first_row: dict[str, int] = {}
+    out = []
     for n, row in rows[1:]:
         eid = row[0].strip()
         if not eid:
             raise PhenotypeTableError(f"{path}: row {n}: empty eid")
-        if eid in table:
+        if eid in first_row:
             raise PhenotypeTableError(f"{path}: row {n}: duplicate eid {eid!r} (first at row {first_row[eid]})")
         if len(row) != len(header):
             raise PhenotypeTableError(f"{path}: row {n} (eid {eid!r}): {len(row)} cells, header has {len(header)}")
-        table[eid] = {c: _parse_value(row[k], f"{path}: row {n}, eid {eid!r}, column {c!r}")
-                      for c, k in zip(wanted, index)}
         first_row[eid] = n
-    return wanted, table
+        out.append((n, eid, row))
+    return header, out
+
+
+def read_phenotype_table(path: str | Path, columns: Sequence[str] | None = None
+                         ) -> tuple[list[str], dict[str, dict[str, float]]]:
+    """Read a CSV phenotype table whose first column is `eid`: (columns, {eid: {column: value}}).
+
+    With `columns`, only those are returned (in that order) and checked; other columns may hold anything. Errors as
+    `read_eid_table`, plus requested columns absent, non-numeric and missing (empty, NaN, inf) values.
+    """
+    header, rows = read_eid_table(path)
+    wanted = list(columns) if columns is not None else header[1:]
+    absent = [c for c in wanted if c not in header[1:]]
+    if absent:
+        raise PhenotypeTableError(f"{path}: columns not in the table: {absent}")
+    index = [header.index(c) for c in wanted]
+    return wanted, {eid: {c: _parse_value(row[k], f"{path}: row {n}, eid {eid!r}, column {c!r}")
+                          for c, k in zip(wanted, index)} for n, eid, row in rows}
 
 
 def write_phenotype_table(path: str | Path, columns: Sequence[str], rows: dict[str, dict[str, float]]) -> None:
