@@ -3,6 +3,10 @@
 Used by `configs/train_phenotype_vae.json` and `configs/sample_phenotypes.json`: a dataset of normalised phenotype
 vectors from a prepared folder, the VAE loss, iteration functions for `SupervisedTrainer`/`SupervisedEvaluator`, a
 Frechet-distance metric, a metrics-JSON handler, checkpoint handlers for resuming, and phenotype sampling to CSV.
+
+Used by `configs/train_autoencoder.json` (stage 2): the cine autoencoder's reconstruction loss, its GAN iteration
+(generator and discriminator steps), an evaluation step, a reconstruction-montage handler and a resumable checkpoint
+whose errors name the autoencoder profile.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ from monai.metrics import FIDMetric
 from monai.networks import eval_mode
 from monai.utils import CommonKeys
 from torch import nn
+from torch.nn import functional as F
 
 from scripts.io import atomic_write, write_json
+from scripts.montage import save_montage
 from scripts.phenotypes import denormalise, normalise, write_phenotype_table
 
 logger = logging.getLogger(__name__)
@@ -179,10 +185,11 @@ class BestCheckpointSaver(CheckpointSaver):
         return self._key_metric_checkpoint.state_dict()
 
 
-def check_state_dict(state: object, network: nn.Module, path: str | Path) -> None:
+def check_state_dict(state: object, network: nn.Module, path: str | Path, run: str = "") -> None:
     """Raise ValueError naming `path` and the keys where `state` does not match `network`'s names and shapes.
 
-    TypeError where `state` is not a mapping at all.
+    `run` describes this run's configuration for the message (e.g. "autoencoder profile 'tiny'"). TypeError where
+    `state` is not a mapping at all.
     """
     if not isinstance(state, Mapping):
         raise TypeError(f"{path}: not a network state dict (found {type(state).__name__})")
@@ -194,8 +201,9 @@ def check_state_dict(state: object, network: nn.Module, path: str | Path) -> Non
     if missing or unexpected or shapes:
         found = [f"{name} {keys}" for name, keys in (("missing keys", missing), ("unexpected keys", unexpected),
                                                      ("shape mismatch", shapes)) if keys]
-        raise ValueError(f"{path}: checkpoint does not match {type(network).__name__} ({'; '.join(found)}); was it "
-                         "trained on other phenotype columns or with other hidden/latent sizes?")
+        raise ValueError(f"{path}: checkpoint does not match {type(network).__name__}{f' of {run}' if run else ''} "
+                         f"({'; '.join(found)}); it was written with another configuration (columns, sizes or "
+                         "profile): use that configuration, or move the file away to start afresh")
 
 
 class LatestCheckpoint:
@@ -209,9 +217,9 @@ class LatestCheckpoint:
     """
 
     def __init__(self, path: str | Path, save_dict: dict, resume: bool = True, interval: int = 1,
-                 map_location: str | torch.device | None = None) -> None:
+                 map_location: str | torch.device | None = None, run: str = "") -> None:
         self.path, self.save_dict, self.resume = Path(path), save_dict, resume
-        self.interval, self.map_location = interval, map_location
+        self.interval, self.map_location, self.run = interval, map_location, run
 
     def attach(self, engine: Engine) -> None:
         if self.resume:
@@ -225,7 +233,7 @@ class LatestCheckpoint:
         state = torch.load(self.path, map_location=self.map_location, weights_only=True)
         for key, obj in self.save_dict.items():
             if isinstance(obj, nn.Module):
-                check_state_dict(state.get(key) if isinstance(state, Mapping) else state, obj, self.path)
+                check_state_dict(state.get(key) if isinstance(state, Mapping) else state, obj, self.path, self.run)
         CheckpointLoader(str(self.path), {**self.save_dict, "trainer": engine}, map_location=self.map_location,
                          strict_shape=True)(engine)
         logger.info("resumed from %s at epoch %d of %d", self.path, engine.state.epoch, engine.state.max_epochs)
@@ -270,3 +278,133 @@ def sample_phenotypes(network: nn.Module, checkpoint: str | Path, stats_path: st
     write_phenotype_table(out_csv, columns, rows)
     logger.info("sampled %d phenotype vectors (seed %d) from %s into %s", n, seed, checkpoint, out_csv)
     return Path(out_csv)
+
+
+# ------------------------------------------------------------------------------------- cine autoencoder (stage 2)
+IMAGE = "image"  # dataset key of a (1, T, H, W) float32 cine in [0, 1]
+
+
+def load_feature_network(path: str | Path) -> nn.Module:
+    """A user-supplied TorchScript feature network for the perceptual term: (N, 1, H, W) frames -> features.
+
+    Only a local file: MONAI's PerceptualLoss downloads its weights, which cannot happen here.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: perceptual_weights file not found (a TorchScript feature network)")
+    return torch.jit.load(str(path), map_location="cpu").eval().requires_grad_(False)
+
+
+def frames_as_images(output: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Evaluator output {"pred", "label"} (B, C, T, H, W) -> (pred, label) as (B * T, C, H, W) frames (2D metrics)."""
+    return tuple(output[k].transpose(1, 2).flatten(0, 1) for k in (CommonKeys.PRED, CommonKeys.LABEL))
+
+
+class CineReconLoss(nn.Module):
+    """L1 + perceptual_weight x per-frame feature L1 (only with a `feature_network`) + kl_weight x KL.
+
+    Returns {"loss", "nll" (L1 + perceptual: the term the adaptive GAN weight balances), "l1", "perceptual", "kl"}.
+    """
+
+    def __init__(self, kl_weight: float = 1e-6, feature_network: nn.Module | None = None,
+                 perceptual_weight: float = 0.1) -> None:
+        super().__init__()
+        self.kl_weight, self.feature_network, self.perceptual_weight = kl_weight, feature_network, perceptual_weight
+
+    def forward(self, recon: torch.Tensor, target: torch.Tensor, mean: torch.Tensor,
+                logvar: torch.Tensor) -> dict[str, torch.Tensor]:
+        """recon, target (B, C, T, H, W); mean, logvar the posterior (B, latent, t, h, w)."""
+        l1 = (recon - target).abs().mean()
+        perceptual = torch.zeros_like(l1)
+        if self.feature_network is not None:
+            fake, real = frames_as_images({CommonKeys.PRED: recon, CommonKeys.LABEL: target})
+            perceptual = (self.feature_network(fake) - self.feature_network(real)).abs().mean()
+        nll = l1 + self.perceptual_weight * perceptual
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1).mean()
+        return {"loss": nll + self.kl_weight * kl, "nll": nll, "l1": l1, "perceptual": perceptual, "kl": kl}
+
+
+def _autocast(engine: Engine) -> torch.autocast:
+    """bf16 autocast where the engine runs with AMP (CUDA only); a no-op context elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bool(engine.amp))
+
+
+class AutoencoderGANStep:
+    """`iteration_update` of SupervisedTrainer for the cine autoencoder: a generator step, then a discriminator step.
+
+    The generator minimises `engine.loss_function` and, from iteration `gan_start_step` on (1-based; authors 10,001),
+    adds the hinge generator loss -D(recon) times the adaptive weight (the ratio of the reconstruction and GAN
+    gradient norms at the decoder's last layer, clamped to [0, 1e4]) x `adversarial_weight`. The discriminator
+    (its last output is the patch logits) then takes a hinge step on the input vs the detached reconstruction.
+    """
+
+    def __init__(self, discriminator: nn.Module, d_optimizer: torch.optim.Optimizer, gan_start_step: int = 10001,
+                 adversarial_weight: float = 0.05) -> None:
+        self.discriminator, self.d_optimizer = discriminator, d_optimizer
+        self.gan_start_step, self.adversarial_weight = gan_start_step, adversarial_weight
+
+    def adaptive_weight(self, nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+        """adversarial_weight x |d nll / d w| / (|d g_loss / d w| + 1e-4), detached."""
+        nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+        g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+        ratio = nll_grad.norm() / (g_grad.norm() + 1e-4)
+        return self.adversarial_weight * ratio.clamp(0.0, 1e4).detach()
+
+    def __call__(self, engine: Engine, batch: dict) -> dict[str, float]:
+        x = batch[IMAGE].to(engine.state.device, non_blocking=engine.non_blocking)  # (B, 1, T, H, W)
+        net, disc = engine.network, self.discriminator
+        gan_on = engine.state.iteration >= self.gan_start_step
+        net.train()
+        disc.train()
+        with _autocast(engine):
+            recon, mean, logvar = net(x)
+            losses = engine.loss_function(recon, x, mean, logvar)
+            total = losses["loss"]
+            if gan_on:
+                losses["g_loss"] = -disc(recon)[-1].float().mean()
+                last_layer = [p for p in net.decoder.parameters() if p.ndim == 5][-1]
+                losses["d_weight"] = self.adaptive_weight(losses["nll"], losses["g_loss"], last_layer)
+                total = total + losses["d_weight"] * losses["g_loss"]
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        total.backward()
+        engine.optimizer.step()
+        if gan_on:
+            self.d_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+            with _autocast(engine):
+                real, fake = disc(x)[-1].float(), disc(recon.detach())[-1].float()
+                losses["d_loss"] = 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean())
+            losses["d_loss"].backward()
+            self.d_optimizer.step()
+        return {k: v.item() for k, v in losses.items()}
+
+
+def autoencoder_eval_step(engine: Engine, batch: dict) -> dict[str, torch.Tensor]:
+    """`iteration_update` of SupervisedEvaluator: {"pred": reconstruction from the posterior mean in [0, 1], "label"}."""
+    x = batch[IMAGE].to(engine.state.device, non_blocking=engine.non_blocking)
+    with eval_mode(engine.network), _autocast(engine):
+        recon = engine.network(x)[0]
+    return {CommonKeys.PRED: recon.float().clamp(0.0, 1.0), CommonKeys.LABEL: x}
+
+
+class ReconstructionMontage:
+    """After each evaluation, write a PNG of `frames` of the first `num` cines: input row over reconstruction row."""
+
+    def __init__(self, path: str | Path, num: int = 4, frames: Sequence[int] = (0, 20)) -> None:
+        self.path, self.num, self.frames = Path(path), num, tuple(frames)
+        self.cines: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self.cines.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.write)
+
+    def collect(self, engine: Engine) -> None:
+        out = engine.state.output
+        need = self.num - len(self.cines)
+        self.cines += list(zip(out[CommonKeys.LABEL][:need, 0].cpu(), out[CommonKeys.PRED][:need, 0].cpu()))
+
+    def write(self, engine: Engine) -> None:
+        rows = [[cine[pair][t].float().numpy() for cine in self.cines for t in self.frames] for pair in (0, 1)]
+        captions = [f"{'in' if row == 0 else 'rec'} {k} t{t}" for row in (0, 1)
+                    for k in range(len(self.cines)) for t in self.frames]
+        save_montage(rows[0] + rows[1], self.path, ncols=len(rows[0]), captions=captions)
