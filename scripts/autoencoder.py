@@ -28,6 +28,8 @@ from monai.networks.blocks import Convolution, UpSample
 from torch import nn
 from torch.nn import functional as F
 
+from scripts.networks import gaussian_kl
+
 Triple = tuple[int, int, int]
 
 _PROFILES: dict[str, dict] = {
@@ -208,8 +210,7 @@ class CineAutoencoderKL(nn.Module):
     @staticmethod
     def kl_loss(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
         """KL(N(mean, exp(logvar)) || N(0, I)) summed over latent elements, averaged over the batch (SD convention)."""
-        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)  # (B, latent, t, h, w)
-        return kl.flatten(1).sum(1).mean()
+        return gaussian_kl(mean, logvar)  # mean, logvar (B, latent, t, h, w)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, C, T, H, W) -> (recon (B, C, T, H, W), mean, logvar); training decodes a posterior draw, eval the mean."""

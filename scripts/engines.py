@@ -31,6 +31,7 @@ from torch.nn import functional as F
 
 from scripts.io import atomic_write, write_json
 from scripts.montage import save_montage
+from scripts.networks import gaussian_kl
 from scripts.phenotypes import denormalise, normalise, write_phenotype_table
 
 logger = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ class VAELoss(nn.Module):
                 logvar: torch.Tensor) -> dict[str, torch.Tensor]:
         """recon, target (B, F); mu, logvar (B, latent)."""
         mse = nn.functional.mse_loss(recon, target)
-        kl = (-0.5 * (1 + logvar - mu.square() - logvar.exp()).sum(1)).mean()
+        kl = gaussian_kl(mu, logvar)
         return {"loss": mse + self.beta * kl, "recon": mse, "kl": kl}
 
 
@@ -320,7 +321,7 @@ class CineReconLoss(nn.Module):
             fake, real = frames_as_images({CommonKeys.PRED: recon, CommonKeys.LABEL: target})
             perceptual = (self.feature_network(fake) - self.feature_network(real)).abs().mean()
         nll = l1 + self.perceptual_weight * perceptual
-        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1).mean()
+        kl = gaussian_kl(mean, logvar)
         return {"loss": nll + self.kl_weight * kl, "nll": nll, "l1": l1, "perceptual": perceptual, "kl": kl}
 
 

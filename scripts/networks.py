@@ -25,6 +25,11 @@ def _mlp(sizes: Sequence[int], negative_slope: float, dropout: float) -> nn.Sequ
     return nn.Sequential(*layers)
 
 
+
+def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, I)) summed over the latent elements, averaged over the batch (dim 0)."""
+    return (0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)).flatten(1).sum(1).mean()
+
 class PhenotypeVAE(nn.Module):
     """MLP VAE over a normalised phenotype vector of `in_features` columns (82 in the paper, 21 in this bundle).
 
