@@ -79,11 +79,21 @@ def _frame_mean(t: np.ndarray, pts: np.ndarray, n_frames: int) -> np.ndarray:
         return sums / counts[:, None]
 
 
-def _disk(spacing: tuple[float, float], radius_mm: float) -> np.ndarray:
-    """(1, X, Y) structuring element of the pixel offsets whose centres lie within radius_mm (in-plane only)."""
+def _disk_offsets(spacing: tuple[float, float], radius_mm: float) -> list[tuple[int, int]]:
+    """Pixel offsets (di, dj) != (0, 0) whose centres lie within radius_mm of the origin."""
     ri, rj = (int(radius_mm / s * (1 + 1e-9)) for s in spacing)
-    di, dj = np.mgrid[-ri:ri + 1, -rj:rj + 1]
-    return ((di * spacing[0]) ** 2 + (dj * spacing[1]) ** 2 <= radius_mm**2 * (1 + 1e-9))[None]
+    return [(di, dj) for di in range(-ri, ri + 1) for dj in range(-rj, rj + 1)
+            if (di, dj) != (0, 0) and (di * spacing[0]) ** 2 + (dj * spacing[1]) ** 2 <= radius_mm**2 * (1 + 1e-9)]
+
+
+def _near(mask: np.ndarray, offsets: list[tuple[int, int]]) -> np.ndarray:
+    """Pixels of a (T, X, Y) mask's frames within the given in-plane offsets of a mask pixel (never across frames)."""
+    out = mask.copy()
+    nx, ny = mask.shape[1:]
+    for di, dj in offsets:
+        out[:, max(di, 0):nx + min(di, 0), max(dj, 0):ny + min(dj, 0)] |= \
+            mask[:, max(-di, 0):nx + min(-di, 0), max(-dj, 0):ny + min(-dj, 0)]
+    return out
 
 
 def _valve_gap_mm(spacing: tuple[float, float]) -> float:
@@ -95,11 +105,11 @@ def _valve_midpoints(chamber: np.ndarray, atrium: np.ndarray, spacing: tuple[flo
     """Per-frame valve midpoint (mm) of (T, X, Y) masks: the mean of the centroid of the chamber pixels within the valve
     gap of an atrium pixel and the centroid of the atrium pixels within it of a chamber pixel (two bands mirrored
     about the interface where the shapes are); NaN in frames where no chamber and atrium pixels are that close."""
-    disk = _disk(spacing, _valve_gap_mm(spacing))
+    offsets = _disk_offsets(spacing, _valve_gap_mm(spacing))
     n_frames = chamber.shape[0]
     sides = []
     for own, other in ((chamber, atrium), (atrium, chamber)):
-        t, pts, _ = _pixels(own & ndimage.binary_dilation(other, disk), spacing)
+        t, pts, _ = _pixels(own & _near(other, offsets), spacing)
         sides.append(_frame_mean(t, pts, n_frames))
     return (sides[0] + sides[1]) / 2.0
 
