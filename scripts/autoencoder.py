@@ -8,7 +8,9 @@ One class, `CineAutoencoderKL`, serves two designs through its constructor argum
   decoder); middle block residual -> global self-attention -> residual. 277,734,097 parameters (authors: 277.7M).
 - "cpu": a lean (2+1)D design: per-frame 2D convolutions (kernels 1x3x3) after a 4x4 patchifying stem (stride 4),
   widths 32/64, one further stride-2 spatial step (x8 in all), then time halved by a temporal (3x1x1) stride-2
-  convolution on the latent side; the decoder mirrors it and ends with a 1x4x4 transposed convolution. No attention.
+  convolution on the latent side; the decoder mirrors it and ends with a 1x4x4 transposed convolution to 16 channels
+  and a small full-resolution 3x3 refinement (conv-SiLU-conv), which removes the 4x4 block seams a bare transposed
+  convolution leaves. No attention.
 
 `monai.networks.nets.AutoencoderKL` is not used: it halves every axis at every level, so it cannot give x2 time with
 x8 space, and it silently turns 50 frames into 48.
@@ -38,10 +40,10 @@ _PROFILES: dict[str, dict] = {
               "attention": True, "norm_num_groups": 32},
     "cpu": {"channels": (32, 64, 64), "down_strides": ((1, 2, 2), (2, 1, 1)),
             "encoder_res_blocks": 1, "decoder_res_blocks": 1, "temporal_kernel": 1, "stem_patch": (1, 4, 4),
-            "attention": False, "norm_num_groups": 8},
+            "attention": False, "norm_num_groups": 8, "refine_channels": 16},
     "tiny": {"channels": (8, 16, 16), "down_strides": ((1, 2, 2), (2, 1, 1)),
              "encoder_res_blocks": 1, "decoder_res_blocks": 1, "temporal_kernel": 1, "stem_patch": (1, 4, 4),
-             "attention": False, "norm_num_groups": 4},
+             "attention": False, "norm_num_groups": 4, "refine_channels": 4},
 }
 
 
@@ -112,6 +114,8 @@ class CineAutoencoderKL(nn.Module):
         stem_patch: (t, h, w) patch of the input stem: (1, 1, 1) for a 'same' convolution, e.g. (1, 4, 4) for a
             patchifying stride-4 convolution (mirrored by a transposed convolution at the decoder output).
         attention: global single-head self-attention in the middle blocks.
+        refine_channels: with a patchifying stem, > 0 makes the output transposed convolution give this many channels,
+            followed by conv 1x3x3 -> SiLU -> conv 1x3x3 at full resolution; 0 ends at the transposed convolution.
         norm_num_groups, norm_eps: GroupNorm settings (the groups must divide every width).
     """
 
@@ -120,7 +124,7 @@ class CineAutoencoderKL(nn.Module):
                  down_strides: Sequence[Sequence[int]] = ((1, 2, 2), (1, 2, 2), (2, 2, 2)),
                  encoder_res_blocks: int = 2, decoder_res_blocks: int = 4, temporal_kernel: int = 3,
                  stem_patch: Sequence[int] = (1, 1, 1), attention: bool = True, norm_num_groups: int = 32,
-                 norm_eps: float = 1e-6) -> None:
+                 norm_eps: float = 1e-6, refine_channels: int = 0) -> None:
         super().__init__()
         channels, strides = tuple(channels), [tuple(s) for s in down_strides]
         patch = tuple(stem_patch)
@@ -137,7 +141,7 @@ class CineAutoencoderKL(nn.Module):
         shared = {"latent": latent_channels, "channels": channels, "strides": strides, "kernel": kernel,
                   "patch": patch, "attention": attention, "norm": norm}
         self.encoder = self._encoder(in_channels, blocks=encoder_res_blocks, **shared)
-        self.decoder = self._decoder(out_channels, blocks=decoder_res_blocks, **shared)
+        self.decoder = self._decoder(out_channels, blocks=decoder_res_blocks, refine=refine_channels, **shared)
 
     @staticmethod
     def _middle(c: int, kernel: Triple, attention: bool, norm: dict) -> nn.Sequential:
@@ -164,7 +168,7 @@ class CineAutoencoderKL(nn.Module):
 
     @classmethod
     def _decoder(cls, cout: int, latent: int, channels: tuple[int, ...], strides: list[Triple], blocks: int,
-                 kernel: Triple, patch: Triple, attention: bool, norm: dict) -> nn.Sequential:
+                 kernel: Triple, patch: Triple, attention: bool, norm: dict, refine: int = 0) -> nn.Sequential:
         """(B, latent, t, h, w) -> (B, cout, t * ft, h * fs, w * fs): the encoder's mirror with nearest upsampling.
 
         Each upsampling convolution mixes along the upsampled axes and along those the residual blocks mix.
@@ -182,9 +186,14 @@ class CineAutoencoderKL(nn.Module):
                 up_kernel = tuple(max(a, b) for a, b in zip(kernel, _axis_kernel(s)))
                 layers.append(UpSample(3, c, c, scale_factor=s, mode="nontrainable", pre_conv=None,
                                        post_conv=_conv(c, c, up_kernel), interp_mode="nearest", align_corners=None))
-        head = (_conv(c_in, cout, kernel) if patch == (1, 1, 1)
-                else UpSample(3, c_in, cout, scale_factor=patch, mode="deconv"))
-        layers += [nn.GroupNorm(norm["groups"], c_in, norm["eps"]), nn.SiLU(), head]
+        if patch == (1, 1, 1):
+            head = [_conv(c_in, cout, kernel)]
+        elif refine:
+            head = [UpSample(3, c_in, refine, scale_factor=patch, mode="deconv"), nn.SiLU(),
+                    _conv(refine, refine, (1, 3, 3)), nn.SiLU(), _conv(refine, cout, (1, 3, 3))]
+        else:
+            head = [UpSample(3, c_in, cout, scale_factor=patch, mode="deconv")]
+        layers += [nn.GroupNorm(norm["groups"], c_in, norm["eps"]), nn.SiLU(), *head]
         return nn.Sequential(*layers)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Training, validation and sampling pieces for the phenotype VAE that MONAI and Ignite do not provide.
+"""Training, validation and sampling pieces that MONAI and Ignite do not provide, for every training config.
 
 Used by `configs/train_phenotype_vae.json` and `configs/sample_phenotypes.json`: a dataset of normalised phenotype
 vectors from a prepared folder, the VAE loss, iteration functions for `SupervisedTrainer`/`SupervisedEvaluator`, a
@@ -7,6 +7,9 @@ Frechet-distance metric, a metrics-JSON handler, checkpoint handlers for resumin
 Used by `configs/train_autoencoder.json` (stage 2): the cine autoencoder's reconstruction loss, its GAN iteration
 (generator and discriminator steps), an evaluation step, a reconstruction-montage handler and a resumable checkpoint
 whose errors name the autoencoder profile.
+
+Used by `configs/train_mar.json` (stage 3): the MAR iteration (posterior draw, loss, clipped step, EMA update) and a
+seeded validation loss, so epochs are compared on the same masks and noise.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ from monai.networks import eval_mode
 from monai.utils import CommonKeys
 from torch import nn
 from torch.nn import functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from scripts.autoencoder import CineAutoencoderKL
 from scripts.io import atomic_write, write_json
 from scripts.montage import save_montage
 from scripts.networks import gaussian_kl
@@ -207,6 +212,24 @@ def check_state_dict(state: object, network: nn.Module, path: str | Path, run: s
                          "profile): use that configuration, or move the file away to start afresh")
 
 
+def load_weights(network: nn.Module, path: str | Path, run: str = "", trained_by: str = "") -> nn.Module:
+    """Load a network state dict (or a latest checkpoint's "network" entry) from `path` into `network`.
+
+    weights_only, mapped to the network's device, shape-checked first (`check_state_dict`); a missing file is an
+    error that names `trained_by`, the config that writes it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found" + (f"; train it with {trained_by}" if trained_by else ""))
+    device = next(iter(network.parameters()), torch.empty(0)).device
+    state = torch.load(path, map_location=device, weights_only=True)
+    if isinstance(state, Mapping) and isinstance(state.get("network"), Mapping):
+        state = state["network"]
+    check_state_dict(state, network, path, run)
+    network.load_state_dict(state)
+    return network
+
+
 class LatestCheckpoint:
     """One resumable checkpoint at `path`: the state dicts of `save_dict` plus the trainer state ("trainer").
 
@@ -262,14 +285,7 @@ def sample_phenotypes(network: nn.Module, checkpoint: str | Path, stats_path: st
                          f"{stats['columns']})")
     if n < 1:
         raise ValueError(f"num_samples must be >= 1, got {n}")
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"{checkpoint}: checkpoint not found; train with configs/train_phenotype_vae.json")
-    state = torch.load(checkpoint, map_location=next(network.parameters()).device, weights_only=True)
-    if isinstance(state, Mapping) and isinstance(state.get("network"), Mapping):
-        state = state["network"]
-    check_state_dict(state, network, checkpoint)
-    network.load_state_dict(state)
+    load_weights(network, checkpoint, trained_by="configs/train_phenotype_vae.json")
     z = network.sample(n, torch.Generator().manual_seed(seed))  # (n, F) normalised
     if z.shape[1] != len(stats["columns"]):
         raise ValueError(f"the network gives {z.shape[1]} values, {stats_path} has {len(stats['columns'])} columns")
@@ -409,3 +425,43 @@ class ReconstructionMontage:
         captions = [f"{'in' if row == 0 else 'rec'} {k} t{t}" for row in (0, 1)
                     for k in range(len(self.cines)) for t in self.frames]
         save_montage(rows[0] + rows[1], self.path, ncols=len(rows[0]), captions=captions)
+
+
+# ---------------------------------------------------------------------------------------------------- MAR (stage 3)
+def ema_model(network: nn.Module, decay: float) -> AveragedModel:
+    """Exponential moving average of `network`'s parameters and buffers (torch's AveragedModel), decay per step."""
+    return AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+class MARStep:
+    """`iteration_update` of SupervisedTrainer for MAR: a posterior draw of each cached latent, the MAR loss (the
+    network's forward), an optimiser step with the gradient norm clipped to `grad_clip` (authors 3.0) and an EMA update.
+    """
+
+    def __init__(self, ema: AveragedModel, grad_clip: float = 3.0) -> None:
+        self.ema, self.grad_clip = ema, grad_clip
+
+    def __call__(self, engine: Engine, batch: dict) -> dict[str, float]:
+        device = engine.state.device
+        mean, logvar = batch["mean"].to(device), batch["logvar"].to(device)  # (B, 16, 25, 12, 12) each
+        z = CineAutoencoderKL.sample(mean, logvar)
+        engine.network.train()
+        with _autocast(engine):
+            loss = engine.network(z, batch["phenotypes"].to(device))  # phenotypes (B, F) normalised
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(engine.network.parameters(), self.grad_clip)
+        engine.optimizer.step()
+        self.ema.update_parameters(engine.network)
+        return {"loss": loss.item(), "grad_norm": grad_norm.item()}
+
+
+def mar_eval_step(engine: Engine, batch: dict) -> dict[str, torch.Tensor]:
+    """`iteration_update` of SupervisedEvaluator: the MAR loss of the posterior means, with masks, timesteps and noise
+    drawn from a generator state seeded by the iteration (the same draws at every evaluation)."""
+    device = engine.state.device
+    cuda = [device] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda), eval_mode(engine.network), _autocast(engine):
+        torch.manual_seed(engine.state.iteration)
+        loss = engine.network(batch["mean"].to(device), batch["phenotypes"].to(device))
+    return {"loss": loss.float()}

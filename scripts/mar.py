@@ -22,13 +22,24 @@ from torch import nn
 
 from scripts.diffloss import DiffLoss
 
-# The paper's / authors' sizes (n_phenotypes 82 there); `TINY` runs in seconds on a CPU, for tests and smoke runs.
-# TINY keeps the diffusion head wider than a token (320 values): narrower, it cannot carry x_t through and does not
-# learn (a 32-wide head stays at loss ~1.4 over 100 steps of overfitting one batch; 384 wide reaches ~0.6).
+# The paper's / authors' sizes (n_phenotypes 82 there); "cpu" trains on a 2-core machine within the pipeline's budget;
+# "tiny" runs in seconds, for tests and smoke runs. Heads stay wider than a token (320 values): narrower, the head
+# cannot carry x_t through and does not learn (a 32-wide head stays at loss ~1.4 over 100 steps of overfitting one
+# batch; 384 wide reaches ~0.6).
 PAPER = {"width": 768, "encoder_depth": 12, "decoder_depth": 12, "num_heads": 12, "mlp_ratio": 4.0,
-         "buffer_size": 64, "head_depth": 3, "head_width": 1024}
+         "buffer_size": 64, "head_depth": 3, "head_width": 1024, "diffusion_batch_mul": 4}
+CPU = {"width": 256, "encoder_depth": 4, "decoder_depth": 4, "num_heads": 8, "mlp_ratio": 4.0, "buffer_size": 16,
+       "head_depth": 2, "head_width": 512, "diffusion_batch_mul": 2}
 TINY = {"width": 32, "encoder_depth": 1, "decoder_depth": 1, "num_heads": 1, "mlp_ratio": 4.0, "buffer_size": 4,
-        "head_depth": 1, "head_width": 384}
+        "head_depth": 1, "head_width": 384, "diffusion_batch_mul": 4}
+_PROFILES = {"paper": PAPER, "cpu": CPU, "tiny": TINY}
+
+
+def mar_profile(name: str) -> dict:
+    """Size kwargs of `MAR` for "paper", "cpu" or "tiny" (a fresh copy)."""
+    if name not in _PROFILES:
+        raise ValueError(f"unknown MAR profile {name!r}; choose one of {sorted(_PROFILES)}")
+    return dict(_PROFILES[name])
 
 
 def patchify(x: torch.Tensor, patch: Sequence[int]) -> torch.Tensor:
@@ -100,6 +111,9 @@ class Block(nn.Module):
 class MAR(nn.Module):
     """Phenotype-conditioned MAR with diffusion loss; `forward` is the training loss, `sample_latents` generates.
 
+    Latents enter `forward` and leave `sample_latents` in the autoencoder's units; inside they are multiplied by the
+    `latent_scale` buffer (1 / std of the training latents, set before training and saved with the weights).
+
     The phenotype vector (normalised, `n_phenotypes` values) is projected linearly to the width (as the authors do)
     and fills the `buffer_size` leading positions; a learned null embedding replaces it with probability
     `cond_drop_prob` in training and stands for "no condition" (classifier-free guidance, unconditional sampling).
@@ -111,7 +125,7 @@ class MAR(nn.Module):
                  decoder_depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, dropout: float = 0.1,
                  buffer_size: int = 64, cond_drop_prob: float = 0.1, mask_ratio_min: float = 0.7,
                  head_depth: int = 3, head_width: int = 1024, num_train_timesteps: int = 1000,
-                 diffusion_batch_mul: int = 4) -> None:
+                 diffusion_batch_mul: int = 4, latent_scale: float = 1.0) -> None:
         super().__init__()
         self.latent_shape, self.patch_size = tuple(latent_shape), tuple(patch_size)
         if any(s % p for s, p in zip(self.latent_shape[1:], self.patch_size)):
@@ -119,6 +133,7 @@ class MAR(nn.Module):
         self.seq_len = math.prod(s // p for s, p in zip(self.latent_shape[1:], self.patch_size))
         self.token_dim = self.latent_shape[0] * math.prod(self.patch_size)
         self.buffer_size, self.cond_drop_prob, self.mask_ratio_min = buffer_size, cond_drop_prob, mask_ratio_min
+        self.register_buffer("latent_scale", torch.tensor(float(latent_scale)))
         positions = self.seq_len + buffer_size
 
         self.cond_proj = nn.Linear(n_phenotypes, width)
@@ -186,7 +201,7 @@ class MAR(nn.Module):
         One mask ratio per batch (truncated normal on [mask_ratio_min, 1]), a random order per sample; the diffusion
         loss is taken on the masked tokens.
         """
-        tokens = patchify(latents, self.patch_size)  # (B, L, D)
+        tokens = patchify(latents * self.latent_scale, self.patch_size)  # (B, L, D)
         b = tokens.shape[0]
         n_masked = math.ceil(self.seq_len * sample_mask_ratios(1, self.mask_ratio_min).item())
         ranks = torch.rand(b, self.seq_len, device=tokens.device).argsort(dim=1).argsort(dim=1)  # random order
@@ -240,4 +255,4 @@ class MAR(nn.Module):
                 tokens[to_pred] = self.diffloss.sample(z[to_pred.repeat(rows, 1)], temperature,
                                                        cfg_iter if guided else 1.0, gens, num_inference_steps)
                 mask = mask_next
-        return unpatchify(tokens, self.patch_size, self.latent_shape)
+        return unpatchify(tokens, self.patch_size, self.latent_shape) / self.latent_scale

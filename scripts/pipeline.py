@@ -14,13 +14,34 @@ from scripts.io import write_json
 logger = logging.getLogger(__name__)
 
 
-def run_stages(stages: Sequence[dict], output_dir: str | Path) -> dict[str, float]:
-    """Run every stage `{"name", "config_file", "overrides"}` with `monai.bundle.run`; write `<output_dir>/stage_times.json`."""
+def _flatten(overrides: dict) -> dict:
+    """{"mar": {"num_epochs": 3}} -> {"mar#num_epochs": 3}: a dict override edits the stage's dict key by key instead
+    of replacing it (an empty dict changes nothing)."""
+    flat = {}
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            flat |= _flatten({f"{key}#{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def run_stages(stages: Sequence[dict], output_dir: str | Path, profile_file: str | None = None,
+               only: Sequence[str] | None = None) -> dict[str, float]:
+    """Run every stage `{"name", "config_file", "overrides"}` with `monai.bundle.run`, the profile file layered on its
+    config; write `<output_dir>/stage_times.json`. `only`: names of the stages to run (default all)."""
+    names = [s["name"] for s in stages]
+    unknown = sorted(set(only or []) - set(names))
+    if unknown:
+        raise ValueError(f"unknown pipeline stages {unknown}; the stages are {names}")
     times: dict[str, float] = {}
     for stage in stages:
-        logger.info("pipeline: stage %s (%s)", stage["name"], stage["config_file"])
+        if only and stage["name"] not in only:
+            continue
+        config = [stage["config_file"]] + ([profile_file] if profile_file else [])
+        logger.info("pipeline: stage %s (%s)", stage["name"], config)
         start = time.perf_counter()
-        run(config_file=stage["config_file"], **stage.get("overrides", {}))
+        run(config_file=config, **_flatten(stage.get("overrides", {})))
         times[stage["name"]] = round(time.perf_counter() - start, 1)
         logger.info("pipeline: stage %s done in %.1f s", stage["name"], times[stage["name"]])
         write_json(Path(output_dir) / "stage_times.json", times)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import time
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -53,11 +56,34 @@ def test_unknown_keys_parsing() -> None:
         cli.check_overrides(["/x/monai/bundle/__main__.py", "run", *argv])
 
 
-def test_pipeline_runs_phantom_then_prepare(tmp_path) -> None:
-    done = _bundle("run", "--config_file", "configs/pipeline.json", "--output_dir", str(tmp_path),
-                   "--num_subjects", "4", "--seed", "2")
+def test_tiny_pipeline_runs_the_whole_chain_in_minutes(tmp_path) -> None:
+    """phantom -> prepare -> phenotype VAE, autoencoder, latents, MAR -> generate, tiny profile, under 5 minutes."""
+    start = time.perf_counter()
+    done = _bundle("run", "--config_file", "['configs/pipeline.json','configs/profiles/tiny.json']",
+                   "--output_dir", str(tmp_path), "--ckpt_dir", str(tmp_path / "models"), "--seed", "2")
+    elapsed = time.perf_counter() - start
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert (tmp_path / "phantom" / "montage.png").is_file()
+    print(f"tiny pipeline: {elapsed:.1f} s")
+    assert elapsed < 300
     datalist = json.loads((tmp_path / "prepared" / "datalist.json").read_text())
-    assert sum(len(datalist[k]) for k in ("training", "validation", "test")) == 4
+    assert sum(len(datalist[k]) for k in ("training", "validation", "test")) == 16
+    times = json.loads((tmp_path / "stage_times.json").read_text())
+    assert list(times) == ["make_phantom", "prepare", "train_phenotype_vae", "train_autoencoder", "encode_latents",
+                           "train_mar", "generate"]
+    generated = tmp_path / "generated"
+    with (generated / "manifest.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and all((generated / r["file"]).is_file() and (generated / r["nifti"]).is_file() for r in rows)
+    assert np.load(generated / rows[0]["file"]).shape == (1, 50, 96, 96)
+    assert (generated / "montage.png").is_file() and (generated / "montage.gif").is_file()
+    for name in ("phenotype_vae.pt", "autoencoder.pt", "mar.pt"):
+        assert (tmp_path / "models" / name).is_file()
+
+
+def test_pipeline_runs_only_the_stages_asked(tmp_path) -> None:
+    done = _bundle("run", "--config_file", "configs/pipeline.json", "--output_dir", str(tmp_path),
+                   "--num_subjects", "4", "--only", "['make_phantom','prepare']")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert set(json.loads((tmp_path / "stage_times.json").read_text())) == {"make_phantom", "prepare"}
+    bad = _bundle("run", "--config_file", "configs/pipeline.json", "--output_dir", str(tmp_path), "--only", "['train']")
+    assert bad.returncode != 0 and "unknown pipeline stages ['train']" in bad.stdout + bad.stderr

@@ -1,0 +1,225 @@
+"""Speed benchmark of generation: MAR latent sampling and cine decoding per clip, beside their FLOP-bound limits.
+
+For one profile and batch size it measures the wall time of `MAR.sample_latents` (CFG on) and of
+`CineAutoencoderKL.decode`, the peak memory of each phase, the matmul-type FLOPs per clip of each phase
+(`torch.utils.flop_counter`: mm/addmm/bmm, attention and convolutions, 2 FLOPs per multiply-add; element-wise
+ops are not counted) and this device's fp32 matmul peak; the FLOP limit is FLOPs / peak, efficiency = limit /
+measured. Without checkpoints the networks are randomly initialised: the timings hold, the samples mean nothing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import platform
+import resource
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from scripts.autoencoder import CineAutoencoderKL, autoencoder_profile
+from scripts.io import write_json
+from scripts.mar import MAR, mar_profile
+
+logger = logging.getLogger(__name__)
+RANDOM_INIT = "random init (timing only: samples are meaningless)"
+
+
+def _sdpa_flops(q: tuple, k: tuple, v: tuple, *args, out_shape: tuple | None = None, **kwargs) -> int:
+    """Q K^T and A V of attention, any number of leading dims (the CPU kernel is not in torch's table)."""
+    return 2 * math.prod(q[:-2]) * q[-2] * k[-2] * (q[-1] + v[-1])
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """Matmul-type FLOPs of fn() (run once, under no_grad)."""
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter, torch.no_grad():
+        fn()
+    return counter.get_total_flops()
+
+
+def mar_flops_per_clip(mar: MAR, n_phenotypes: int, num_iter: int, cfg: float, steps: int) -> dict[str, int]:
+    """FLOPs of sampling one clip: transformer (all `num_iter` passes, both CFG halves) and head (all `steps`).
+
+    Exact, from two reduced calls: a batch-1 `sample_latents` with a 1-step head (F1), and a 1-step
+    `DiffLoss.sample` over all tokens of a clip (H: every token is predicted once over the iterations, and head
+    FLOPs are linear in tokens and in steps). transformer = F1 - H, head = steps x H.
+    """
+    device = mar.mask_token.device
+    phenotypes = torch.zeros(1, n_phenotypes, device=device)
+    f1 = count_flops(lambda: mar.sample_latents(phenotypes, seeds=[0], num_iter=num_iter, cfg=cfg,
+                                                num_inference_steps=1))
+    z = torch.randn((2 if cfg > 1 else 1) * mar.seq_len, mar.diffloss.net.cond_embed.in_features, device=device)
+    h = count_flops(lambda: mar.diffloss.sample(z, cfg=cfg, num_inference_steps=1))
+    return {"transformer": f1 - h, "head": steps * h, "total": f1 - h + steps * h}
+
+
+def decode_flops_per_clip(profile: str, latent_shape: tuple[int, ...]) -> int:
+    """FLOPs of decoding one latent, counted on a meta-device copy of the profile's network (shapes only)."""
+    with torch.device("meta"):
+        ae = CineAutoencoderKL(**autoencoder_profile(profile))
+    return count_flops(lambda: ae.decode(torch.zeros(1, *latent_shape, device="meta")))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
+    """(wall seconds, result) of fn(), device-synchronised."""
+    _sync(device)
+    start = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - start, out
+
+
+def matmul_peak_gflops(device: torch.device, n: int = 2048, reps: int = 5) -> float:
+    """Best of `reps` fp32 n x n matmuls (2 n^3 FLOPs each) after one warm-up, in GFLOP/s."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    return 2 * n**3 / min(timed(lambda: a @ b, device)[0] for _ in range(reps)) / 1e9
+
+
+def _proc_kib(field: str) -> int:
+    """A kB field of /proc/self/status (VmRSS, VmHWM) in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+class PeakMemory:
+    """Peak memory of a `with` block. CUDA: max_memory_allocated, reset at entry (tensors only). CPU: the whole
+    process's peak resident set (VmHWM, reset at entry through /proc/self/clear_refs), or, where that fails,
+    ru_maxrss (peak since process start: a phase below an earlier peak shows no increase). `increase` is the peak
+    minus the usage at entry (weights and earlier buffers excluded; glibc may reuse memory freed before)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak, self.increase, self.method = device, 0, 0, ""
+
+    def _usage(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device)
+        try:
+            return _proc_kib("VmRSS") * 1024
+        except OSError:
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            _sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.method = "torch.cuda.max_memory_allocated (tensors, reset per phase)"
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+                self.method = "process peak RSS (VmHWM, reset per phase)"
+            except OSError:
+                self.method = "process ru_maxrss (peak since process start)"
+        self.start = self._usage()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            _sync(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        elif "VmHWM" in self.method:
+            self.peak = _proc_kib("VmHWM") * 1024
+        else:
+            self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self.increase = max(self.peak - self.start, 0)
+
+
+def device_name(device: torch.device) -> str:
+    """GPU name, or the CPU model from /proc/cpuinfo (platform.processor() elsewhere)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        models = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
+        return f"{models[0]} ({len(models)} logical CPUs)"
+    except (OSError, IndexError):
+        return platform.processor() or platform.machine()
+
+
+def _load(network: torch.nn.Module, path: str | None) -> str:
+    """Load a state dict (bare, or under 'network'/'model'/'state_dict') into `network`; RANDOM_INIT without one."""
+    if not path:
+        return RANDOM_INIT
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = next((state[k] for k in ("network", "model", "state_dict") if isinstance(state.get(k), dict)), state)
+    network.load_state_dict(state)
+    return str(path)
+
+
+def _phase(name: str, seconds: float, clips: int, flops: int, peak_gflops: float, mem: PeakMemory) -> dict:
+    """One phase's record, logged as 'measured X s/clip; FLOP limit Y s/clip at Z GFLOP/s peak; efficiency'."""
+    per_clip, limit = seconds / clips, flops / (peak_gflops * 1e9)
+    logger.info("%s: measured %.3f s/clip; FLOP limit %.3f s/clip at %.1f GFLOP/s peak; efficiency %.2f "
+                "(%.3f TFLOP/clip; peak memory %.2f GB, +%.2f GB over the phase start; %s)", name, per_clip, limit,
+                peak_gflops, limit / per_clip, flops / 1e12, mem.peak / 1e9, mem.increase / 1e9, mem.method)
+    return {"seconds_per_clip": per_clip, "seconds": seconds, "clips": clips, "flops_per_clip": flops,
+            "flop_limit_seconds_per_clip": limit, "efficiency": limit / per_clip, "peak_memory_bytes": mem.peak,
+            "memory_increase_bytes": mem.increase, "memory_method": mem.method}
+
+
+def run(profile: str, device: torch.device | str, batch_size: int = 16, num_batches: int = 1, warmup: bool = True,
+        cfg: float = 3.0, num_iter: int = 16, num_inference_steps: int = 100, n_phenotypes: int = 21,
+        mar_weights: str | None = None, autoencoder_weights: str | None = None, decode_batch_size: int | None = None,
+        threads: int | None = None, output_path: str = "outputs/benchmark/benchmark.json") -> dict:
+    """Benchmark sampling (`num_batches` batches) and decoding (the first `decode_batch_size` latents of the last
+    batch); write the record to `output_path` (JSON) and return it."""
+    device = torch.device(device)
+    if threads:
+        torch.set_num_threads(int(threads))
+    decode_batch_size = min(int(decode_batch_size or batch_size), batch_size)
+    mar = MAR(n_phenotypes, **mar_profile(profile)).to(device).eval()
+    ae = CineAutoencoderKL(**autoencoder_profile(profile)).to(device).eval()
+    weights = {"mar": _load(mar, mar_weights), "autoencoder": _load(ae, autoencoder_weights)}
+    peak = matmul_peak_gflops(device)
+    flops = mar_flops_per_clip(mar, n_phenotypes, num_iter, cfg, num_inference_steps)
+    decode_flops = decode_flops_per_clip(profile, mar.latent_shape)
+    gen = torch.Generator().manual_seed(0)
+    phenotypes = [torch.randn(batch_size, n_phenotypes, generator=gen).to(device) for _ in range(num_batches)]
+    if warmup:  # one transformer pass and a 1-step head at full batch; a 1-latent-frame decode
+        mar.sample_latents(phenotypes[0], seeds=range(batch_size), num_iter=1, cfg=cfg, num_inference_steps=1)
+        with torch.no_grad():
+            ae.decode(torch.zeros(1, mar.latent_shape[0], 1, *mar.latent_shape[2:], device=device))
+    seconds = []
+    with PeakMemory(device) as sample_mem:
+        for i, ph in enumerate(phenotypes):
+            t, latents = timed(lambda: mar.sample_latents(ph, seeds=range(i * batch_size, (i + 1) * batch_size),
+                                                          num_iter=num_iter, cfg=cfg,
+                                                          num_inference_steps=num_inference_steps), device)
+            seconds.append(t)
+            logger.info("sampling batch %d/%d: %.2f s for %d clips", i + 1, num_batches, t, batch_size)
+    with PeakMemory(device) as decode_mem, torch.no_grad():
+        decode_s, cines = timed(lambda: ae.decode(latents[:decode_batch_size]), device)
+    if weights["mar"] == RANDOM_INIT or weights["autoencoder"] == RANDOM_INIT:
+        logger.warning("networks with %s", RANDOM_INIT)
+    record = {
+        "profile": profile, "batch_size": batch_size, "num_batches": num_batches, "decode_batch_size": decode_batch_size,
+        "cfg": cfg, "num_iter": num_iter, "num_inference_steps": num_inference_steps, "n_phenotypes": n_phenotypes,
+        "weights": weights, "device": device_name(device), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "matmul_peak_gflops": peak,
+        "params": {"mar": sum(p.numel() for p in mar.parameters()),
+                   "mar_head": sum(p.numel() for p in mar.diffloss.parameters()),
+                   "autoencoder": sum(p.numel() for p in ae.parameters()),
+                   "autoencoder_decoder": sum(p.numel() for p in ae.decoder.parameters())},
+        "sampling": {**_phase("sampling", sum(seconds), batch_size * num_batches, flops["total"], peak, sample_mem),
+                     "batch_seconds": seconds, "flops_transformer_per_clip": flops["transformer"],
+                     "flops_head_per_clip": flops["head"]},
+        "decoding": _phase("decoding", decode_s, decode_batch_size, decode_flops, peak, decode_mem),
+        "output_shape": list(cines.shape),
+    }
+    logger.info("%s profile, batch %d, %s, torch %s, %d threads, params MAR %.1fM / autoencoder %.1fM; written to %s",
+                profile, batch_size, record["device"], torch.__version__, record["threads"],
+                record["params"]["mar"] / 1e6, record["params"]["autoencoder"] / 1e6, output_path)
+    write_json(output_path, record)
+    return record

@@ -1,0 +1,79 @@
+"""The speed benchmark (configs/benchmark.json): a tiny run end to end, and its FLOP counts against hand estimates."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from scripts.benchmark import count_flops, decode_flops_per_clip
+from scripts.mar import MAR, mar_profile, masking_schedule
+from tests.conftest import REPO
+
+N_PHENOTYPES, BATCH, NUM_ITER, STEPS, CFG = 21, 2, 2, 2, 3.0
+
+
+def _weights(module: nn.Module) -> int:
+    """Multiply-adds per row of every Linear in `module` (its weight elements)."""
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def _hand_estimate(mar: MAR, num_iter: int, steps: int, rows: int = 2) -> tuple[float, float]:
+    """(transformer, head) FLOPs per clip from parameter counts: 2 x weights x tokens per pass, plus attention
+    (Q K^T and A V: 4 n^2 width per block) and the token projection (all tokens, each iteration); `rows` = 2 with CFG."""
+    width, buf, seq = mar.mask_token.shape[-1], mar.buffer_size, mar.seq_len
+    block = _weights(mar.encoder_blocks[0])
+    masked_before = [seq] + masking_schedule(seq, num_iter)[:-1]
+    transformer = 0.0
+    for n_masked in masked_before:
+        for tokens, depth in ((buf + seq - n_masked, len(mar.encoder_blocks)), (buf + seq, len(mar.decoder_blocks))):
+            transformer += rows * depth * (2 * block * tokens + 4 * tokens**2 * width)
+        transformer += rows * 2 * seq * _weights(mar.z_proj)
+    head = rows * seq * steps * 2 * _weights(mar.diffloss)  # every head Linear runs on every token at every step
+    return transformer, head
+
+
+def test_benchmark_tiny_run(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    configs = str(["configs/benchmark.json", "configs/profiles/tiny.json"])
+    args = ["--batch_size", str(BATCH), "--num_iter", str(NUM_ITER), "--num_inference_steps", str(STEPS),
+            "--n_phenotypes", str(N_PHENOTYPES), "--output_path", str(out)]
+    done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "FLOP limit" in done.stdout + done.stderr
+    rec = json.loads(out.read_text())
+    assert rec["profile"] == "tiny" and rec["batch_size"] == BATCH and rec["threads"] == 1
+    assert rec["weights"]["mar"].startswith("random init") and rec["matmul_peak_gflops"] > 0
+    assert rec["output_shape"] == [BATCH, 1, 50, 96, 96]
+    for phase in ("sampling", "decoding"):
+        r = rec[phase]
+        for key in ("seconds_per_clip", "flops_per_clip", "flop_limit_seconds_per_clip", "efficiency",
+                    "peak_memory_bytes"):
+            assert r[key] > 0, (phase, key, r[key])
+        assert abs(r["flop_limit_seconds_per_clip"] - r["flops_per_clip"] / rec["matmul_peak_gflops"] / 1e9) < 1e-9
+    assert all(v > 0 for v in rec["params"].values())
+
+    mar = MAR(N_PHENOTYPES, **mar_profile("tiny"))
+    transformer, head = _hand_estimate(mar, NUM_ITER, STEPS)
+    s = rec["sampling"]
+    assert s["flops_transformer_per_clip"] + s["flops_head_per_clip"] == s["flops_per_clip"]
+    assert 0.5 < s["flops_per_clip"] / (transformer + head) < 2.0, (s["flops_per_clip"], transformer + head)
+    assert 0.5 < s["flops_transformer_per_clip"] / transformer < 2.0, (s["flops_transformer_per_clip"], transformer)
+    # the head is Linear layers only: the count must match 2 x weights x rows x tokens x steps almost exactly
+    assert abs(s["flops_head_per_clip"] / head - 1) < 0.01, (s["flops_head_per_clip"], head)
+
+
+def test_decode_flops_match_a_convolution_hand_count() -> None:
+    """One 3x3x3 convolution counted on the meta device, and the tiny decoder's count is positive and shape-exact."""
+    conv = nn.Conv3d(4, 8, 3, padding=1)
+    x = torch.zeros(1, 4, 5, 6, 7)
+    assert count_flops(lambda: conv(x)) == 2 * 4 * 8 * 27 * 5 * 6 * 7
+    one = decode_flops_per_clip("tiny", (16, 25, 12, 12))
+    two = decode_flops_per_clip("tiny", (16, 50, 12, 12))  # no attention in tiny: linear in frames
+    assert one > 0 and two == 2 * one

@@ -1,0 +1,248 @@
+"""Cine generation (configs/generate.json, scripts/generation.py) with tiny random networks: outputs, per-sample seeds,
+resume, sharding, conditions and their errors, checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.data import load_decathlon_datalist
+
+from scripts.autoencoder import CineAutoencoderKL, autoencoder_profile
+from scripts.engines import phenotype_vectors
+from scripts.generation import generate, read_conditions, sample_seed
+from scripts.io import load_cine
+from scripts.mar import MAR, mar_profile
+from scripts.networks import PhenotypeVAE
+from scripts.phenotypes import PhenotypeTableError, normalise
+from tests.conftest import REPO
+
+torch.set_num_threads(1)
+COLUMNS = ["LVEDV (mL)", "LVEF (%)", "HR (bpm)"]
+STATS = {"columns": COLUMNS, "mean": [150.0, 58.0, 65.0], "std": [30.0, 6.0, 10.0], "n": 8}
+SPACING, INTERVALS = [[1.9, 2.0], [2.1, 2.2], [2.0, 2.1]], [0.018, 0.02, 0.022]  # medians (2.0, 2.1) mm, 0.02 s
+FAST = {"profile": "tiny", "num_iter": 2, "num_inference_steps": 3}
+
+
+def _networks() -> dict:
+    return {"phenotype_vae": PhenotypeVAE(len(COLUMNS)), "autoencoder": CineAutoencoderKL(**autoencoder_profile("tiny")),
+            "mar": MAR(len(COLUMNS), **mar_profile("tiny"))}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """<root>/prepared (datalist.json, phenotype_stats.json) and <root>/models (random tiny checkpoints)."""
+    root = tmp_path_factory.mktemp("generate")
+    prepared, models = root / "prepared", root / "models"
+    prepared.mkdir()
+    models.mkdir()
+    items = [{"image": f"images/P{i}.npy", "subject": f"P{i}", "has_phenotypes": True, "spacing_mm": SPACING[i],
+              "frame_interval_s": INTERVALS[i], **dict(zip(COLUMNS, STATS["mean"]))} for i in range(len(SPACING))]
+    (prepared / "datalist.json").write_text(json.dumps({"training": items, "phenotype_columns": COLUMNS}))
+    (prepared / "phenotype_stats.json").write_text(json.dumps(STATS))
+    torch.manual_seed(0)
+    nets = _networks()
+    with torch.no_grad():  # the MAR head is zero-initialised: perturb every weight so that samples depend on z
+        for p in nets["mar"].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        nets["mar"].latent_scale.fill_(0.5)
+        last = [m for m in nets["autoencoder"].decoder.modules() if isinstance(m, torch.nn.Conv3d)][-1]
+        last.weight.mul_(20.0)  # decoded values around 0.5 +- 0.2 rather than 0 +- 0.01 (all clamped to 0)
+        last.bias.fill_(0.5)
+    for name, net in nets.items():
+        torch.save(net.state_dict(), models / f"{name}.pt")
+    return root
+
+
+def _run(setup: Path, out: Path, ckpt_dir: Path | None = None, **kwargs) -> dict:
+    args = {"ckpt_dir": str(ckpt_dir or setup / "models"), "output_dir": str(out),
+            "stats_path": str(setup / "prepared" / "phenotype_stats.json"),
+            "datalist_path": str(setup / "prepared" / "datalist.json"), "num_samples": 4, "batch_size": 4,
+            **FAST, **kwargs}
+    return generate(**_networks(), **args)
+
+
+def _manifest(out: Path) -> list[dict]:
+    with (out / "manifest.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _cine(out: Path, i: int) -> np.ndarray:
+    return np.load(out / "images" / f"G{i:06d}.npy").astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def batch4(setup: Path) -> Path:
+    """Four samples generated in one batch (phenotype-VAE conditions)."""
+    out = setup / "batch4"
+    _run(setup, out)
+    return out
+
+
+def _bundle(setup: Path, out: Path, num_samples: int, batch_size: int, launcher: tuple[str, ...] = ()) -> None:
+    """Run configs/generate.json with the tiny profile (through `launcher`, e.g. torchrun) in a subprocess."""
+    configs = str(["configs/generate.json", "configs/profiles/tiny.json"])
+    args = {"prepared_dir": setup / "prepared", "ckpt_dir": setup / "models", "output_dir": out,
+            "num_samples": num_samples, "batch_size": batch_size, "num_iter": 2, "num_inference_steps": 3}
+    done = subprocess.run([sys.executable, "-m", *launcher, "monai.bundle", "run", "--config_file", configs,
+                           *[a for k, v in args.items() for a in (f"--{k}", str(v))]], check=False, cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_bundle_run(setup: Path) -> None:
+    out = setup / "bundle"
+    _bundle(setup, out, num_samples=3, batch_size=2)
+
+    rows = _manifest(out)
+    assert list(rows[0]) == ["file", "nifti", "seed", *COLUMNS] and len(rows) == 3
+    _, conditions = read_conditions(out / "conditions.csv", STATS, 3)
+    for i, row in enumerate(rows):
+        assert row["file"] == f"images/G{i:06d}.npy" and int(row["seed"]) == sample_seed(0, i)
+        np.testing.assert_array_equal([float(row[c]) for c in COLUMNS], conditions[i])
+        cine = np.load(out / row["file"])
+        assert cine.dtype == np.float16 and cine.shape == (1, 50, 96, 96) and 0 <= cine.min() <= cine.max() <= 1
+        img = nib.load(out / row["nifti"])
+        assert img.shape == (96, 96, 1, 50)
+        np.testing.assert_allclose(img.header.get_zooms(), (2.0, 2.1, 2.0, 0.02), rtol=1e-6)
+        np.testing.assert_allclose(img.affine, np.diag([2.0, 2.1, 2.0, 1.0]), rtol=1e-6)
+        loaded = load_cine(out / row["nifti"])  # the loader prepare uses: H, W of the array are X, Y
+        assert loaded.frame_interval_s == pytest.approx(0.02)
+        np.testing.assert_array_equal(loaded.array, cine[0].astype(np.float32).transpose(1, 2, 0))
+    items = load_decathlon_datalist(str(out / "datalist.json"), False, "training", str(out))
+    assert [Path(d["image"]) for d in items] == [out / r["file"] for r in rows]
+    assert all(d["synthetic"] and d["has_phenotypes"] for d in items)
+    subjects, x = phenotype_vectors(out, "training")  # the folder reads as a prepared one
+    assert subjects == ["G000000", "G000001", "G000002"]
+    np.testing.assert_allclose(x.numpy(), normalise(conditions, STATS), rtol=1e-5, atol=1e-6)
+    record = json.loads((out / "generation.json").read_text())
+    assert record["settings"]["profile"] == "tiny" and record["generated_this_run"] == 3
+    assert record["sampling_s_per_clip"] > 0 and record["decoding_s_per_clip"] > 0
+    assert (out / "montage.png").is_file() and (out / "montage.gif").is_file()
+
+
+def test_sample_alone_equals_sample_in_batch(setup: Path, batch4: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")  # rank 3 of 4 owns only index 3
+    out = setup / "alone"
+    _run(setup, out)
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["G000003.npy"]
+    np.testing.assert_allclose(_cine(out, 3), _cine(batch4, 3), atol=1e-3)
+    assert np.abs(_cine(batch4, 3) - _cine(batch4, 2)).max() > 0.01  # samples differ
+
+
+def test_resume_regenerates_only_missing(setup: Path, batch4: Path) -> None:
+    files = sorted(p for d in ("images", "nifti") for p in (batch4 / d).iterdir())
+    before = {p: p.stat().st_mtime_ns for p in files}
+    old = _cine(batch4, 1)
+    (batch4 / "images" / "G000001.npy").unlink()
+    record = _run(setup, batch4)
+    assert record["generated_this_run"] == 1
+    changed = sorted(p.name for p in files if p.stat().st_mtime_ns != before[p])
+    assert changed == ["G000001.nii.gz", "G000001.npy"]
+    np.testing.assert_allclose(_cine(batch4, 1), old, atol=1e-3)
+    assert len(_manifest(batch4)) == 4
+
+
+def test_sharding(setup: Path, batch4: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = setup / "shards"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    owned = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        before = {p.name for p in (out / "images").glob("*.npy")} if out.exists() else set()
+        _run(setup, out, batch_size=1)
+        owned.append({p.name for p in (out / "images").glob("*.npy")} - before)
+        assert len(_manifest(out)) == 2 * (rank + 1)  # partial after rank 0, complete after the last rank
+    assert owned == [{"G000000.npy", "G000002.npy"}, {"G000001.npy", "G000003.npy"}]
+    assert _manifest(out) == _manifest(batch4)
+    for i in range(4):
+        np.testing.assert_allclose(_cine(out, i), _cine(batch4, i), atol=1e-3)
+
+
+def test_other_settings_refused(setup: Path, batch4: Path) -> None:
+    with pytest.raises(ValueError, match="other settings.*cfg"):
+        _run(setup, batch4, cfg=2.0)
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    return path
+
+
+@pytest.mark.parametrize("header, row, match", [
+    (["eid", "LVEDV (mL)", "HR (bpm)"], ["a", 150, 60], r"columns not in the table: \['LVEF \(%\)'\]"),
+    (["eid", *COLUMNS], ["a", 150, "nan", 60], r"row 2, eid 'a', column 'LVEF \(%\)': missing value"),
+    (["eid", *COLUMNS], ["a", 150, "", 60], r"row 2, eid 'a', column 'LVEF \(%\)': missing value"),
+    (["eid", *COLUMNS], ["a", 150, 55, "fast"], r"row 2, eid 'a', column 'HR \(bpm\)': non-numeric"),
+])
+def test_bad_conditions_csv(setup: Path, tmp_path: Path, header: list[str], row: list, match: str) -> None:
+    path = _write_csv(tmp_path / "conditions.csv", header, [row])
+    with pytest.raises(PhenotypeTableError, match=match) as err:
+        _run(setup, tmp_path / "out", conditions_csv=str(path))
+    assert isinstance(err.value, ValueError) and str(path) in str(err.value)
+
+
+def test_conditions_csv_far_out_warns_and_generates(setup: Path, tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    rows = [["normal", 150, 58, 65], ["huge", 150 + 30 * 7, 58, 65], ["unused", 150, 58, 65]]
+    path = _write_csv(tmp_path / "conditions.csv", ["eid", "HR (bpm)", *COLUMNS[:2]],
+                      [[r[0], r[3], r[1], r[2]] for r in rows])  # any column order
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="scripts.generation"):
+        _run(setup, out, conditions_csv=str(path), num_samples=2)  # the first 2 rows only
+    assert "huge" in caplog.text and "LVEDV (mL)" in caplog.text and "'normal'" not in caplog.text
+    manifest = _manifest(out)
+    assert [[float(r[c]) for c in COLUMNS] for r in manifest] == [[float(v) for v in r[1:]] for r in rows[:2]]
+
+
+def test_unconditional(setup: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    _run(setup, out, unconditional=True, num_samples=2, seed=5)
+    assert [r[c] for r in _manifest(out) for c in COLUMNS] == [""] * 6
+    datalist = json.loads((out / "datalist.json").read_text())
+    assert datalist["phenotype_columns"] == COLUMNS
+    assert all(not d["has_phenotypes"] and d[COLUMNS[0]] is None for d in datalist["training"])
+    nets = _networks()
+    for name in ("mar", "autoencoder"):
+        nets[name].load_state_dict(torch.load(setup / "models" / f"{name}.pt", weights_only=True))
+    latents = nets["mar"].eval().sample_latents(None, seeds=[sample_seed(5, 1)], num_iter=2, num_inference_steps=3)
+    with torch.no_grad():
+        expected = nets["autoencoder"].eval().decode(latents).clamp(0, 1)[0].numpy()
+    np.testing.assert_allclose(_cine(out, 1), expected, atol=1e-3)
+
+
+def test_checkpoint_errors(setup: Path, tmp_path: Path) -> None:
+    ckpt = tmp_path / "models"
+    ckpt.mkdir()
+    torch.save(CineAutoencoderKL(**autoencoder_profile("tiny")).state_dict(), ckpt / "autoencoder.pt")
+    with pytest.raises(FileNotFoundError, match=r"mar\.pt: checkpoint not found.*configs/train_mar\.json"):
+        _run(setup, tmp_path / "out", ckpt_dir=ckpt, unconditional=True)
+    torch.save(MAR(len(COLUMNS) + 2, **mar_profile("tiny")).state_dict(), ckpt / "mar.pt")
+    with pytest.raises(ValueError, match=r"mar\.pt: checkpoint does not match MAR of MAR profile 'tiny'.*cond_proj"):
+        _run(setup, tmp_path / "out", ckpt_dir=ckpt, unconditional=True)
+    with pytest.raises(FileNotFoundError, match=r"phenotype_vae\.pt.*configs/train_phenotype_vae\.json"):
+        _run(setup, tmp_path / "out2", ckpt_dir=ckpt)
+
+
+@pytest.mark.slow  # about 20 s on 2 cores: two processes import MONAI
+def test_torchrun_two_ranks(setup: Path, batch4: Path) -> None:
+    """Two concurrent ranks under torchrun (env RANK/WORLD_SIZE, no process group): disjoint shards, complete index."""
+    out = setup / "torchrun"
+    _bundle(setup, out, num_samples=4, batch_size=4,
+            launcher=("torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"))
+    record = json.loads((out / "generation.json").read_text())  # written last by the last rank to finish
+    assert (record["world_size"], record["generated_this_run"]) == (2, 2)
+    assert _manifest(out) == _manifest(batch4)
+    for i in range(4):
+        np.testing.assert_allclose(_cine(out, i), _cine(batch4, i), atol=1e-3)
