@@ -15,7 +15,9 @@ import math
 import platform
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -86,54 +88,36 @@ def matmul_peak_gflops(device: torch.device, n: int = 2048, reps: int = 5) -> fl
     return 2 * n**3 / min(timed(lambda: a @ b, device)[0] for _ in range(reps)) / 1e9
 
 
-def _proc_kib(field: str) -> int:
-    """A kB field of /proc/self/status (VmRSS, VmHWM) in KiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise OSError(f"{field} not in /proc/self/status")
+def _proc_bytes(field: str) -> int:
+    """A kB field of /proc/self/status (VmRSS, VmHWM) in bytes."""
+    line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
 
 
-class PeakMemory:
-    """Peak memory of a `with` block. CUDA: max_memory_allocated, reset at entry (tensors only). CPU: the whole
-    process's peak resident set (VmHWM, reset at entry through /proc/self/clear_refs), or, where that fails,
-    ru_maxrss (peak since process start: a phase below an earlier peak shows no increase). `increase` is the peak
-    minus the usage at entry (weights and earlier buffers excluded; glibc may reuse memory freed before)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.peak, self.increase, self.method = device, 0, 0, ""
-
-    def _usage(self) -> int:
-        if self.device.type == "cuda":
-            return torch.cuda.memory_allocated(self.device)
+@contextmanager
+def peak_memory(device: torch.device) -> Iterator[dict]:
+    """Yield a dict filled at exit with the block's peak memory: 'peak' bytes, 'increase' (peak - usage at entry:
+    weights and earlier buffers excluded) and 'method'. CUDA: max_memory_allocated, reset at entry (tensors only).
+    CPU: the whole process's peak resident set, VmHWM reset at entry through /proc/self/clear_refs, or, where that
+    fails, ru_maxrss (peak since process start: a phase below an earlier peak shows no increase)."""
+    rec: dict = {}
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        rec["method"], usage = "torch.cuda.max_memory_allocated (tensors, reset per phase)", torch.cuda.memory_allocated
+        peak = torch.cuda.max_memory_allocated
+    else:
         try:
-            return _proc_kib("VmRSS") * 1024
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            rec["method"], usage, peak = "process peak RSS (VmHWM, reset per phase)", _proc_bytes, _proc_bytes
         except OSError:
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            _sync(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.method = "torch.cuda.max_memory_allocated (tensors, reset per phase)"
-        else:
-            try:
-                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-                self.method = "process peak RSS (VmHWM, reset per phase)"
-            except OSError:
-                self.method = "process ru_maxrss (peak since process start)"
-        self.start = self._usage()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            _sync(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        elif "VmHWM" in self.method:
-            self.peak = _proc_kib("VmHWM") * 1024
-        else:
-            self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        self.increase = max(self.peak - self.start, 0)
+            rec["method"] = "process ru_maxrss (peak since process start)"
+            usage = peak = lambda _: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start = usage(device if device.type == "cuda" else "VmRSS")
+    yield rec
+    _sync(device)
+    rec["peak"] = peak(device if device.type == "cuda" else "VmHWM")
+    rec["increase"] = max(rec["peak"] - start, 0)
 
 
 def device_name(device: torch.device) -> str:
@@ -141,7 +125,8 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     try:
-        models = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        models = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
         return f"{models[0]} ({len(models)} logical CPUs)"
     except (OSError, IndexError):
         return platform.processor() or platform.machine()
@@ -157,15 +142,15 @@ def _load(network: torch.nn.Module, path: str | None) -> str:
     return str(path)
 
 
-def _phase(name: str, seconds: float, clips: int, flops: int, peak_gflops: float, mem: PeakMemory) -> dict:
+def _phase(name: str, seconds: float, clips: int, flops: int, peak_gflops: float, mem: dict) -> dict:
     """One phase's record, logged as 'measured X s/clip; FLOP limit Y s/clip at Z GFLOP/s peak; efficiency'."""
     per_clip, limit = seconds / clips, flops / (peak_gflops * 1e9)
     logger.info("%s: measured %.3f s/clip; FLOP limit %.3f s/clip at %.1f GFLOP/s peak; efficiency %.2f "
                 "(%.3f TFLOP/clip; peak memory %.2f GB, +%.2f GB over the phase start; %s)", name, per_clip, limit,
-                peak_gflops, limit / per_clip, flops / 1e12, mem.peak / 1e9, mem.increase / 1e9, mem.method)
+                peak_gflops, limit / per_clip, flops / 1e12, mem["peak"] / 1e9, mem["increase"] / 1e9, mem["method"])
     return {"seconds_per_clip": per_clip, "seconds": seconds, "clips": clips, "flops_per_clip": flops,
-            "flop_limit_seconds_per_clip": limit, "efficiency": limit / per_clip, "peak_memory_bytes": mem.peak,
-            "memory_increase_bytes": mem.increase, "memory_method": mem.method}
+            "flop_limit_seconds_per_clip": limit, "efficiency": limit / per_clip, "peak_memory_bytes": mem["peak"],
+            "memory_increase_bytes": mem["increase"], "memory_method": mem["method"]}
 
 
 def run(profile: str, device: torch.device | str, batch_size: int = 16, num_batches: int = 1, warmup: bool = True,
@@ -181,7 +166,7 @@ def run(profile: str, device: torch.device | str, batch_size: int = 16, num_batc
     mar = MAR(n_phenotypes, **mar_profile(profile)).to(device).eval()
     ae = CineAutoencoderKL(**autoencoder_profile(profile)).to(device).eval()
     weights = {"mar": _load(mar, mar_weights), "autoencoder": _load(ae, autoencoder_weights)}
-    peak = matmul_peak_gflops(device)
+    peaks = [matmul_peak_gflops(device)]
     flops = mar_flops_per_clip(mar, n_phenotypes, num_iter, cfg, num_inference_steps)
     decode_flops = decode_flops_per_clip(profile, mar.latent_shape)
     gen = torch.Generator().manual_seed(0)
@@ -191,15 +176,17 @@ def run(profile: str, device: torch.device | str, batch_size: int = 16, num_batc
         with torch.no_grad():
             ae.decode(torch.zeros(1, mar.latent_shape[0], 1, *mar.latent_shape[2:], device=device))
     seconds = []
-    with PeakMemory(device) as sample_mem:
+    with peak_memory(device) as sample_mem:
         for i, ph in enumerate(phenotypes):
-            t, latents = timed(lambda: mar.sample_latents(ph, seeds=range(i * batch_size, (i + 1) * batch_size),
-                                                          num_iter=num_iter, cfg=cfg,
-                                                          num_inference_steps=num_inference_steps), device)
+            seeds = range(i * batch_size, (i + 1) * batch_size)
+            t, latents = timed(partial(mar.sample_latents, ph, seeds=seeds, num_iter=num_iter, cfg=cfg,
+                                       num_inference_steps=num_inference_steps), device)
             seconds.append(t)
             logger.info("sampling batch %d/%d: %.2f s for %d clips", i + 1, num_batches, t, batch_size)
-    with PeakMemory(device) as decode_mem, torch.no_grad():
+    with peak_memory(device) as decode_mem, torch.no_grad():
         decode_s, cines = timed(lambda: ae.decode(latents[:decode_batch_size]), device)
+    peaks.append(matmul_peak_gflops(device))
+    peak = max(peaks)  # best of before and after: a busy machine lowers one of them
     if weights["mar"] == RANDOM_INIT or weights["autoencoder"] == RANDOM_INIT:
         logger.warning("networks with %s", RANDOM_INIT)
     record = {
@@ -207,7 +194,7 @@ def run(profile: str, device: torch.device | str, batch_size: int = 16, num_batc
         "cfg": cfg, "num_iter": num_iter, "num_inference_steps": num_inference_steps, "n_phenotypes": n_phenotypes,
         "weights": weights, "device": device_name(device), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "matmul_peak_gflops": peak,
+        "matmul_peak_gflops": peak, "matmul_gflops_before_after": peaks,
         "params": {"mar": sum(p.numel() for p in mar.parameters()),
                    "mar_head": sum(p.numel() for p in mar.diffloss.parameters()),
                    "autoencoder": sum(p.numel() for p in ae.parameters()),

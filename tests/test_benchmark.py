@@ -43,8 +43,8 @@ def test_benchmark_tiny_run(tmp_path: Path) -> None:
     configs = str(["configs/benchmark.json", "configs/profiles/tiny.json"])
     args = ["--batch_size", str(BATCH), "--num_iter", str(NUM_ITER), "--num_inference_steps", str(STEPS),
             "--n_phenotypes", str(N_PHENOTYPES), "--output_path", str(out)]
-    done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, *args], check=False,
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "FLOP limit" in done.stdout + done.stderr
     rec = json.loads(out.read_text())

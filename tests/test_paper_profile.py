@@ -27,7 +27,9 @@ def _params(module: torch.nn.Module) -> int:
 def _authors_phenotype_vae() -> int:
     """By hand, the authors' phenotype VAE: Linear + BatchNorm (weight, bias) layers 82->128->128->128, two 128->32
     heads (mu, logvar), mirrored decoder 32->128->128->128 with BatchNorm and a plain 128->82 output (~0.1M)."""
-    lin = lambda a, b: a * b + b  # noqa: E731
+    def lin(a: int, b: int) -> int:
+        return a * b + b
+
     enc = lin(82, 128) + 2 * lin(128, 128) + 3 * 2 * 128
     dec = lin(32, 128) + 2 * lin(128, 128) + 3 * 2 * 128 + lin(128, 82)
     return enc + 2 * lin(128, 32) + dec
