@@ -10,6 +10,9 @@ whose errors name the autoencoder profile.
 
 Used by `configs/train_mar.json` (stage 3): the MAR iteration (posterior draw, loss, clipped step, EMA update) and a
 seeded validation loss, so epochs are compared on the same masks and noise.
+
+Used by `configs/multi_gpu.json` (layered on any training config): rank-aware device, process-group set-up,
+DistributedDataParallel wrapping and the per-rank handler list.
 """
 
 from __future__ import annotations
@@ -17,20 +20,24 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import ignite.distributed as idist
 import torch
+import torch.distributed as dist
 from ignite.engine import Engine, Events
 from ignite.exceptions import NotComputableError
 from ignite.metrics import Metric
 from monai.data import Dataset
-from monai.handlers import CheckpointLoader, CheckpointSaver
+from monai.handlers import CheckpointLoader, CheckpointSaver, StatsHandler
 from monai.metrics import FIDMetric
 from monai.networks import eval_mode
-from monai.utils import CommonKeys
+from monai.utils import CommonKeys, evenly_divisible_all_gather
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from scripts.autoencoder import CineAutoencoderKL
@@ -42,6 +49,41 @@ from scripts.phenotypes import denormalise, normalise, write_phenotype_table
 logger = logging.getLogger(__name__)
 
 PHENOTYPES = "phenotypes"  # dataset key of the normalised phenotype vector
+
+
+# ------------------------------------------------------------------------------------------------------ distributed
+def rank_device() -> torch.device:
+    """cuda:LOCAL_RANK (torchrun's variable, 0 without it) where CUDA is available, else the CPU."""
+    return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu")
+
+
+def init_distributed(device: torch.device) -> int:
+    """Join torchrun's process group once (NCCL on CUDA, gloo on CPU), pin the CUDA device; returns the rank."""
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return dist.get_rank()
+
+
+def distributed(network: nn.Module, device: torch.device) -> nn.Module:
+    """`network` in DistributedDataParallel where a process group is initialised; the network itself otherwise."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return network
+    return DistributedDataParallel(network, device_ids=[device] if device.type == "cuda" else None)
+
+
+def unwrap(network: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper; any other network as it is."""
+    return network.module if isinstance(network, DistributedDataParallel) else network
+
+
+def rank_handlers(handlers: Sequence) -> list:
+    """Every handler on rank 0; on other ranks, those that only log or write files are dropped (MONAI model zoo's
+    multi-GPU convention). Validation, learning-rate and resume handlers run on every rank."""
+    if idist.get_rank() == 0:
+        return list(handlers)
+    return [h for h in handlers if not isinstance(h, (StatsHandler, CheckpointSaver, MetricsJSON, ReconstructionMontage))]
 
 
 # ------------------------------------------------------------------------------------------------------------- data
@@ -160,13 +202,13 @@ class FrechetDistance(Metric):
         self._real: list[torch.Tensor] = []
 
     def update(self, output: tuple[torch.Tensor]) -> None:
-        self._real.append(output[0].detach().double().cpu())  # (B, F)
+        self._real.append(output[0].detach())  # (B, F), on the device (NCCL gathers CUDA tensors)
 
     def compute(self) -> float:
-        if sum(len(r) for r in self._real) < 2:
+        real = evenly_divisible_all_gather(torch.cat(self._real)).double().cpu()  # (N, F) over all ranks
+        if len(real) < 2:
             raise NotComputableError("FrechetDistance needs at least 2 vectors")
-        real = torch.cat(self._real)  # (N, F)
-        fake = self.network.sample(len(real), torch.Generator().manual_seed(self.seed))  # (N, F)
+        fake = unwrap(self.network).sample(len(real), torch.Generator().manual_seed(self.seed))  # (N, F)
         return frechet_distance(fake, real)
 
 
@@ -237,7 +279,8 @@ class LatestCheckpoint:
     is no fixed file to resume from, and writes them non-atomically). With `resume`, an existing `path` is loaded when
     the trainer starts, through MONAI's CheckpointLoader (`map_location`, strict shapes, weights_only), after a shape
     check that names the file; training then continues from the saved epoch up to the trainer's `max_epochs`.
-    Attach it after the ValidationHandler, so that a checkpoint holds its epoch's best-model record.
+    Attach it after the ValidationHandler, so that a checkpoint holds its epoch's best-model record. Under
+    torch.distributed every rank loads and rank 0 writes, without the DistributedDataParallel wrapper.
     """
 
     def __init__(self, path: str | Path, save_dict: dict, resume: bool = True, interval: int = 1,
@@ -257,13 +300,16 @@ class LatestCheckpoint:
         state = torch.load(self.path, map_location=self.map_location, weights_only=True)
         for key, obj in self.save_dict.items():
             if isinstance(obj, nn.Module):
-                check_state_dict(state.get(key) if isinstance(state, Mapping) else state, obj, self.path, self.run)
+                check_state_dict(state.get(key) if isinstance(state, Mapping) else state, unwrap(obj), self.path,
+                                 self.run)
         CheckpointLoader(str(self.path), {**self.save_dict, "trainer": engine}, map_location=self.map_location,
                          strict_shape=True)(engine)
         logger.info("resumed from %s at epoch %d of %d", self.path, engine.state.epoch, engine.state.max_epochs)
 
     def save(self, engine: Engine) -> None:
-        state = {k: v.state_dict() for k, v in self.save_dict.items()} | {"trainer": engine.state_dict()}
+        if idist.get_rank() != 0:
+            return
+        state = {k: unwrap(v).state_dict() for k, v in self.save_dict.items()} | {"trainer": engine.state_dict()}
         with atomic_write(self.path) as tmp:
             torch.save(state, tmp)
 
@@ -379,7 +425,7 @@ class AutoencoderGANStep:
             total = losses["loss"]
             if gan_on:
                 losses["g_loss"] = -disc(recon)[-1].float().mean()
-                last_layer = [p for p in net.decoder.parameters() if p.ndim == 5][-1]
+                last_layer = [p for p in unwrap(net).decoder.parameters() if p.ndim == 5][-1]
                 losses["d_weight"] = self.adaptive_weight(losses["nll"], losses["g_loss"], last_layer)
                 total = total + losses["d_weight"] * losses["g_loss"]
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
@@ -387,10 +433,12 @@ class AutoencoderGANStep:
         engine.optimizer.step()
         if gan_on:
             self.d_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-            with _autocast(engine):
-                real, fake = disc(x)[-1].float(), disc(recon.detach())[-1].float()
-                losses["d_loss"] = 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean())
-            losses["d_loss"].backward()
+            halves = []
+            for target, sign in ((x, 1.0), (recon.detach(), -1.0)):  # a backward per forward, as DDP requires
+                with _autocast(engine):
+                    halves.append(0.5 * F.relu(1.0 - sign * disc(target)[-1].float()).mean())
+                halves[-1].backward()
+            losses["d_loss"] = halves[0].detach() + halves[1].detach()
             self.d_optimizer.step()
         return {k: v.item() for k, v in losses.items()}
 
@@ -430,7 +478,7 @@ class ReconstructionMontage:
 # ---------------------------------------------------------------------------------------------------- MAR (stage 3)
 def ema_model(network: nn.Module, decay: float) -> AveragedModel:
     """Exponential moving average of `network`'s parameters and buffers (torch's AveragedModel), decay per step."""
-    return AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    return AveragedModel(unwrap(network), multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 class MARStep:
@@ -452,7 +500,7 @@ class MARStep:
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(engine.network.parameters(), self.grad_clip)
         engine.optimizer.step()
-        self.ema.update_parameters(engine.network)
+        self.ema.update_parameters(unwrap(engine.network))
         return {"loss": loss.item(), "grad_norm": grad_norm.item()}
 
 

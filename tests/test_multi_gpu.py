@@ -1,0 +1,82 @@
+"""configs/multi_gpu.json layered on each training config: torchrun with 2 gloo processes on the CPU, then a
+single-process run resuming from what the 2-rank run wrote."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scripts.autoencoder import CineAutoencoderKL, autoencoder_profile
+from tests.conftest import REPO
+from tests.test_phenotype_vae import _write_prepared
+
+TINY, MULTI = "configs/profiles/tiny.json", "configs/multi_gpu.json"
+N_TRAIN = 8  # training items with phenotypes; the datalist adds one without
+# config: (extra args, best checkpoint, latest checkpoint, training items, per-rank batch size)
+CASES = {
+    "train_phenotype_vae": (["--num_epochs", "2", "--batch_size", "2"], "phenotype_vae.pt", "phenotype_vae_latest.pt",
+                            N_TRAIN, 2),
+    "train_autoencoder": ([], "autoencoder.pt", "autoencoder_latest.pt", N_TRAIN + 1, 2),
+    "train_mar": ([], "mar.pt", "mar_latest.pt", N_TRAIN, 2),
+}
+
+
+def _run(command: list[str], config: str, *args: str, layers: tuple[str, ...] = (TINY,)) -> str:
+    done = subprocess.run([*command, "-m", "monai.bundle", "run", "--config_file", str([config, *layers]), *args],
+                          check=False, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A prepared cohort (8/4/2 cines with phenotypes, one more per split without) and its tiny latent cache."""
+    root = tmp_path_factory.mktemp("ddp")
+    prepared = root / "prepared"
+    _write_prepared(prepared, n_train=N_TRAIN, n_val=4, n_test=2)
+    (prepared / "images").mkdir()
+    rng = np.random.default_rng(0)
+    for items in json.loads((prepared / "datalist.json").read_text()).values():
+        for d in items if isinstance(items, list) and items and isinstance(items[0], dict) else []:
+            np.save(prepared / d["image"], rng.random((1, 50, 96, 96)).astype(np.float16))
+    (root / "ae").mkdir()
+    torch.manual_seed(0)
+    torch.save(CineAutoencoderKL(**autoencoder_profile("tiny")).state_dict(), root / "ae" / "autoencoder.pt")
+    _run([sys.executable], "configs/encode_latents.json", "--prepared_dir", str(prepared), "--latent_dir",
+         str(root / "latents"), "--ckpt_dir", str(root / "ae"))
+    return root
+
+
+@pytest.mark.parametrize("config", sorted(CASES))
+def test_two_gloo_ranks_train_and_a_single_process_resumes(cohort: Path, config: str, tmp_path: Path) -> None:
+    extra, best, latest, n_items, batch = CASES[config]
+    models = tmp_path / "models"
+    data = ["--latent_dir", str(cohort / "latents")] if config == "train_mar" else ["--prepared_dir",
+                                                                                    str(cohort / "prepared")]
+    common = [*data, "--ckpt_dir", str(models), "--output_dir", str(tmp_path / "out"), *extra]
+    log = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+               f"configs/{config}.json", *common, layers=(TINY, MULTI))
+
+    state = torch.load(models / latest, weights_only=True)
+    per_rank = math.ceil(n_items / 2)  # DistributedSampler(even_divisible=True): each rank a disjoint half
+    assert state["trainer"]["epoch_length"] == per_rank // batch + int(per_rank % batch > 1), log[-2000:]
+    saved = torch.load(models / best, weights_only=True)
+    for weights in (saved, state["network"]):  # unwrapped: no DistributedDataParallel "module." prefix
+        assert weights and not any(k.startswith("module.") for k in weights)
+    assert log.count("Epoch[2] Metrics -- train_") == 1, "StatsHandler logs on rank 0 only"
+
+    # the same checkpoint resumes in one process, which goes on to epoch 3 with the whole training set per epoch
+    more = "--num_epochs" if config == "train_phenotype_vae" else f"--{config.split('_', 1)[1]}#num_epochs"
+    resumed = _run([sys.executable], f"configs/{config}.json", *common, more, "3")
+    assert "resumed from" in resumed and "at epoch 2 of 3" in resumed
+    after = torch.load(models / latest, weights_only=True)["trainer"]
+    assert after["epoch"] == 3 if "epoch" in after else after["iteration"] > state["trainer"]["iteration"]
