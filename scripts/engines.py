@@ -83,7 +83,8 @@ def rank_handlers(handlers: Sequence) -> list:
     multi-GPU convention). Validation, learning-rate and resume handlers run on every rank."""
     if idist.get_rank() == 0:
         return list(handlers)
-    return [h for h in handlers if not isinstance(h, (StatsHandler, CheckpointSaver, MetricsJSON, ReconstructionMontage))]
+    writers = (StatsHandler, CheckpointSaver, MetricsJSON, ReconstructionMontage)
+    return [h for h in handlers if not isinstance(h, writers)]
 
 
 # ------------------------------------------------------------------------------------------------------------- data
