@@ -76,6 +76,14 @@ def _manifest(out: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def _assert_same_sample(a: np.ndarray, b: np.ndarray) -> None:
+    """The same sample up to float32 rounding, which the sampler of these random networks amplifies at a few voxels
+    near its x0 clamp (measured: 25 of 460,800 voxels differ by up to 0.0023); different samples differ by > 0.01
+    almost everywhere."""
+    diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    assert diff.max() <= 5e-3 and diff.mean() <= 1e-5, (diff.max(), diff.mean())
+
+
 def _cine(out: Path, i: int) -> np.ndarray:
     return np.load(out / "images" / f"G{i:06d}.npy").astype(np.float32)
 
@@ -136,7 +144,7 @@ def test_sample_alone_equals_sample_in_batch(setup: Path, batch4: Path, monkeypa
     out = setup / "alone"
     _run(setup, out)
     assert sorted(p.name for p in (out / "images").iterdir()) == ["G000003.npy"]
-    np.testing.assert_allclose(_cine(out, 3), _cine(batch4, 3), atol=1e-3)
+    _assert_same_sample(_cine(out, 3), _cine(batch4, 3))
     assert np.abs(_cine(batch4, 3) - _cine(batch4, 2)).max() > 0.01  # samples differ
 
 
@@ -149,7 +157,7 @@ def test_resume_regenerates_only_missing(setup: Path, batch4: Path) -> None:
     assert record["generated_this_run"] == 1
     changed = sorted(p.name for p in files if p.stat().st_mtime_ns != before[p])
     assert changed == ["G000001.nii.gz", "G000001.npy"]
-    np.testing.assert_allclose(_cine(batch4, 1), old, atol=1e-3)
+    _assert_same_sample(_cine(batch4, 1), old)
     assert len(_manifest(batch4)) == 4
 
 
@@ -166,7 +174,7 @@ def test_sharding(setup: Path, batch4: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert owned == [{"G000000.npy", "G000002.npy"}, {"G000001.npy", "G000003.npy"}]
     assert _manifest(out) == _manifest(batch4)
     for i in range(4):
-        np.testing.assert_allclose(_cine(out, i), _cine(batch4, i), atol=1e-3)
+        _assert_same_sample(_cine(out, i), _cine(batch4, i))
 
 
 def test_other_settings_refused(setup: Path, batch4: Path) -> None:
@@ -219,7 +227,7 @@ def test_unconditional(setup: Path, tmp_path: Path) -> None:
     latents = nets["mar"].eval().sample_latents(None, seeds=[sample_seed(5, 1)], num_iter=2, num_inference_steps=3)
     with torch.no_grad():
         expected = nets["autoencoder"].eval().decode(latents).clamp(0, 1)[0].numpy()
-    np.testing.assert_allclose(_cine(out, 1), expected, atol=1e-3)
+    _assert_same_sample(_cine(out, 1), expected)
 
 
 def test_checkpoint_errors(setup: Path, tmp_path: Path) -> None:
@@ -245,4 +253,4 @@ def test_torchrun_two_ranks(setup: Path, batch4: Path) -> None:
     assert (record["world_size"], record["generated_this_run"]) == (2, 2)
     assert _manifest(out) == _manifest(batch4)
     for i in range(4):
-        np.testing.assert_allclose(_cine(out, i), _cine(batch4, i), atol=1e-3)
+        _assert_same_sample(_cine(out, i), _cine(batch4, i))
