@@ -206,6 +206,8 @@ class FrechetDistance(Metric):
         self._real.append(output[0].detach())  # (B, F), on the device (NCCL gathers CUDA tensors)
 
     def compute(self) -> float:
+        if not self._real:  # this rank saw no batch (torch.cat of nothing would raise a bare RuntimeError)
+            raise NotComputableError("FrechetDistance needs at least 2 vectors")
         real = evenly_divisible_all_gather(torch.cat(self._real)).double().cpu()  # (N, F) over all ranks
         if len(real) < 2:
             raise NotComputableError("FrechetDistance needs at least 2 vectors")

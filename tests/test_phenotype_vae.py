@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 import torch
 from ignite.engine import Engine
+from ignite.exceptions import NotComputableError
 from monai.handlers import CheckpointLoader
 
 from scripts.engines import (
+    FrechetDistance,
     LatestCheckpoint,
     VAELoss,
     frechet_distance,
@@ -230,3 +232,13 @@ def test_cli_samples_are_denormalised_and_reproducible(runs: dict) -> None:
         sample_phenotypes(PhenotypeVAE(len(COLUMNS)), root / "models" / "phenotype_vae.pt",
                           root / "prepared" / "phenotype_stats.json", 300, seed, path)
     assert again.read_bytes() == out.read_bytes() and other.read_bytes() != out.read_bytes()
+
+
+def test_frechet_metric_needs_two_vectors() -> None:
+    """No vectors or one vector: NotComputableError (Ignite's signal), not a crash in torch.cat."""
+    metric = FrechetDistance(PhenotypeVAE(len(COLUMNS)))
+    with pytest.raises(NotComputableError):
+        metric.compute()
+    metric.update((torch.zeros(1, len(COLUMNS)),))
+    with pytest.raises(NotComputableError):
+        metric.compute()
