@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -98,15 +99,78 @@ def choose_conditions(stats_path: str, output_dir: Path, num_samples: int, seed:
 
 
 # ------------------------------------------------------------------------------------------------------------- output
-def nifti_geometry(datalist_path: str | Path) -> tuple[tuple[float, float], float]:
-    """((X, Y) pixel size mm, frame interval s): medians over the training items of a prepared datalist."""
+GEOMETRY_RIDGE = 0.1  # ridge penalty on standardised features; the fit below is near-exact for the frame interval
+GEOMETRY_MIN_ITEMS = 3  # training items per regression feature (about 2 per column) to fit; fewer: the medians
+
+
+@dataclass(frozen=True)
+class GeometryModel:
+    """Pixel size (x, y) in mm and frame interval in s of a generated cine, from its conditioning phenotypes.
+
+    Prepared cines are heart crops resized to 96 x 96 (scripts/data.py), so their pixel size is the crop side / 96 and
+    grows with the heart; the frame interval is R-R / 50, i.e. 60 / (50 HR). A ridge regression of their logarithms on
+    the z-scored phenotypes and on the standardised logarithms of the positive columns, fitted on the prepared training
+    split, predicts both for a condition vector; predictions are clipped to the training range. Unconditional samples,
+    and cohorts with too few training items, get the training medians.
+    """
+
+    median: np.ndarray  # (3,) log pixel x, log pixel y, log interval
+    low: np.ndarray  # (3,) training minimum of the same
+    high: np.ndarray  # (3,)
+    weights: np.ndarray | None = None  # (1 + F + P, 3), None: medians only
+    stats: dict | None = None  # phenotype_stats.json
+    log_index: tuple[int, ...] = ()  # columns with positive training values (P of them)
+    log_mean: np.ndarray | None = None  # (P,)
+    log_std: np.ndarray | None = None  # (P,)
+    r2: tuple[float, ...] = ()  # in-sample R^2 per target
+
+    def predict(self, values: np.ndarray | None, n: int) -> np.ndarray:
+        """(N, 3) [pixel x mm, pixel y mm, frame interval s] for N condition rows (None: n unconditional samples)."""
+        if values is None or self.weights is None:
+            return np.tile(np.exp(self.median), (n, 1))
+        x = _geometry_features(np.asarray(values, np.float64), self.stats, self.log_index, self.log_mean, self.log_std)
+        return np.exp(np.clip(x @ self.weights, self.low, self.high))
+
+    def record(self) -> dict:
+        """What generation.json records about the model."""
+        return {"method": "training medians" if self.weights is None else "ridge regression on the phenotypes",
+                "r2_training": dict(zip(("pixel_x", "pixel_y", "frame_interval"), self.r2)),
+                "median_mm_s": np.exp(self.median).tolist()}
+
+
+def _geometry_features(values: np.ndarray, stats: dict, log_index: tuple[int, ...], log_mean: np.ndarray,
+                       log_std: np.ndarray) -> np.ndarray:
+    """(N, F) physical values -> (N, 1 + F + P) [1, z-scores, standardised logs of the `log_index` columns]."""
+    logs = np.log(np.clip(values[:, list(log_index)], 1e-12, None))
+    return np.hstack([np.ones((len(values), 1)), normalise(values, stats), (logs - log_mean) / log_std])
+
+
+def fit_geometry(datalist_path: str | Path, stats: dict) -> GeometryModel:
+    """Fit the GeometryModel on the training items of a prepared datalist (spacing_mm, frame_interval_s, phenotypes)."""
     items = json.loads(Path(datalist_path).read_text(encoding="utf-8")).get("training", [])
     items = [d for d in items if d.get("spacing_mm") and d.get("frame_interval_s")]
     if not items:
         raise ValueError(f"{datalist_path}: no training item with spacing_mm and frame_interval_s (written by "
                          "configs/prepare.json); cannot set the NIfTI pixel size")
-    px = np.median([d["spacing_mm"] for d in items], axis=0)
-    return (float(px[0]), float(px[1])), float(np.median([d["frame_interval_s"] for d in items]))
+    targets = np.log([[*d["spacing_mm"][:2], d["frame_interval_s"]] for d in items])  # (N, 3)
+    base = {"median": np.median(targets, 0), "low": targets.min(0), "high": targets.max(0)}
+    columns = stats["columns"]
+    rows = [d for d, t in zip(items, targets) if d.get("has_phenotypes")
+            and all(isinstance(d.get(c), (int, float)) and np.isfinite(d[c]) for c in columns)]
+    if len(rows) < GEOMETRY_MIN_ITEMS * 2 * len(columns):
+        return GeometryModel(**base)
+    values = np.array([[d[c] for c in columns] for d in rows], np.float64)  # (N, F)
+    y = np.log([[*d["spacing_mm"][:2], d["frame_interval_s"]] for d in rows])
+    log_index = tuple(int(k) for k in np.flatnonzero((values > 0).all(0)))
+    logs = np.log(values[:, list(log_index)])
+    log_mean, log_std = logs.mean(0), np.where(logs.std(0) > 0, logs.std(0), 1.0)
+    x = _geometry_features(values, stats, log_index, log_mean, log_std)
+    penalty = GEOMETRY_RIDGE * np.eye(x.shape[1])
+    penalty[0, 0] = 0.0  # the intercept is not shrunk
+    weights = np.linalg.solve(x.T @ x + penalty, x.T @ y)
+    r2 = 1.0 - ((x @ weights - y) ** 2).sum(0) / np.maximum(((y - y.mean(0)) ** 2).sum(0), 1e-30)
+    return GeometryModel(**base, weights=weights, stats=stats, log_index=log_index, log_mean=log_mean,
+                         log_std=log_std, r2=tuple(float(v) for v in r2))
 
 
 def save_nifti(path: Path, cine: np.ndarray, spacing: tuple[float, float], interval: float) -> None:
@@ -131,7 +195,7 @@ def is_done(output_dir: Path, index: int) -> bool:
 
 
 def write_index(output_dir: Path, n: int, seed: int, columns: list[str], values: np.ndarray | None,
-                geometry: tuple[tuple[float, float], float], montage_samples: int) -> int:
+                geometry: np.ndarray, montage_samples: int) -> int:
     """Rewrite manifest.csv, datalist.json and the montages over the samples 0..n-1 on disk; returns how many.
 
     Runs under an exclusive lock on <output_dir>/.index.lock: every rank calls it after writing all its samples, so
@@ -146,7 +210,8 @@ def write_index(output_dir: Path, n: int, seed: int, columns: list[str], values:
             cond = dict(zip(columns, values[i].tolist())) if values is not None else dict.fromkeys(columns)
             rows.append([npy, nii, sample_seed(seed, i), *("" if v is None else repr(v) for v in cond.values())])
             items.append({"image": npy, "subject": sample_name(i), "synthetic": True, "has_phenotypes": values is not
-                          None, **cond, "spacing_mm": list(geometry[0]), "frame_interval_s": geometry[1]})
+                          None, **cond, "spacing_mm": geometry[i, :2].tolist(),
+                          "frame_interval_s": float(geometry[i, 2])})
         with atomic_write(output_dir / "manifest.csv") as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
             csv.writer(f).writerows([["file", "nifti", "seed", *columns], *rows])
         write_json(output_dir / "datalist.json", {"training": items, "phenotype_columns": columns,
@@ -209,7 +274,7 @@ def generate(phenotype_vae: nn.Module, autoencoder: nn.Module, mar: nn.Module, c
     used = [ae_ckpt, mar_ckpt] + ([] if unconditional or conditions_csv else [vae_ckpt])
     for path in used:
         require_checkpoint(path)
-    geometry = nifti_geometry(datalist_path)
+    geometry_model = fit_geometry(datalist_path, stats)
     source = "unconditional" if unconditional else str(conditions_csv) if conditions_csv else "phenotype_vae"
     settings = {"profile": profile, "seed": seed, "seed_formula": f"seed * {SEED_STRIDE} + index", "cfg": cfg,
                 "cfg_schedule": cfg_schedule, "temperature": temperature, "num_iter": num_iter,
@@ -220,6 +285,7 @@ def generate(phenotype_vae: nn.Module, autoencoder: nn.Module, mar: nn.Module, c
     write_json(output_dir / "generation.json", {"settings": settings})  # before any sample: guards a resumed run
     write_json(output_dir / "phenotype_stats.json", stats)
     n = len(values) if values is not None else num_samples
+    geometry = geometry_model.predict(values, n)  # (n, 3) pixel x, y (mm), frame interval (s)
     run = f"profile {profile!r}"
     load_weights(autoencoder, ae_ckpt, f"autoencoder {run}").eval()
     load_weights(mar, mar_ckpt, f"MAR {run}").eval()
@@ -244,7 +310,7 @@ def generate(phenotype_vae: nn.Module, autoencoder: nn.Module, mar: nn.Module, c
         for i, cine in zip(batch, cines):
             npy, nii = paths(output_dir, i)
             save_npy(npy, cine)
-            save_nifti(nii, cine, *geometry)
+            save_nifti(nii, cine, tuple(geometry[i, :2]), float(geometry[i, 2]))
         done = b + len(batch)
         logger.info("rank %d: %d/%d generated, %.2f s/clip sampling, %.2f s/clip decoding", rank, done, len(todo),
                     t_sample / done, t_decode / done)
@@ -257,7 +323,7 @@ def generate(phenotype_vae: nn.Module, autoencoder: nn.Module, mar: nn.Module, c
         log("index lists %d of %d samples%s", listed, n, "" if listed == n else " (other ranks still running?)")
     made = max(len(todo), 1)
     record = {"settings": settings, "num_samples": n, "rank": rank, "world_size": world, "device": str(device),
-              "checkpoints": [str(p) for p in used], "generated_this_run": len(todo),
+              "checkpoints": [str(p) for p in used], "geometry": geometry_model.record(), "generated_this_run": len(todo),
               "time_s": time.perf_counter() - start, "sampling_s_per_clip": t_sample / made,
               "decoding_s_per_clip": t_decode / made}
     write_json(output_dir / "generation.json", record)

@@ -19,7 +19,7 @@ from monai.data import load_decathlon_datalist
 
 from scripts.autoencoder import CineAutoencoderKL, autoencoder_profile
 from scripts.engines import phenotype_vectors
-from scripts.generation import generate, read_conditions, sample_seed
+from scripts.generation import fit_geometry, generate, read_conditions, sample_seed
 from scripts.io import load_cine
 from scripts.mar import MAR, mar_profile
 from scripts.networks import PhenotypeVAE
@@ -254,3 +254,29 @@ def test_torchrun_two_ranks(setup: Path, batch4: Path) -> None:
     assert _manifest(out) == _manifest(batch4)
     for i in range(4):
         _assert_same_sample(_cine(out, i), _cine(batch4, i))
+
+
+def test_geometry_follows_the_conditions(tmp_path: Path) -> None:
+    """Pixel size grows with the heart (crop side / 96) and the frame interval is 60 / (50 HR): the geometry model
+    recovers both from the phenotypes of training items, clips to the training range, and falls back to medians."""
+    rng = np.random.default_rng(0)
+    edv, ef, hr = rng.uniform(90, 250, 40), rng.uniform(35, 70, 40), rng.uniform(50, 90, 40)
+    pixel = 0.4 * edv ** (1 / 3)  # mm: an exact power law, linear in log(LVEDV)
+    items = [{"subject": f"P{i}", "has_phenotypes": True, "LVEDV (mL)": edv[i], "LVEF (%)": ef[i], "HR (bpm)": hr[i],
+              "spacing_mm": [pixel[i], pixel[i]], "frame_interval_s": 60.0 / (50 * hr[i])} for i in range(40)]
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps({"training": items}))
+    stats = {"columns": COLUMNS, "mean": [edv.mean(), ef.mean(), hr.mean()], "std": [edv.std(), ef.std(), hr.std()]}
+    model = fit_geometry(path, stats)
+    assert model.record()["method"] == "ridge regression on the phenotypes" and min(model.r2) > 0.999
+    query = np.array([[120.0, 60.0, 60.0], [220.0, 40.0, 80.0], [5000.0, 50.0, 70.0]])  # the last: far out
+    pred = model.predict(query, 3)
+    np.testing.assert_allclose(pred[:2, 0], 0.4 * query[:2, 0] ** (1 / 3), rtol=0.01)
+    np.testing.assert_allclose(pred[:2, 2], 60.0 / (50 * query[:2, 2]), rtol=0.01)
+    assert pred[2, 0] == pytest.approx(pixel.max())  # clipped to the training range
+    medians = np.exp(np.median(np.log([pixel, pixel, 60 / (50 * hr)]), axis=1))  # medians of the logs
+    np.testing.assert_allclose(model.predict(None, 2), [medians, medians])
+    path.write_text(json.dumps({"training": items[:5]}))  # 5 items for 3 columns: too few to fit, medians
+    few = fit_geometry(path, stats)
+    assert few.record()["method"] == "training medians"
+    np.testing.assert_allclose(few.predict(query, 3), np.tile(np.exp(few.median), (3, 1)))
