@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -29,12 +30,15 @@ def _flatten(overrides: dict) -> dict:
 def run_stages(stages: Sequence[dict], output_dir: str | Path, profile_file: str | None = None,
                only: Sequence[str] | None = None) -> dict[str, float]:
     """Run every stage `{"name", "config_file", "overrides"}` with `monai.bundle.run`, the profile file layered on its
-    config; write `<output_dir>/stage_times.json`. `only`: names of the stages to run (default all)."""
+    config; record each stage's seconds in `<output_dir>/stage_times.json` (merged with the times already there, so a
+    rerun of some stages keeps the others'). `only`: names of the stages to run (default all). Returns this run's."""
     names = [s["name"] for s in stages]
     unknown = sorted(set(only or []) - set(names))
     if unknown:
         raise ValueError(f"unknown pipeline stages {unknown}; the stages are {names}")
     times: dict[str, float] = {}
+    record_path = Path(output_dir) / "stage_times.json"
+    record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else {}
     for stage in stages:
         if only and stage["name"] not in only:
             continue
@@ -44,5 +48,6 @@ def run_stages(stages: Sequence[dict], output_dir: str | Path, profile_file: str
         run(config_file=config, **_flatten(stage.get("overrides", {})))
         times[stage["name"]] = round(time.perf_counter() - start, 1)
         logger.info("pipeline: stage %s done in %.1f s", stage["name"], times[stage["name"]])
-        write_json(Path(output_dir) / "stage_times.json", times)
+        record[stage["name"]] = times[stage["name"]]
+        write_json(record_path, record)
     return times
