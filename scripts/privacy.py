@@ -1,0 +1,166 @@
+"""Privacy audit of generated cines: copy detection against the training cines and loss-based membership inference.
+
+Copy detection: every synthetic cine's nearest training cine under two similarities, Pearson correlation of the
+voxels (1 x 50 x 96 x 96) and Pearson correlation of the autoencoder embedding (`scripts.fidelity.pool_latents`,
+each dimension z-scored with the training cines' mean and std). Each similarity's threshold is the `quantile` (default 0.95) of the
+held-out real cines' nearest-training similarity, so about 5% of held-out cines exceed each one by construction;
+a cine is flagged as a copy where it exceeds both. Membership inference: the generator's own training loss
+(MAR diffusion loss on the posterior mean, averaged over seeded draws shared by every subject) scores training vs
+held-out subjects; a lower loss votes "member".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.metrics import compute_roc_auc
+from monai.networks import eval_mode
+from sklearn.metrics import roc_curve
+from torch import nn
+
+from scripts.io import write_json
+from scripts.montage import save_montage
+
+METRICS = ("pixel", "embedding")
+
+
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """(N, ...) -> (N, D) float32 rows centred and L2-normalised: the dot product of two rows is their Pearson r."""
+    x = x.flatten(1).float()
+    x = x - x.mean(1, keepdim=True)
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+class NearestNeighbours:
+    """Running nearest reference row (largest dot product) of several query sets over reference chunks."""
+
+    def __init__(self, queries: Mapping[str, torch.Tensor]) -> None:
+        self.queries = dict(queries)  # name -> (N, D) unit rows
+        self.best = {k: torch.full((len(q),), -torch.inf) for k, q in self.queries.items()}
+        self.index = {k: torch.full((len(q),), -1, dtype=torch.long) for k, q in self.queries.items()}
+        self.seen = 0
+
+    def update(self, references: torch.Tensor) -> None:
+        """references (n, D) unit rows: the next `n` reference cines, in order."""
+        for k, q in self.queries.items():
+            if not len(q):
+                continue
+            sim, idx = (q @ references.T.to(q.dtype)).max(dim=1)  # (N,)
+            better = sim > self.best[k]
+            self.best[k] = torch.where(better, sim, self.best[k])
+            self.index[k] = torch.where(better, idx + self.seen, self.index[k])
+        self.seen += len(references)
+
+    def result(self) -> dict[str, dict[str, list]]:
+        """name -> {"similarity": [float], "index": [int]} (index into the references)."""
+        return {k: {"similarity": self.best[k].tolist(), "index": self.index[k].tolist()} for k in self.queries}
+
+
+def zscore(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """x standardised with the mean and std of `reference` (both (N, D)); constant dimensions are left centred."""
+    return (x - reference.mean(0)) / reference.std(0).clamp_min(1e-8)
+
+
+def copy_audit(nearest: Mapping[str, Mapping[str, dict]], subjects: Mapping[str, Sequence[str]], heldout: str,
+               n_training: int, quantile: float = 0.95) -> dict:
+    """Thresholds from the held-out set and, for every set (held-out included, as the floor), the flagged shares.
+
+    nearest: metric ("pixel", "embedding") -> set name -> NearestNeighbours.result() entry; subjects: set name ->
+    its cine names. Returns {"thresholds": {metric: t}, "quantile", "sets": {name: {"n", "flagged_share": {metric,
+    "both"}, "memorised_share", "median_similarity": {metric}, "flagged": [subject], "nearest": [...]}}}.
+    """
+    thresholds = {m: float(np.quantile(nearest[m][heldout]["similarity"], quantile)) for m in METRICS}
+    sets = {}
+    for name, names in subjects.items():
+        sim = {m: np.asarray(nearest[m][name]["similarity"], float) for m in METRICS}
+        over = {m: sim[m] > thresholds[m] for m in METRICS}
+        both = over["pixel"] & over["embedding"]
+        n = len(names)
+        sets[name] = {
+            "n": n,
+            "flagged_share": {**{m: float(over[m].mean()) if n else None for m in METRICS},
+                              "both": float(both.mean()) if n else None},
+            "memorised_share": len({nearest["pixel"][name]["index"][i] for i in np.flatnonzero(both)}) / n_training,
+            "median_similarity": {m: float(np.median(sim[m])) if n else None for m in METRICS},
+            "flagged": [names[i] for i in np.flatnonzero(both)],
+            "nearest": [{"subject": names[i], **{f"{m}_similarity": float(sim[m][i]) for m in METRICS},
+                         "training_index": int(nearest["pixel"][name]["index"][i])} for i in range(n)],
+        }
+    return {"quantile": quantile, "thresholds": thresholds, "sets": sets}
+
+
+def closest_pairs_image(audit_set: dict, cines: torch.Tensor, training_cine, path: str | Path, k: int = 8,
+                        frames: Sequence[int] = (0, 20)) -> Path | None:
+    """PNG of the `k` synthetic cines with the highest pixel similarity beside their nearest training cine.
+
+    cines (N, 1, T, H, W) of the set, in the order of audit_set["nearest"]; training_cine(index) -> (1, T, H, W)
+    array. Each row: synthetic frames, then training frames, captioned with the two similarities.
+    """
+    rows = sorted(range(len(audit_set["nearest"])), key=lambda i: -audit_set["nearest"][i]["pixel_similarity"])[:k]
+    if not rows:
+        return None
+    tiles, captions = [], []
+    for i in rows:
+        near = audit_set["nearest"][i]
+        pair = (np.asarray(cines[i, 0], np.float32), np.asarray(training_cine(near["training_index"])[0], np.float32))
+        for who, cine in zip((near["subject"], f"train #{near['training_index']}"), pair):
+            for t in frames:
+                tiles.append(cine[t])
+                captions.append(f"{who} t{t}" + (f" r{near['pixel_similarity']:.3f} e{near['embedding_similarity']:.2f}"
+                                                 if who == near["subject"] and t == frames[0] else ""))
+    return save_montage(tiles, path, ncols=2 * len(frames), captions=captions)
+
+
+@torch.no_grad()
+def mar_losses(mar: nn.Module, means: torch.Tensor, phenotypes: torch.Tensor, draws: int, seed: int) -> np.ndarray:
+    """(N,) MAR training loss of each posterior mean (N, C, T, H, W) under its phenotypes (N, F), averaged over
+    `draws` seeded draws of mask ratio, order, timesteps and noise; draw k uses the same seed for every subject.
+    Batch 1: MAR's forward averages over the batch and draws one mask ratio per batch."""
+    device = mar.mask_token.device
+    cuda = [device] if device.type == "cuda" else []
+    losses = np.zeros((len(means), draws))
+    with eval_mode(mar):
+        for i in range(len(means)):
+            for k in range(draws):
+                with torch.random.fork_rng(devices=cuda):
+                    torch.manual_seed(seed * 1000 + k)
+                    losses[i, k] = float(mar(means[i:i + 1].to(device), phenotypes[i:i + 1].to(device)))
+    return losses.mean(1)
+
+
+def membership_inference(training_loss: Sequence[float], heldout_loss: Sequence[float], permutations: int = 1000,
+                         seed: int = 0, fpr: float = 0.01) -> dict:
+    """Loss-based membership inference: AUC (MONAI compute_roc_auc) of -loss for training (1) vs held-out (0),
+    TPR at `fpr` (sklearn roc_curve), and the 95th percentile of the AUC under `permutations` seeded shuffles of the
+    labels (what chance reaches at these sample sizes)."""
+    score = -np.concatenate([training_loss, heldout_loss])
+    label = np.r_[np.ones(len(training_loss)), np.zeros(len(heldout_loss))]
+    if not (len(training_loss) and len(heldout_loss)):
+        return {"skipped": f"{len(training_loss)} training and {len(heldout_loss)} held-out subjects: need both"}
+    auc = float(compute_roc_auc(torch.as_tensor(score), torch.as_tensor(label)))
+    false_pos, true_pos, _ = roc_curve(label, score)
+    rng = np.random.default_rng(seed)
+    null = [float(compute_roc_auc(torch.as_tensor(score), torch.as_tensor(rng.permutation(label))))
+            for _ in range(permutations)]
+    return {"auc": auc, "tpr_at_fpr": float(true_pos[false_pos <= fpr].max()), "fpr": fpr,
+            "null_auc_95": float(np.quantile(null, 0.95)) if null else None, "permutations": permutations,
+            "n_training": len(training_loss), "n_heldout": len(heldout_loss),
+            "training_loss_mean": float(np.mean(training_loss)), "heldout_loss_mean": float(np.mean(heldout_loss))}
+
+
+def drop_flagged(datalist_path: str | Path, flagged: Sequence[str], out_path: str | Path, audit: dict) -> Path:
+    """Copy of a generated datalist without the `flagged` subjects, at `out_path`; image paths are rewritten relative
+    to the new file's folder, and the dropped subjects and thresholds are recorded."""
+    datalist_path, out_path = Path(datalist_path), Path(out_path)
+    datalist = json.loads(datalist_path.read_text(encoding="utf-8"))
+    drop = set(flagged)
+    rel = os.path.relpath(datalist_path.parent.resolve(), out_path.parent.resolve())
+    kept = [{**d, "image": f"{rel}/{d['image']}"} for d in datalist.get("training", []) if d["subject"] not in drop]
+    write_json(out_path, {**datalist, "training": kept, "dropped_as_copies": sorted(drop),
+                          "privacy_thresholds": audit["thresholds"], "source": str(datalist_path)})
+    return out_path
