@@ -20,13 +20,23 @@ from tests.test_phenotype_vae import _write_prepared
 
 TINY, MULTI = "configs/profiles/tiny.json", "configs/multi_gpu.json"
 N_TRAIN = 8  # training items with phenotypes; the datalist adds one without
+FINETUNE = ["--cv_splits", "['training']", "--finetune#num_epochs", "2", "--pretrained", ""]  # from scratch
 # config: (extra args, best checkpoint, latest checkpoint, training items, per-rank batch size)
 CASES = {
     "train_phenotype_vae": (["--num_epochs", "2", "--batch_size", "2"], "phenotype_vae.pt", "phenotype_vae_latest.pt",
                             N_TRAIN, 2),
     "train_autoencoder": ([], "autoencoder.pt", "autoencoder_latest.pt", N_TRAIN + 1, 2),
     "train_mar": ([], "mar.pt", "mar_latest.pt", N_TRAIN, 2),
+    # MAE: the training split less the tiny profile's 2 monitoring cines; fine-tuning: fold 0 of 2 over the training
+    # split's 8 labelled cines (2 per class), so 4 training cines
+    "pretrain_mae": (["--mae#num_epochs", "2"], "mae.pt", "mae_latest.pt", N_TRAIN + 1 - 2, 2),
+    "train_classifier": (FINETUNE, "classifier_disease_fold0.pt", "classifier_disease_fold0_latest.pt",
+                         N_TRAIN // 2, 2),
+    "train_regressor": (FINETUNE, "regressor_fold0.pt", "regressor_fold0_latest.pt", N_TRAIN // 2, 2),
 }
+LAYERS = {"train_regressor": ("train_classifier", "configs/train_regressor.json")}  # config: (base, layer before TINY)
+EPOCHS_KEY = {"train_phenotype_vae": "num_epochs", "train_classifier": "finetune#num_epochs",
+              "train_regressor": "finetune#num_epochs"}  # default: <config without its first word>#num_epochs
 
 
 def _run(command: list[str], config: str, *args: str, layers: tuple[str, ...] = (TINY,)) -> str:
@@ -43,6 +53,11 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("ddp")
     prepared = root / "prepared"
     _write_prepared(prepared, n_train=N_TRAIN, n_val=4, n_test=2)
+    datalist = json.loads((prepared / "datalist.json").read_text())
+    for items in (datalist[s] for s in ("training", "validation", "test")):  # classes for the fine-tuning configs
+        for k, d in enumerate(d for d in items if d["has_phenotypes"]):
+            d |= {"diagnosis_index": k % 4, "disease": int(k % 4 > 0)}
+    (prepared / "datalist.json").write_text(json.dumps(datalist))
     (prepared / "images").mkdir()
     rng = np.random.default_rng(0)
     for items in json.loads((prepared / "datalist.json").read_text()).values():
@@ -63,8 +78,9 @@ def test_two_gloo_ranks_train_and_a_single_process_resumes(cohort: Path, config:
     data = ["--latent_dir", str(cohort / "latents")] if config == "train_mar" else ["--prepared_dir",
                                                                                     str(cohort / "prepared")]
     common = [*data, "--ckpt_dir", str(models), "--output_dir", str(tmp_path / "out"), *extra]
+    base, *layer = LAYERS.get(config, (config,))
     log = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
-               f"configs/{config}.json", *common, layers=(TINY, MULTI))
+               f"configs/{base}.json", *common, layers=(*layer, TINY, MULTI))
 
     state = torch.load(models / latest, weights_only=True)
     per_rank = math.ceil(n_items / 2)  # DistributedSampler(even_divisible=True): each rank a disjoint half
@@ -75,8 +91,8 @@ def test_two_gloo_ranks_train_and_a_single_process_resumes(cohort: Path, config:
     assert log.count("Epoch[2] Metrics -- train_") == 1, "StatsHandler logs on rank 0 only"
 
     # the same checkpoint resumes in one process, which goes on to epoch 3 with the whole training set per epoch
-    more = "--num_epochs" if config == "train_phenotype_vae" else f"--{config.split('_', 1)[1]}#num_epochs"
-    resumed = _run([sys.executable], f"configs/{config}.json", *common, more, "3")
+    more = "--" + EPOCHS_KEY.get(config, f"{config.split('_', 1)[1]}#num_epochs")
+    resumed = _run([sys.executable], f"configs/{base}.json", *common, more, "3", layers=(*layer, TINY))
     assert "resumed from" in resumed and "at epoch 2 of 3" in resumed
     after = torch.load(models / latest, weights_only=True)["trainer"]
     assert after["epoch"] == 3 if "epoch" in after else after["iteration"] > state["trainer"]["iteration"]

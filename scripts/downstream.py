@@ -1,0 +1,248 @@
+"""The downstream comparison of `configs/downstream_table.json`: ViT from scratch, MAE pretrained on real cines, and MAE
+pretrained on real plus 1..5x synthetic cines, each fine-tuned with k-fold cross-validation for every task, gathered
+into a table in the layout of the paper's Table 2 (markdown and CSV) with per-run metrics JSON.
+
+Every run is a bundle config run in this process (`monai.bundle.run`, the profile layered after it); a run whose
+metrics JSON exists, is complete and records the same settings is not run again, so a killed table resumes. Missing
+synthetic cines are generated first through `scripts.pipeline.run_stages` (the config's `stages`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.bundle import run
+
+from scripts.engines import read_stats
+from scripts.finetune import cv_folds, task_items
+from scripts.io import write_json, write_text
+from scripts.mae import pretrain_datalist, read_items, usable
+from scripts.pipeline import run_stages
+
+logger = logging.getLogger(__name__)
+
+CLASSIFICATION_METRICS = (("val_acc", "ACC"), ("val_auc", "AUC"))
+
+
+def synthetic_needed(prepared_dir: str | Path, mae: Mapping, finetune: Mapping, seed: int,
+                     real_splits: Sequence[str], cv_splits: Sequence[str], stratify_key: str | None,
+                     mix_ratios: Sequence[float], mix_star_ratios: Sequence[float]) -> int:
+    """Synthetic cines the table draws at most: mix r pretrains on r x the real pretraining count; mix* r fine-tunes
+    on r x the largest regression training fold."""
+    real = pretrain_datalist(prepared_dir, None, 0, real_splits, mae["real_count"], mae["val_count"], seed)["training"]
+    need = [round(r * len(real)) for r in mix_ratios]
+    if mix_star_ratios:
+        folds = cv_folds(task_items(prepared_dir, cv_splits, "regression"), finetune["num_folds"], seed, stratify_key)
+        largest = max(int((folds != k).sum()) for k in range(finetune["num_folds"]))
+        need += [round(r * largest) for r in mix_star_ratios]
+    return max(need, default=0)
+
+
+def synthetic_available(generated_dir: str | Path) -> int:
+    """Usable synthetic cines in a generated folder (0 where it has no datalist yet)."""
+    if not (Path(generated_dir) / "datalist.json").is_file():
+        return 0
+    return len(usable([d for d in read_items(generated_dir, ["training"]) if d.get("synthetic")]))
+
+
+def ensure_synthetic(need: int, generated_dir: str | Path, stages: Sequence[dict], table_dir: Path,
+                     profile_file: str | None, generate_missing: bool) -> float:
+    """Generate synthetic cines until `need` exist (the "generate" stage of `stages`, resumable); returns seconds."""
+    have = synthetic_available(generated_dir)
+    if have >= need:
+        logger.info("downstream: %d synthetic cines in %s, %d needed", have, generated_dir, need)
+        return 0.0
+    if not generate_missing:
+        raise ValueError(f"{generated_dir}: {have} synthetic cines, the table needs {need}. Generate them (resumable) "
+                         "with: python -m monai.bundle run --config_file \"['configs/generate.json','configs/profiles/"
+                         f"<profile>.json']\" --output_dir {generated_dir} --num_samples {need}, or run this config "
+                         "with --downstream#generate_missing True")
+    stage = next((s for s in stages if s["name"] == "generate"), None)
+    if stage is None:
+        raise ValueError("downstream_table.json: no 'generate' stage in `stages` to make the missing synthetic cines")
+    logger.info("downstream: generating %d more synthetic cines into %s", need - have, generated_dir)
+    start = time.perf_counter()
+    run_stages([{**stage, "overrides": {**stage["overrides"], "num_samples": need}}], table_dir, profile_file)
+    return time.perf_counter() - start
+
+
+def finished(metrics_path: Path, settings: Mapping) -> dict | None:
+    """The run's metrics JSON where it is complete and records `settings` (those of its keys it records), else None."""
+    if not metrics_path.is_file():
+        return None
+    result = json.loads(metrics_path.read_text(encoding="utf-8"))
+    info = result.get("info", {})
+    same = all(json.loads(json.dumps(settings[k])) == info[k] for k in settings.keys() & info.keys())
+    return result if result.get("complete") and same else None
+
+
+class Runner:
+    """Runs bundle configs with the profile layered after them, skipping finished runs, timing each run."""
+
+    def __init__(self, table_dir: Path, bundle_root: str, profile_file: str | None) -> None:
+        self.table_dir, self.bundle_root, self.profile_file = table_dir, bundle_root, profile_file
+        self.times_path = table_dir / "times.json"
+        self.times = json.loads(self.times_path.read_text()) if self.times_path.is_file() else {}
+
+    def __call__(self, name: str, configs: Sequence[str], settings: dict, metrics_path: Path) -> dict:
+        result = finished(metrics_path, settings)
+        if result is None:
+            logger.info("downstream: run %s", name)
+            start = time.perf_counter()
+            files = [f"{self.bundle_root}/{c}" for c in configs] + ([self.profile_file] if self.profile_file else [])
+            run(config_file=files, bundle_root=self.bundle_root, **settings)
+            self.times[name] = round(time.perf_counter() - start, 1)
+            write_json(self.times_path, self.times)
+            result = finished(metrics_path, settings)
+            if result is None:
+                raise RuntimeError(f"run {name} finished without a complete {metrics_path} recording its settings")
+        return result
+
+
+def command_line() -> str:
+    """This process's command, `python -m monai.bundle ...` for a bundle run."""
+    args = sys.argv[1:] if sys.argv[0].replace("\\", "/").endswith("monai/bundle/__main__.py") else sys.argv
+    return " ".join(["python -m monai.bundle", *args] if args is not sys.argv else args)
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo where there is one, else the platform's machine name."""
+    info = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
+             if line.startswith("model name")] if info.is_file() else []
+    return names[0] if names else platform.machine()
+
+
+def variants(mix_ratios: Sequence[float], mix_star_ratios: Sequence[float]) -> list[dict]:
+    """Rows of the table: {"method", "slug", "pretrain" (mix ratio of the MAE, None: scratch), "mix_star"}."""
+    rows = [{"method": "ViT (scratch)", "slug": "vit", "pretrain": None, "mix_star": 0},
+            {"method": "MAE (real)", "slug": "mae_real", "pretrain": 0, "mix_star": 0}]
+    rows += [{"method": f"- mix {100 * r:g}%", "slug": f"mix{r:g}", "pretrain": r, "mix_star": 0} for r in mix_ratios]
+    rows += [{"method": f"- mix* {100 * r:g}%", "slug": f"mixstar{r:g}", "pretrain": r, "mix_star": r}
+             for r in mix_star_ratios]
+    return rows
+
+
+def aggregate(folds: Sequence[Mapping]) -> dict[str, dict]:
+    """{metric: {"mean", "std" (sample std over folds, ddof 1), "folds": [...]}} of fold results."""
+    out = {}
+    for key in folds[0]["metrics"]:
+        values = np.array([f["metrics"][key] for f in folds], dtype=float)
+        out[key] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                    "folds": values.tolist()}
+    return out
+
+
+def _cell(stat: Mapping | None, digits: int = 3) -> str:
+    return "–" if stat is None else f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def render(results: Mapping, rows: Sequence[dict], tasks: Sequence[dict], phenotypes: Sequence[str]) -> tuple[str, str]:
+    """(markdown, CSV) of the results: classification tasks above (ACC, AUC), regression below (MAE in units and R^2
+    of `phenotypes`, mean R^2 over every column)."""
+    cls = [t for t in tasks if t["task"] == "classification"]
+    reg = [t for t in tasks if t["task"] == "regression"]
+    md = []
+    if cls:
+        head = [f"{t['title']} {m}" for t in cls for _, m in CLASSIFICATION_METRICS]
+        md += ["| Method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+        for row in rows:
+            if row["mix_star"]:
+                continue
+            cells = [_cell(results[row["method"]].get(t["name"], {}).get(k)) for t in cls for k, _ in CLASSIFICATION_METRICS]
+            md.append(f"| {row['method']} | " + " | ".join(cells) + " |")
+        md.append("")
+    for t in reg:
+        head = [f"{c} {m}" for c in phenotypes for m in ("MAE", "R²")] + ["mean R²"]
+        md += ["| Method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+        for row in rows:
+            stats = results[row["method"]].get(t["name"], {})
+            cells = [_cell(stats.get(f"val_{m} {c}"), 2 if m == "mae" else 3) for c in phenotypes for m in ("mae", "r2")]
+            md.append(f"| {row['method']} | " + " | ".join(cells + [_cell(stats.get("val_mean_r2"))]) + " |")
+        md.append("")
+    csv_rows = ["method,task,metric,mean,std,folds"] + [
+        f"\"{method}\",{task},\"{metric}\",{s['mean']:.6g},{s['std']:.6g},{len(s['folds'])}"
+        for method, by_task in results.items() for task, metrics in by_task.items() for metric, s in metrics.items()]
+    return "\n".join(md), "\n".join(csv_rows) + "\n"
+
+
+def run_table(prepared_dir: str, generated_dir: str, table_dir: str, bundle_root: str, profile_file: str | None,
+              mae: dict, finetune: dict, downstream: Mapping, tasks: Sequence[dict], stages: Sequence[dict],
+              seed: int = 0, real_splits: Sequence[str] = ("training",), cv_splits: Sequence[str] = ("validation", "test"),
+              stratify_key: str | None = "diagnosis_index", table_phenotypes: Sequence[str] = ()) -> dict:
+    """Generate what is missing, pretrain one MAE per mix ratio, fine-tune every row x task x fold, write
+    <table_dir>/table.md, table.csv and summary.json; returns the summary."""
+    start, table = time.perf_counter(), Path(table_dir)
+    if not isinstance(downstream["generate_missing"], bool):  # fire passes `--x false` as the string 'false'
+        raise TypeError(f"downstream#generate_missing must be a boolean, got {downstream['generate_missing']!r} "
+                         "(on the command line: True or False)")
+    mix, mix_star = list(downstream["mix_ratios"]), list(downstream["mix_star_ratios"])
+    need = synthetic_needed(prepared_dir, mae, finetune, seed, real_splits, cv_splits, stratify_key, mix, mix_star)
+    gen_s = ensure_synthetic(need, generated_dir, stages, table, profile_file, downstream["generate_missing"])
+    runner = Runner(table, bundle_root, profile_file)
+    common = {"prepared_dir": prepared_dir, "generated_dir": generated_dir, "seed": seed, "mae": mae}
+
+    encoders: dict[float, str] = {}
+    pretrain_info = {}
+    for r in sorted({0, *mix}):
+        slug = f"mix{r:g}"
+        weights = str(table / "models" / f"mae_{slug}.pt")
+        settings = {**common, "mix_ratio": r, "real_splits": list(real_splits), "weights_path": weights,
+                    "latest_checkpoint": str(table / "models" / f"mae_{slug}_latest.pt"),
+                    "output_dir": str(table / "pretrain" / slug)}
+        result = runner(f"pretrain_{slug}", ["configs/pretrain_mae.json"], settings,
+                        table / "pretrain" / slug / "metrics.json")
+        encoders[r], pretrain_info[slug] = weights, result
+
+    rows = variants(mix, mix_star)
+    results: dict[str, dict] = {row["method"]: {} for row in rows}
+    for task in tasks:
+        for row in rows:
+            if row["mix_star"] and task["task"] != "regression":
+                continue  # mix* only where synthetic cines have targets: their conditioning phenotypes
+            folds = []
+            for fold in range(finetune["num_folds"]):
+                out = table / "runs" / row["slug"] / task["name"]
+                settings = {**common, **task["overrides"], "task": task["task"], "finetune": finetune, "fold": fold,
+                            "cv_splits": list(cv_splits), "stratify_key": stratify_key,
+                            "pretrained": "" if row["pretrain"] is None else encoders[row["pretrain"]],  # "": scratch
+                            "mix_ratio": row["mix_star"], "run_name": f"{task['name']}_fold{fold}",
+                            "output_dir": str(out), "ckpt_dir": str(out / "models")}
+                run_name = settings["run_name"]
+                folds.append(runner(f"{row['slug']}_{run_name}", task["configs"], settings, out / f"{run_name}.json"))
+                (out / "models" / f"{run_name}_latest.pt").unlink(missing_ok=True)  # the table resumes per run
+            results[row["method"]][task["name"]] = aggregate(folds)
+
+    summary = {
+        "command": command_line(), "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{cpu_name()}, {os.cpu_count()} CPU cores, "
+                   f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}",
+        "profile_file": profile_file, "folds": finetune["num_folds"], "seed": seed,
+        "cohort": {"real_pretraining": pretrain_info["mix0"]["info"]["real_pretraining"],
+                   "synthetic_needed": need, "synthetic_available": synthetic_available(generated_dir),
+                   "cv_splits": list(cv_splits), "real_splits": list(real_splits)},
+        "seconds": {"generation": round(gen_s, 1), "runs": runner.times, "this_call": round(time.perf_counter() - start, 1)},
+        "pretraining": {slug: r["metrics"] for slug, r in pretrain_info.items()},
+        "results": results,
+    }
+    columns = read_stats(Path(prepared_dir) / "phenotype_stats.json")["columns"] if any(
+        t["task"] == "regression" for t in tasks) else []
+    markdown, csv_text = render(results, rows, tasks, [c for c in table_phenotypes if c in columns])
+    header = (f"Command: `{summary['command']}`  \nFinished {summary['finished_utc']} on {summary['machine']}; "
+              f"{finetune['num_folds']}-fold cross-validation, mean ± std (ddof 1) over folds; "
+              f"{sum(runner.times.values()) + gen_s:.0f} s of runs and generation in all.\n\n")
+    write_text(table / "table.md", header + markdown)
+    write_text(table / "table.csv", csv_text)
+    write_json(table / "summary.json", summary)
+    logger.info("downstream: table written to %s\n%s", table / "table.md", markdown)
+    return summary

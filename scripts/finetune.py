@@ -1,0 +1,252 @@
+"""Fine-tuning a ViT (from an MAE encoder or from scratch) for disease classification and phenotype regression with
+k-fold cross-validation (`configs/train_classifier.json`, `configs/train_regressor.json`), and classifying prepared
+cines (`configs/inference.json`).
+
+The cross-validation cohort is the labelled real cines of `cv_splits` of a prepared folder (by default validation and
+test: subjects neither the generator nor the MAE saw). Folds are subject-level and stratified (scikit-learn's
+StratifiedKFold over subjects), the same for a seed whatever the task. Synthetic labelled cines (the paper's mix*) are
+added to the training folds only, never to a validation fold, and only for regression: synthetic cines carry their
+conditioning phenotypes but no diagnosis.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import ignite.distributed as idist
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from ignite.exceptions import NotComputableError
+from ignite.metrics import Metric
+from monai.metrics import compute_roc_auc
+from monai.networks.nets import ViT
+from monai.utils import CommonKeys, evenly_divisible_all_gather
+from sklearn.model_selection import StratifiedKFold
+from torch import nn
+
+from scripts.data import IMAGE_SIZE, NUM_FRAMES
+from scripts.engines import read_stats
+from scripts.io import write_text
+from scripts.mae import (
+    ENCODER_KEYS,
+    IMAGE,
+    LABEL,
+    freeze_unused_norms,
+    load_encoder,
+    read_items,
+    synthetic_items,
+    usable,
+)
+from scripts.phenotypes import normalise
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("classification", "regression")
+
+
+# ---------------------------------------------------------------------------------------------------------- network
+class ViTPredictor(nn.Module):
+    """MONAI ViT with a linear head on the [CLS] token: (B, 50, 96, 96) cines, frames as channels -> (B, num_outputs)
+    logits or values. ViT returns (output, hidden states); this returns the output, as engines and TorchScript need."""
+
+    def __init__(self, num_outputs: int, patch_size: int = 16, hidden_size: int = 768, num_layers: int = 12,
+                 num_heads: int = 12, mlp_dim: int = 3072, dropout_rate: float = 0.0) -> None:
+        super().__init__()
+        self.num_layers = num_layers
+        self.vit = ViT(in_channels=NUM_FRAMES, img_size=IMAGE_SIZE, patch_size=patch_size, hidden_size=hidden_size,
+                       mlp_dim=mlp_dim, num_layers=num_layers, num_heads=num_heads, pos_embed_type="sincos",
+                       classification=True, num_classes=num_outputs, dropout_rate=dropout_rate, spatial_dims=2,
+                       post_activation="none")
+        freeze_unused_norms(self.vit)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vit(x)[0]
+
+
+def vit_network(mae: Mapping, num_outputs: int, pretrained: str | Path | None = None) -> ViTPredictor:
+    """The fine-tuning network for a profile's `mae` dict (encoder sizes), its encoder loaded from `pretrained`
+    (an MAE checkpoint; None or "": from scratch, the paper's ViT baseline)."""
+    net = ViTPredictor(num_outputs, **{k: mae[k] for k in ENCODER_KEYS})
+    if pretrained:
+        load_encoder(net.vit, pretrained, net.num_layers)
+    return net
+
+
+# ------------------------------------------------------------------------------------------------------- cohorts
+def task_items(prepared_dir: str | Path, splits: Sequence[str], task: str, label_key: str | None = None,
+               num_classes: int | None = None) -> list[dict]:
+    """Usable real cines of `splits` with their target as "label": the class index `label_key` (classification) or
+    the z-scored phenotype vector of phenotype_stats.json (regression). Items without the target are left out."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    items = usable(read_items(prepared_dir, splits))
+    if any(d.get("synthetic") for d in items):
+        raise ValueError(f"{prepared_dir}: holds synthetic items; the cross-validation cohort must be real cines")
+    if task == "regression":
+        stats = read_stats(Path(prepared_dir) / "phenotype_stats.json")
+        kept = [d for d in items if d.get("has_phenotypes")
+                and all(isinstance(d.get(c), (int, float)) and math.isfinite(d[c]) for c in stats["columns"])]
+        return with_phenotype_labels(kept, stats)
+    kept = [d for d in items if d.get(label_key) is not None]
+    bad = [(d["subject"], d[label_key]) for d in kept
+           if not (isinstance(d[label_key], int) and 0 <= d[label_key] < num_classes)]
+    if bad:
+        raise ValueError(f"{prepared_dir}: label_key {label_key!r} must hold class indices 0..{num_classes - 1}; found "
+                         f"{bad[:5]} (subject, value); for the phantom use 'disease' (2 classes) or 'diagnosis_index' "
+                         "(4 classes)")
+    logger.info("%s: %d of %d cines in %s have %r", prepared_dir, len(kept), len(items), list(splits), label_key)
+    return [{**d, LABEL: d[label_key]} for d in kept]
+
+
+def with_phenotype_labels(items: Sequence[dict], stats: Mapping) -> list[dict]:
+    """Items with "label" = their phenotypes of stats["columns"], z-scored with `stats`, as float32 (F,) arrays."""
+    if not items:
+        return []
+    values = normalise([[d[c] for c in stats["columns"]] for d in items], stats)
+    return [{**d, LABEL: np.asarray(v, dtype=np.float32)} for d, v in zip(items, values)]
+
+
+def cv_folds(items: Sequence[dict], num_folds: int, seed: int, stratify_key: str | None = None) -> np.ndarray:
+    """The fold index (0..num_folds-1) of each item: StratifiedKFold over subjects (shuffled with `seed`), so no
+    subject is in two folds and each fold keeps the class mix of `stratify_key` (a subject's first item's value)."""
+    subjects = list(dict.fromkeys(d["subject"] for d in items))
+    first = {d["subject"]: d for d in reversed(items)}
+    y = [first[s][stratify_key] if stratify_key else 0 for s in subjects]
+    if stratify_key and any(v is None for v in y):
+        raise ValueError(f"stratify_key {stratify_key!r} is missing for some subjects; set it to null or to a key "
+                         "every item has")
+    if len(subjects) < num_folds:
+        raise ValueError(f"{len(subjects)} subjects for {num_folds} folds")
+    fold_of = {}
+    splitter = StratifiedKFold(n_splits=num_folds, shuffle=True, random_state=seed)
+    for k, (_, val) in enumerate(splitter.split(np.zeros(len(subjects)), y)):
+        fold_of |= {subjects[i]: k for i in val}
+    return np.array([fold_of[d["subject"]] for d in items])
+
+
+def fold_datalists(prepared_dir: str | Path, cv_splits: Sequence[str], task: str, num_folds: int, fold: int,
+                   seed: int = 0, label_key: str | None = None, num_classes: int | None = None,
+                   stratify_key: str | None = None, generated_dir: str | Path | None = None,
+                   mix_ratio: float = 0.0) -> dict[str, list[dict]]:
+    """{"training", "validation"} items of one fold; with `mix_ratio` > 0 (regression only), round(mix_ratio x the
+    real training count) synthetic cines labelled with their conditioning phenotypes join the training part."""
+    if not 0 <= fold < num_folds:
+        raise ValueError(f"fold must be in 0..{num_folds - 1}, got {fold}")
+    items = task_items(prepared_dir, cv_splits, task, label_key, num_classes)
+    folds = cv_folds(items, num_folds, seed, stratify_key)
+    train = [d for d, k in zip(items, folds) if k != fold]
+    val = [d for d, k in zip(items, folds) if k == fold]
+    if mix_ratio > 0:
+        if task != "regression":
+            raise ValueError("mix_ratio > 0 in fine-tuning (mix*) is for regression only: synthetic cines have "
+                             "phenotypes but no diagnosis label")
+        stats = read_stats(Path(prepared_dir) / "phenotype_stats.json")
+        train += with_phenotype_labels(synthetic_items(generated_dir, round(mix_ratio * len(train))), stats)
+    if any(d.get("synthetic") for d in val):  # by construction never; a guard against future edits
+        raise AssertionError("a synthetic cine is in a validation fold")
+    logger.info("fold %d of %d: %d training (%d synthetic), %d validation cines", fold, num_folds, len(train),
+                sum(bool(d.get("synthetic")) for d in train), len(val))
+    return {"training": train, "validation": val}
+
+
+# --------------------------------------------------------------------------------------------------------- metrics
+def classification_metrics(probs: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """{"acc", "auc"} of (N, C) class probabilities against (N,) class indices; AUC by MONAI's compute_roc_auc
+    (one-vs-rest, macro average over classes; for C = 2 the binary AUC), NaN where a class is absent."""
+    onehot = nn.functional.one_hot(target.long(), probs.shape[1])
+    acc = (probs.argmax(1) == target).double().mean().item()
+    return {"acc": acc, "auc": float(compute_roc_auc(probs.double(), onehot.double(), average="macro"))}
+
+
+def regression_metrics(pred: torch.Tensor, target: torch.Tensor, stats: Mapping) -> dict[str, float]:
+    """Per phenotype column c: "mae <c>" in its units and "r2 <c>", plus "mean_r2", from (N, F) z-scored values.
+    (Ignite's R2Score is single-output.)"""
+    pred, target = pred.double(), target.double()
+    std = torch.as_tensor(stats["std"], dtype=torch.float64)
+    mae = (pred - target).abs().mean(0) * std  # the z-score's scale cancels in R^2 but not in MAE
+    r2 = 1 - (pred - target).square().sum(0) / (target - target.mean(0)).square().sum(0)
+    out = {"mean_r2": r2.mean().item()}
+    for c, m, r in zip(stats["columns"], mae.tolist(), r2.tolist()):
+        out |= {f"mae {c}": m, f"r2 {c}": r}
+    return out
+
+
+class TaskMetrics(Metric):
+    """The epoch's classification or regression metrics over all ranks, as flat "<prefix><name>" entries of
+    engine.state.metrics (e.g. val_auc, val_acc; val_mean_r2, "val_r2 LVEF (%)", "val_mae LVEF (%)")."""
+
+    required_output_keys = (CommonKeys.PRED, CommonKeys.LABEL)
+
+    def __init__(self, task: str, stats_path: str | Path | None = None, prefix: str = "val_") -> None:
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        self.task, self.prefix = task, prefix
+        self.stats = read_stats(stats_path) if task == "regression" else None
+        super().__init__(metrics_result_mode="flatten")
+
+    def reset(self) -> None:
+        self._pred: list[torch.Tensor] = []
+        self._label: list[torch.Tensor] = []
+
+    def update(self, output: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self._pred.append(output[0].detach().float())  # (B, C) logits or (B, F) values, on the device
+        self._label.append(output[1].detach())
+
+    def compute(self) -> dict[str, float]:
+        if not self._pred:
+            raise NotComputableError("TaskMetrics needs at least one batch")
+        pred = evenly_divisible_all_gather(torch.cat(self._pred)).cpu()
+        label = evenly_divisible_all_gather(torch.cat(self._label)).cpu()
+        values = (classification_metrics(pred.softmax(1), label) if self.task == "classification"
+                  else regression_metrics(pred, label, self.stats))
+        return {self.prefix + k: v for k, v in values.items()}
+
+
+# ------------------------------------------------------------------------------------------------------- inference
+def input_items(path: str | Path) -> list[dict]:
+    """{"image", "file", "subject"} items of a prepared cine (.npy) or of every .npy in a folder (unusable files are
+    logged and skipped); "file" keeps the path, as "image" becomes the tensor."""
+    path = Path(path)
+    files = sorted(path.glob("*.npy")) if path.is_dir() else [path]
+    if not files or not files[0].exists():
+        raise FileNotFoundError(f"{path}: no prepared cine (.npy of shape 1 x 50 x 96 x 96) found")
+    items = usable([{IMAGE: str(f), "file": str(f), "subject": f.stem} for f in files])
+    if not items:
+        raise ValueError(f"{path}: none of the {len(files)} .npy file(s) is a 1 x 50 x 96 x 96 prepared cine")
+    return items
+
+
+class PredictionsCSV:
+    """Writes subject, image, predicted class and one probability column per class of every evaluated cine to `path`
+    when the evaluator completes (atomically; MONAI's ClassificationSaver writes in place and without class names)."""
+
+    def __init__(self, path: str | Path, class_names: Sequence[str]) -> None:
+        self.path, self.class_names = Path(path), list(class_names)
+        self.rows: list[list] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda _: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
+        engine.add_event_handler(Events.COMPLETED, self.write)
+
+    def collect(self, engine: Engine) -> None:
+        for item, out in zip(engine.state.batch, engine.state.output):  # decollated: one dict per cine
+            probs = out[CommonKeys.PRED].detach().float().cpu().tolist()
+            self.rows.append([item["subject"], item["file"], self.class_names[int(np.argmax(probs))],
+                              *(f"{p:.6f}" for p in probs)])
+
+    def write(self, engine: Engine) -> None:
+        if idist.get_rank() != 0:
+            return
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["subject", "file", "predicted", *(f"p_{c}" for c in self.class_names)])
+        writer.writerows(self.rows)
+        write_text(self.path, buffer.getvalue())
+        logger.info("predictions for %d cine(s) written to %s", len(self.rows), self.path)
