@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ from monai.transforms import (
 )
 from torch.utils.data import DataLoader, Dataset
 
-from scripts.io import CineError, load_subject, save_npy, write_json, write_text
+from scripts.io import LV_LABEL, CineError, load_cine, load_subject, save_npy, write_json, write_text
 from scripts.phenotypes import LABELS, fit_normaliser, read_eid_table, read_phenotype_table, write_phenotype_table
 
 logger = logging.getLogger(__name__)
@@ -35,19 +35,35 @@ IMAGE_SIZE = 96
 KEYS = ("image", "label")
 SPLITS = ("training", "validation", "test")
 RESERVED = {"image", "label", "subject", "has_phenotypes", "spacing_mm", "frame_interval_s"}
+Labeller = Callable[[np.ndarray, Sequence[float]], np.ndarray]  # (X, Y, T) image, pixel mm -> (X, Y, T) uint8 labels
 
 
 # --------------------------------------------------------------------------------------------------------- transforms
 class LoadSubjectd(MapTransform):
-    """Load and validate a subject's image and label cines (scripts.io.load_subject) as (X, Y, T) arrays."""
+    """Load and validate a subject's image and label cines (scripts.io.load_subject) as (X, Y, T) arrays.
 
-    def __init__(self) -> None:
+    With a `labeller` (scripts.segmentation.CineLabeller), a subject whose label file is missing is labelled by it
+    from the image ("labels": "segmenter"; otherwise "file"); without one, a missing label file is a CineError.
+    """
+
+    def __init__(self, labeller: Labeller | None = None) -> None:
         super().__init__(KEYS)
+        self.labeller = labeller
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
-        image, label = load_subject(d["image"], d["label"], str(d["subject"]))
-        d["image"], d["label"] = image.array, label.array
+        subject = str(d["subject"])
+        if self.labeller is not None and not Path(d["label"]).exists():
+            image = load_cine(d["image"], subject)
+            label = self.labeller(image.array, image.spacing_mm)  # (X, Y, T) uint8
+            if not (label == LV_LABEL).any():
+                raise CineError(f"subject {subject!r}: {d['image']}: no label file, and the segmenter finds no LV "
+                                f"(label {LV_LABEL}) in any frame")
+            d["labels"] = "segmenter"
+        else:
+            image, label = load_subject(d["image"], d["label"], subject)
+            label, d["labels"] = label.array, "file"
+        d["image"], d["label"] = image.array, label
         d["original_shape"] = list(image.array.shape)
         d["spacing_mm"], d["frame_interval_s"] = list(image.spacing_mm), image.frame_interval_s
         return d
@@ -115,10 +131,11 @@ class CropHeartd(MapTransform):
         return d
 
 
-def preprocessing(margin: float = 0.15) -> Compose:
-    """Subject item {"subject", "image", "label"} (paths) -> image float16 and label uint8 arrays, 1 x 50 x 96 x 96."""
+def preprocessing(margin: float = 0.15, labeller: Labeller | None = None) -> Compose:
+    """Subject item {"subject", "image", "label"} (paths) -> image float16 and label uint8 arrays, 1 x 50 x 96 x 96
+    (missing label files labelled by `labeller`, where given)."""
     return Compose([
-        LoadSubjectd(),
+        LoadSubjectd(labeller),
         EnsureChannelFirstd(KEYS, channel_dim="no_channel"),
         Transposed(KEYS, indices=(0, 3, 1, 2)),  # C x T x H x W
         AlignEndDiastoled(KEYS),
@@ -146,7 +163,7 @@ def _cine_error(exc: BaseException | None) -> CineError | None:
 
 def _record(d: dict) -> dict:
     """What the report keeps of a preprocessed subject; output spacing = box side (mm) / 96, interval = T * dt / 50."""
-    keys = ("subject", "original_shape", "ed_shift", "crop_box", "heart_fraction")
+    keys = ("subject", "labels", "original_shape", "ed_shift", "crop_box", "heart_fraction")
     return {**{k: d[k] for k in keys}, "original_spacing_mm": d["spacing_mm"],
             "original_frame_interval_s": d["frame_interval_s"],
             "spacing_mm": [(b - a) * s / IMAGE_SIZE for (a, b), s in zip(d["crop_box"], d["spacing_mm"])],
@@ -156,8 +173,8 @@ def _record(d: dict) -> dict:
 class _PrepareSubjects(Dataset):
     """Item i: preprocess subject i, save its arrays atomically and return its record (or its CineError message)."""
 
-    def __init__(self, items: list[dict], output_dir: Path, margin: float) -> None:
-        self.items, self.output_dir, self.transform = items, output_dir, preprocessing(margin)
+    def __init__(self, items: list[dict], output_dir: Path, margin: float, labeller: Labeller | None = None) -> None:
+        self.items, self.output_dir, self.transform = items, output_dir, preprocessing(margin, labeller)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -180,10 +197,10 @@ def _identity(x: dict) -> dict:
 
 
 def process_subjects(items: list[dict], output_dir: Path, margin: float, num_workers: int,
-                     log_every: int) -> list[dict]:
+                     log_every: int, labeller: Labeller | None = None) -> list[dict]:
     """Records of all items in order, processed by `num_workers` processes (0 or 1: in this process, one thread)."""
     workers = num_workers if num_workers > 1 else 0
-    loader = DataLoader(_PrepareSubjects(items, output_dir, margin), batch_size=None, num_workers=workers,
+    loader = DataLoader(_PrepareSubjects(items, output_dir, margin, labeller), batch_size=None, num_workers=workers,
                         collate_fn=_identity)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in DataLoader workers, so that results do not depend on the worker count
@@ -270,6 +287,8 @@ def _report_md(report: dict) -> str:
     lines = [f"# Prepared {report['prepared']} of {report['found']} subjects", "",
              "| split | subjects |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in report["split_sizes"].items()],
              "", f"Subjects without a phenotype row: {len(report['without_phenotypes'])}", "",
+             *([(f"Labelled by the segmenter {report['segmenter_checkpoint']} (no label file): "
+                 f"{', '.join(report['labelled_by_segmenter']) or 'none'}"), ""] if report["segmenter_checkpoint"] else []),
              f"## Skipped ({len(report['skipped'])})", ""]
     lines += [f"- `{s['subject']}`: {s['reason']}" for s in report["skipped"]] or ["none"]
     return "\n".join(lines) + "\n"
@@ -277,12 +296,14 @@ def _report_md(report: dict) -> str:
 
 def prepare(dataset_dir: str | Path, output_dir: str | Path, phenotypes_csv: str | Path | None = None,
             splits: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0, margin: float = 0.15, num_workers: int = 2,
-            image_name: str = "la_4ch.nii.gz", label_name: str = "seg4_la_4ch.nii.gz", log_every: int = 100) -> dict:
+            image_name: str = "la_4ch.nii.gz", label_name: str = "seg4_la_4ch.nii.gz", log_every: int = 100,
+            segmenter_checkpoint: str | Path | None = None) -> dict:
     """Prepare a cohort `<dataset_dir>/<subject>/{image_name,label_name}` into `output_dir`; returns the report.
 
     Writes images/ and labels/ (.npy), datalist.json (MONAI decathlon form), phenotypes.csv, phenotype_stats.json
     (fitted on the training split), report.json and report.md. Subjects failing with a CineError are skipped and
-    reported.
+    reported. With `segmenter_checkpoint` (configs/train_segmenter.json's segmenter.pt, its segmenter.json beside
+    it), subjects without a label file are labelled by the segmenter and listed in the report.
     """
     if dataset_dir is None or not Path(dataset_dir).is_dir():
         raise ValueError(f"dataset_dir must be an existing folder (pass --dataset_dir <folder>), got {dataset_dir}")
@@ -298,11 +319,18 @@ def prepare(dataset_dir: str | Path, output_dir: str | Path, phenotypes_csv: str
     items = find_subjects(dataset_dir, image_name, label_name)
     if not items:
         raise ValueError(f"{dataset_dir}: no subject folder holds {image_name!r}")
+    labeller = None
+    if segmenter_checkpoint:
+        from scripts.segmentation import CineLabeller  # the network stack, only where a segmenter is asked for
+
+        labeller = CineLabeller(segmenter_checkpoint)
     logger.info("preparing %d subjects from %s into %s", len(items), dataset_dir, output_dir)
 
-    records = process_subjects(items, output_dir, margin, num_workers, log_every)
+    records = process_subjects(items, output_dir, margin, num_workers, log_every, labeller)
     done = [r for r in records if "error" not in r]
     report = {"dataset_dir": str(dataset_dir), "found": len(items), "prepared": len(done),
+              "segmenter_checkpoint": str(segmenter_checkpoint) if segmenter_checkpoint else None,
+              "labelled_by_segmenter": [r["subject"] for r in done if r["labels"] == "segmenter"],
               "skipped": [{"subject": r["subject"], "reason": r["error"]} for r in records if "error" in r],
               "without_phenotypes": [r["subject"] for r in done if r["subject"] not in table],
               "split_sizes": {}, "subjects": {r["subject"]: r for r in done}}

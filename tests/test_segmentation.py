@@ -1,0 +1,233 @@
+"""The cine segmenter: segment_cines shapes, Dice per label, the training config (checkpoints, metrics, resume,
+wrong shapes), preprocessing of cines without labels, and Dice on the real demo subject."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.networks.nets import UNet
+from PIL import Image
+
+from scripts.data import prepare
+from scripts.segmentation import (
+    LABEL_NAMES,
+    NUM_CLASSES,
+    CineLabeller,
+    build_segmenter,
+    dice_per_label,
+    load_segmenter,
+    read_info,
+    real_subject_dice,
+    segment_cines,
+    split_dice,
+)
+from tests.conftest import REPO
+from tests.test_io import synthetic_cine, write_nifti
+
+torch.set_num_threads(1)
+CONFIG = "configs/train_segmenter.json"
+TRAINED = Path(os.environ.get("SEGMENTER_CHECKPOINT", REPO / "models" / "segmenter.pt"))  # a trained segmenter
+
+
+def _bundle(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    configs = str([CONFIG, "configs/profiles/tiny.json"])
+    done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, *args],
+                          check=False, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if check:
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 synthetic subjects (5 moving ellipses, scripts' test cine) in UK Biobank layout."""
+    root = tmp_path_factory.mktemp("segcohort")
+    for n in range(8):
+        image, label = synthetic_cine(25, 0, (60.0 - n, 50.0 + n), seed=n)
+        write_nifti(root / f"s{n}" / "la_4ch.nii.gz", image, dt=0.036)
+        write_nifti(root / f"s{n}" / "seg4_la_4ch.nii.gz", label.astype(np.float32), dt=0.036)
+    return root
+
+
+@pytest.fixture(scope="module")
+def prepared(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("segprepared")
+    prepare(cohort, out, num_workers=0)  # 6 / 1 / 1
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- network and Dice
+@pytest.mark.parametrize("size", [(96, 96), (70, 53)])
+def test_segment_cines_shapes_and_labels(size: tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    labels = segment_cines(build_segmenter("tiny"), torch.rand(2, 1, 3, *size), frame_batch=4)
+    assert labels.shape == (2, 3, *size) and labels.dtype == torch.uint8 and labels.device.type == "cpu"
+    assert int(labels.max()) < NUM_CLASSES
+
+
+def test_segment_cines_keeps_the_largest_component_per_label() -> None:
+    """A network that answers 'LV' on two blobs of the input: only the larger blob stays."""
+    class Threshold(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, 1, H, W) -> (N, 6, H, W): class 1 where x > 0.5
+            return torch.cat([0.5 - x, x - 0.5, *[torch.full_like(x, -1.0)] * 4], 1)
+
+    cine = torch.zeros(1, 1, 2, 32, 32)
+    cine[..., 2:10, 2:10], cine[..., 20:23, 20:23] = 1.0, 1.0
+    kept, raw = (segment_cines(Threshold(), cine, largest_component=k) for k in (True, False))
+    assert int((raw == 1).sum()) == 2 * (64 + 9) and int((kept == 1).sum()) == 2 * 64
+    assert kept[0, :, 2:10, 2:10].eq(1).all() and kept[0, :, 20:23, 20:23].eq(0).all()
+
+
+def test_dice_per_label_against_hand_counts() -> None:
+    truth = torch.zeros(2, 1, 4, 4, dtype=torch.uint8)  # (B, T, H, W)
+    pred = torch.zeros_like(truth)
+    truth[0, 0, :2, :2], pred[0, 0, :2, :1] = 1, 1  # LV: |A| 4, |B| 2, overlap 2 -> 4 / 6
+    truth[1, 0, 2:, 2:], pred[1, 0, 2:, 2:] = 1, 1  # LV in item 1: exact -> 1
+    truth[0, 0, 3, 0], pred[0, 0, 3, 1] = 2, 2  # Myo: no overlap -> 0 (item 1 has none: left out)
+    truth[:, 0, 0, 3], pred[0, 0, 0, 3] = 3, 3  # RV: item 0 exact, item 1 missed -> (1 + 0) / 2
+    truth[:, 0, 1, 3], pred[:, 0, 1, 3] = 4, 4  # LA exact in both; RA absent everywhere -> NaN
+    dice = dice_per_label(pred, truth)
+    assert dice["LV"] == pytest.approx((4 / 6 + 1) / 2) and dice["Myo"] == 0.0 and dice["RV"] == pytest.approx(0.5)
+    assert dice["LA"] == 1.0 and np.isnan(dice["RA"])
+    assert dice["mean"] == pytest.approx(np.mean([(4 / 6 + 1) / 2, 0.0, 0.5, 1.0]))
+    with pytest.raises(ValueError, match="shapes differ"):
+        dice_per_label(pred[:, :, :3], truth)
+
+
+# ------------------------------------------------------------------------------------------------------ bundle CLI
+@pytest.fixture(scope="module")
+def runs(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Tiny profile: train 2 epochs, then resume to 3, through `python -m monai.bundle run`."""
+    root = tmp_path_factory.mktemp("seg")
+    common = ["--prepared_dir", str(prepared), "--ckpt_dir", str(root / "models"), "--output_dir", str(root / "out")]
+    start = time.perf_counter()
+    first = _bundle(*common)
+    print(f"tiny segmenter CLI run (2 epochs, 6 cines, process start included): {time.perf_counter() - start:.1f} s")
+    metrics_first = json.loads((root / "out" / "metrics.json").read_text())
+    latest_first = torch.load(root / "models" / "segmenter_latest.pt", weights_only=True)
+    second = _bundle(*common, "--segmenter#num_epochs", "3")
+    return {"root": root, "common": common, "first": first, "second": second, "metrics_first": metrics_first,
+            "latest_first": latest_first}
+
+
+def test_cli_training_writes_checkpoints_metrics_montage_and_test_dice(runs: dict, prepared: Path) -> None:
+    root, metrics = runs["root"], runs["metrics_first"]
+    state = torch.load(root / "models" / "segmenter.pt", weights_only=True)
+    assert set(state) == set(build_segmenter("tiny").state_dict())  # network only
+    names = {f"val_dice_{n}" for n in LABEL_NAMES}
+    assert metrics["epoch"] == 2 and set(metrics) == {"epoch", "val_mean_dice", *names}
+    assert all(0.0 <= metrics[k] <= 1.0 for k in names | {"val_mean_dice"})
+    assert set(runs["latest_first"]) == {"network", "optimizer", "lr_scheduler", "best_saver", "trainer"}
+    assert runs["latest_first"]["trainer"]["iteration"] == 6  # 6 cines, batch 2, 2 epochs
+    info = read_info(root / "models" / "segmenter.pt")
+    spacing = [np.mean(d["spacing_mm"]) for d in json.loads((prepared / "datalist.json").read_text())["training"]]
+    assert info["profile"] == "tiny" and info["spacing_mm"] == pytest.approx(float(np.median(spacing)))
+    test = json.loads((root / "out" / "test_metrics.json").read_text())
+    assert test["n"] == 1 and set(LABEL_NAMES) <= set(test)
+    network = load_segmenter(root / "models" / "segmenter.pt", "tiny", "cpu")
+    assert test["mean"] == pytest.approx(split_dice(network, prepared, "test")["mean"])  # the best checkpoint's
+    with Image.open(root / "out" / "montage.png") as png:  # image/truth/prediction rows x (1 cine x 2 frames), x2
+        assert png.size == (2 * 96 * 2, 3 * 96 * 2)
+
+
+def test_cli_resume_continues_from_the_saved_epoch(runs: dict) -> None:
+    log = runs["second"].stdout + runs["second"].stderr
+    assert "at epoch 2 of 3" in log and "Epoch[3] Metrics" in log and "Epoch[1] Metrics" not in log
+    latest = torch.load(runs["root"] / "models" / "segmenter_latest.pt", weights_only=True)
+    assert latest["trainer"]["iteration"] == 9
+
+
+def test_wrong_shape_checkpoint_is_an_error_naming_the_file(runs: dict, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    wider = UNet(2, 1, NUM_CLASSES, channels=(8, 16, 32), strides=(2, 2), num_res_units=0)  # tiny's layout, wider
+    torch.save({**runs["latest_first"], "network": wider.state_dict()}, models / "segmenter_latest.pt")
+    done = _bundle(*runs["common"][:2], "--ckpt_dir", str(models), "--output_dir", str(tmp_path / "out"), check=False)
+    log = done.stdout + done.stderr
+    assert done.returncode != 0 and "shape mismatch" in log
+    assert f"{models / 'segmenter_latest.pt'}: checkpoint does not match UNet of segmenter profile 'tiny'" in log
+    with pytest.raises(ValueError, match="segmenter.pt: checkpoint does not match UNet of segmenter profile 'cpu'"):
+        load_segmenter(runs["root"] / "models" / "segmenter.pt", "cpu", "cpu")
+
+
+# -------------------------------------------------------------------------------------- preprocessing without labels
+class _TruthLabeller(CineLabeller):
+    """Stand-in segmenter: returns the subject's true label cine (the mechanism, not accuracy), records its calls."""
+
+    def __init__(self, truth: dict[bytes, np.ndarray]) -> None:
+        self.truth, self.calls = truth, []
+
+    def __call__(self, image: np.ndarray, spacing_mm: tuple[float, float]) -> np.ndarray:
+        self.calls.append(tuple(spacing_mm))
+        return self.truth[image.tobytes()]
+
+
+def test_prepare_labels_subjects_without_a_label_file(cohort: Path, prepared: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import nibabel as nib
+
+    root = tmp_path / "cohort"
+    truth = {}
+    for n in range(8):
+        (root / f"s{n}").mkdir(parents=True)
+        (root / f"s{n}" / "la_4ch.nii.gz").symlink_to(cohort / f"s{n}" / "la_4ch.nii.gz")
+        label = cohort / f"s{n}" / "seg4_la_4ch.nii.gz"
+        image = nib.load(cohort / f"s{n}" / "la_4ch.nii.gz").get_fdata(dtype=np.float32)[:, :, 0]
+        truth[image.tobytes()] = np.asarray(nib.load(label).dataobj)[:, :, 0].astype(np.uint8)
+        if n % 2 == 0:
+            (root / f"s{n}" / "seg4_la_4ch.nii.gz").symlink_to(label)
+
+    without = prepare(root, tmp_path / "plain", num_workers=0)  # no segmenter: a missing label is a subject error
+    assert without["prepared"] == 4 and without["segmenter_checkpoint"] is None
+    assert all("seg4_la_4ch.nii.gz: file not found" in s["reason"] for s in without["skipped"])
+
+    stand_in = _TruthLabeller(truth)
+    monkeypatch.setattr("scripts.segmentation.CineLabeller", lambda checkpoint: stand_in)
+    report = prepare(root, tmp_path / "out", num_workers=0, segmenter_checkpoint="stand-in.pt")
+    assert report["prepared"] == 8 and report["labelled_by_segmenter"] == ["s1", "s3", "s5", "s7"]
+    assert len(stand_in.calls) == 4 and set(stand_in.calls) == {(1.5, 1.5)}
+    assert {s: r["labels"] for s, r in report["subjects"].items()} == {f"s{n}": "file" if n % 2 == 0 else "segmenter"
+                                                                       for n in range(8)}
+    assert "Labelled by the segmenter stand-in.pt (no label file): s1, s3, s5, s7" in (tmp_path / "out" /
+                                                                                       "report.md").read_text()
+    reference = json.loads((prepared / "report.json").read_text())["subjects"]
+    for s, record in report["subjects"].items():  # the same labels give the same crop and the same tensors
+        assert record["crop_box"] == reference[s]["crop_box"]
+        for kind in ("images", "labels"):
+            assert np.array_equal(np.load(tmp_path / "out" / kind / f"{s}.npy"), np.load(prepared / kind / f"{s}.npy"))
+
+
+def test_cine_labeller_resamples_to_the_training_pixel_size(runs: dict, tmp_path: Path) -> None:
+    """The real labeller on a full field of view: (X, Y, T) uint8 back at the input size, a clear error without
+    segmenter.json (no accuracy claim: the tiny network is barely trained)."""
+    checkpoint = runs["root"] / "models" / "segmenter.pt"
+    image, _ = synthetic_cine(12, 0)
+    labels = CineLabeller(checkpoint)(image, (1.5, 1.5))
+    assert labels.shape == image.shape and labels.dtype == np.uint8 and labels.max() < NUM_CLASSES
+    lone = tmp_path / "segmenter.pt"
+    lone.write_bytes(checkpoint.read_bytes())
+    with pytest.raises(ValueError, match="segmenter.json: missing or malformed segmenter info"):
+        CineLabeller(lone)
+
+
+# ------------------------------------------------------------------------------------------------- real subject
+def test_real_subject_dice(ukbb_demo: Path, tmp_path: Path) -> None:
+    """Dice per label of a trained segmenter on the real demo subject (reported, not a target)."""
+    if not TRAINED.is_file():
+        pytest.skip(f"no trained segmenter at {TRAINED} (set SEGMENTER_CHECKPOINT or train configs/train_segmenter.json)")
+    dice = real_subject_dice(ukbb_demo, TRAINED, tmp_path)
+    print(f"real subject Dice ({TRAINED}): {dice}")
+    assert set(dice) == {"1"} and all(0.0 <= dice["1"][n] <= 1.0 for n in LABEL_NAMES)
