@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from scripts import fidelity, privacy
+from scripts import fidelity, privacy, segmentation
 from scripts.benchmark import device_name, peak_memory, timed
 from scripts.engines import load_weights, read_stats
 from scripts.evaluation_report import adherence_plot, write_report
@@ -45,7 +46,8 @@ def read_datalist(path: str | Path) -> dict | None:
 
 
 def load_cines(root: str | Path, items: Sequence[dict], key: str = "image") -> torch.Tensor:
-    """(N, 1, T, H, W) float16 tensor of the items' `key` arrays (relative to `root`), in order."""
+    """(N, 1, T, H, W) tensor of the items' `key` arrays (relative to `root`), in order: float16 for images, the
+    stored integer type for labels."""
     root = Path(root)
     if not items:
         return torch.zeros(0, 1, 0, 0, 0, dtype=torch.float16)
@@ -54,7 +56,8 @@ def load_cines(root: str | Path, items: Sequence[dict], key: str = "image") -> t
         path = root / d[key]
         if not path.is_file():
             raise FileNotFoundError(f"{path}: {key} of subject {d.get('subject')!r} listed in {root} not found")
-        arrays.append(torch.from_numpy(np.load(path).astype(np.float16)))
+        array = np.load(path)
+        arrays.append(torch.from_numpy(array.astype(np.float16) if array.dtype.kind == "f" else array))
     return torch.stack(arrays)
 
 
@@ -161,6 +164,7 @@ def measure_speed(mar: nn.Module, autoencoder: nn.Module, settings: dict, condit
     """Seconds per clip and peak memory of latent sampling and of decoding `clips` clips with a set's generation
     settings (generation.json "settings"); conditions (clips, F) normalised, or None (unconditional)."""
     kwargs = {k: settings[k] for k in ("cfg", "cfg_schedule", "temperature", "num_iter", "num_inference_steps")}
+    load = os.getloadavg()[0]  # a busy shared machine slows every phase: recorded beside the timings
     seeds = [sample_seed(int(settings.get("seed", 0)), i) for i in range(clips)]
     with peak_memory(device) as mem_sample:
         t_sample, latents = timed(lambda: mar.sample_latents(conditions, seeds=seeds, **kwargs), device)
@@ -168,7 +172,8 @@ def measure_speed(mar: nn.Module, autoencoder: nn.Module, settings: dict, condit
         t_decode, _ = timed(lambda: autoencoder.decode(latents), device)
     return {"clips": clips, "sampling_s_per_clip": t_sample / clips, "decoding_s_per_clip": t_decode / clips,
             "sampling_peak_bytes": mem_sample["peak"], "decoding_peak_bytes": mem_decode["peak"],
-            "memory_method": mem_sample["method"], "device": str(device), "device_name": device_name(device)}
+            "memory_method": mem_sample["method"], "device": str(device), "device_name": device_name(device),
+            "load_average_1min": load, "cpu_count": os.cpu_count()}
 
 
 # ---------------------------------------------------------------------------------------------------------- sections
@@ -185,6 +190,7 @@ def fidelity_section(heldout: torch.Tensor, cines: Mapping[str, torch.Tensor], m
         features["fvd"] = lambda x: fidelity.i3d_features(i3d, x, bs, device)
     out = {}
     for metric, extract in features.items():
+        logger.info("evaluation: %s features of %d held-out and %d set(s)", metric, len(heldout), len(cines))
         real = extract(heldout)  # only the first n <= half of each set enter a distance
         out[metric] = {name: fidelity.fd_with_floor(real, extract(x[:len(halves[0])]), halves)
                        for name, x in cines.items()}
@@ -230,8 +236,8 @@ def privacy_section(prepared_dir: Path, training: Sequence[dict], heldout: Seque
                     device: torch.device, evaluation_dir: Path, drop: bool) -> dict:
     """Copy audit of every set (the held-out set as its floor), closest-pair images, private datalists and the
     membership-inference result."""
-    if not training:
-        return {"skipped": "the prepared datalist has no training cines"}
+    if not (training and heldout):
+        return {"skipped": f"{len(training)} training and {len(heldout)} held-out cines: the audit needs both"}
     members = subset(training, settings["mia_max_subjects"], seed)  # training subjects of the MIA
     train_cond, held_cond = condition_table(members, stats), condition_table(heldout, stats)
     pixel, train_emb, train_loss = training_pass(prepared_dir, training, cines, autoencoder, mar, train_cond,
@@ -241,7 +247,8 @@ def privacy_section(prepared_dir: Path, training: Sequence[dict], heldout: Seque
     emb.update(privacy.unit_rows(privacy.zscore(train_emb, train_emb)))
     subjects = {HELDOUT: [d["subject"] for d in heldout]} | {k: [d["subject"] for d in sets[k]["items"]]
                                                               for k in cines if k != HELDOUT}
-    audit = privacy.copy_audit({"pixel": pixel, "embedding": emb.result()}, subjects, HELDOUT, len(training),
+    audit = privacy.copy_audit({"pixel": pixel, "embedding": emb.result()}, subjects, HELDOUT,
+                               [d["subject"] for d in training],
                                settings["privacy_quantile"])
     for name in subjects:
         if name == HELDOUT:
@@ -283,6 +290,7 @@ def adherence_section(segment: Segment | None, heldout: Sequence[dict], heldout_
     plots = {"real held-out (segmented)": (truth, measured[:, [PHENOTYPE_COLUMNS.index(c) for c in columns]])}
     out["sets"] = {}
     for name, x in cines.items():
+        logger.info("evaluation: segmenting and measuring the %d cines of %s", len(x), name)
         items = sets[name]["items"]
         target = value_rows(items, columns) if any(d.get("has_phenotypes") for d in items) else None
         measured, failures = measure_labels(segment_all(segment, x, bs, device), items)
@@ -315,14 +323,12 @@ def speed_section(mar: nn.Module, autoencoder: nn.Module, sets: Mapping[str, dic
 
 
 # ---------------------------------------------------------------------------------------------------------------- run
-def load_segmenter(path: str | Path | None, profile: str, device: torch.device) -> tuple[Segment | None, str]:
+def segmenter_callable(path: str | Path | None, profile: str, device: torch.device) -> tuple[Segment | None, str]:
     """(segment callable, "") from a trained segmenter checkpoint, or (None, reason) where there is none."""
     if not path or not Path(path).is_file():
-        return None, f"segmenter checkpoint {path} not found: train it with configs/train_segmenter.json"
-    from scripts import segmentation  # the segmenter stage's module, only needed where its checkpoint exists
-
+        return None, f"segmenter checkpoint {path} not found: train it with {segmentation.TRAINED_BY}"
     network = segmentation.load_segmenter(path, profile, device)
-    return (lambda cines: np.asarray(segmentation.segment_cines(network, cines))), ""
+    return (lambda cines: segmentation.segment_cines(network, cines).numpy()), ""
 
 
 def evaluate(output_dir: str, prepared_dir: str, sets: Mapping[str, str], autoencoder: nn.Module,
@@ -354,7 +360,7 @@ def evaluate(output_dir: str, prepared_dir: str, sets: Mapping[str, str], autoen
     logger.info("evaluation: %d held-out and %d training cines; sets %s", len(heldout), len(training),
                 {k: v["status"] for k, v in found.items()})
     if segment is None:
-        segment, reason = load_segmenter(segmenter_path, profile, device)
+        segment, reason = segmenter_callable(segmenter_path, profile, device)
     else:
         reason = ""
     metrics = {

@@ -221,7 +221,13 @@ def _speed(m: dict) -> list[str]:
         lines.append(f"| {name} | {me['clips']} | {fmt(me['sampling_s_per_clip'])} | "
                      f"{fmt(me['decoding_s_per_clip'])} | {me['sampling_peak_bytes'] / 1e9:.2f} / "
                      f"{me['decoding_peak_bytes'] / 1e9:.2f} GB | {gen} | {PAPER['s_per_clip']} |")
-    return lines + ["", f"Memory: {next((s['measured']['memory_method'] for s in m['speed'].values() if 'measured' in s), 'n/a')}.", ""]
+    measured = [s["measured"] for s in m["speed"].values() if "measured" in s]
+    if measured:
+        lines += ["", f"Memory: {measured[0]['memory_method']}. Load average (1 min) when timed: "
+                  + ", ".join(f"{x['load_average_1min']:.1f}" for x in measured)
+                  + f" on {measured[0]['cpu_count']} logical CPUs (above the CPU count, other work shared the machine "
+                  "and the times here are slower than on an idle one)."]
+    return lines + [""]
 
 
 def write_report(path: str | Path, m: dict) -> Path:

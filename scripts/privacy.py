@@ -67,11 +67,11 @@ def zscore(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 
 def copy_audit(nearest: Mapping[str, Mapping[str, dict]], subjects: Mapping[str, Sequence[str]], heldout: str,
-               n_training: int, quantile: float = 0.95) -> dict:
+               training: Sequence[str], quantile: float = 0.95) -> dict:
     """Thresholds from the held-out set and, for every set (held-out included, as the floor), the flagged shares.
 
     nearest: metric ("pixel", "embedding") -> set name -> NearestNeighbours.result() entry; subjects: set name ->
-    its cine names. Returns {"thresholds": {metric: t}, "quantile", "sets": {name: {"n", "flagged_share": {metric,
+    its cine names; training: the training cines' names, in reference order. Returns {"thresholds": {metric: t}, "quantile", "sets": {name: {"n", "flagged_share": {metric,
     "both"}, "memorised_share", "median_similarity": {metric}, "flagged": [subject], "nearest": [...]}}}.
     """
     thresholds = {m: float(np.quantile(nearest[m][heldout]["similarity"], quantile)) for m in METRICS}
@@ -85,11 +85,12 @@ def copy_audit(nearest: Mapping[str, Mapping[str, dict]], subjects: Mapping[str,
             "n": n,
             "flagged_share": {**{m: float(over[m].mean()) if n else None for m in METRICS},
                               "both": float(both.mean()) if n else None},
-            "memorised_share": len({nearest["pixel"][name]["index"][i] for i in np.flatnonzero(both)}) / n_training,
+            "memorised_share": len({nearest["pixel"][name]["index"][i] for i in np.flatnonzero(both)}) / len(training),
             "median_similarity": {m: float(np.median(sim[m])) if n else None for m in METRICS},
             "flagged": [names[i] for i in np.flatnonzero(both)],
             "nearest": [{"subject": names[i], **{f"{m}_similarity": float(sim[m][i]) for m in METRICS},
-                         "training_index": int(nearest["pixel"][name]["index"][i])} for i in range(n)],
+                         "training_index": int(nearest["pixel"][name]["index"][i]),
+                         "training_subject": training[nearest["pixel"][name]["index"][i]]} for i in range(n)],
         }
     return {"quantile": quantile, "thresholds": thresholds, "sets": sets}
 
@@ -108,7 +109,7 @@ def closest_pairs_image(audit_set: dict, cines: torch.Tensor, training_cine, pat
     for i in rows:
         near = audit_set["nearest"][i]
         pair = (np.asarray(cines[i, 0], np.float32), np.asarray(training_cine(near["training_index"])[0], np.float32))
-        for who, cine in zip((near["subject"], f"train #{near['training_index']}"), pair):
+        for who, cine in zip((near["subject"], f"train {near['training_subject']}"), pair):
             for t in frames:
                 tiles.append(cine[t])
                 captions.append(f"{who} t{t}" + (f" r{near['pixel_similarity']:.3f} e{near['embedding_similarity']:.2f}"
