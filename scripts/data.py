@@ -283,12 +283,19 @@ def _datalist_item(record: dict, columns: list[str], table: dict, label_columns:
             "spacing_mm": record["spacing_mm"], "frame_interval_s": record["frame_interval_s"]}
 
 
+def _segmenter_lines(report: dict) -> list[str]:
+    """report.md lines naming the subjects the segmenter labelled (none where no segmenter was given)."""
+    if not report["segmenter_checkpoint"]:
+        return []
+    subjects = ", ".join(report["labelled_by_segmenter"]) or "none"
+    return [f"Labelled by the segmenter {report['segmenter_checkpoint']} (no label file): {subjects}", ""]
+
+
 def _report_md(report: dict) -> str:
     lines = [f"# Prepared {report['prepared']} of {report['found']} subjects", "",
              "| split | subjects |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in report["split_sizes"].items()],
              "", f"Subjects without a phenotype row: {len(report['without_phenotypes'])}", "",
-             *([(f"Labelled by the segmenter {report['segmenter_checkpoint']} (no label file): "
-                 f"{', '.join(report['labelled_by_segmenter']) or 'none'}"), ""] if report["segmenter_checkpoint"] else []),
+             *_segmenter_lines(report),
              f"## Skipped ({len(report['skipped'])})", ""]
     lines += [f"- `{s['subject']}`: {s['reason']}" for s in report["skipped"]] or ["none"]
     return "\n".join(lines) + "\n"

@@ -27,6 +27,7 @@ CASES = {
                             N_TRAIN, 2),
     "train_autoencoder": ([], "autoencoder.pt", "autoencoder_latest.pt", N_TRAIN + 1, 2),
     "train_mar": ([], "mar.pt", "mar_latest.pt", N_TRAIN, 2),
+    "train_segmenter": ([], "segmenter.pt", "segmenter_latest.pt", N_TRAIN + 1, 2),
     # MAE: the training split less the tiny profile's 2 monitoring cines; fine-tuning: fold 0 of 2 over the training
     # split's 8 labelled cines (2 per class), so 4 training cines
     "pretrain_mae": (["--mae#num_epochs", "2"], "mae.pt", "mae_latest.pt", N_TRAIN + 1 - 2, 2),
@@ -57,12 +58,16 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for items in (datalist[s] for s in ("training", "validation", "test")):  # classes for the fine-tuning configs
         for k, d in enumerate(d for d in items if d["has_phenotypes"]):
             d |= {"diagnosis_index": k % 4, "disease": int(k % 4 > 0)}
+    for d in (d for s in ("training", "validation", "test") for d in datalist[s]):  # label cines for the segmenter
+        d |= {"label": d["image"].replace("images/", "labels/"), "spacing_mm": [2.3, 2.3]}
     (prepared / "datalist.json").write_text(json.dumps(datalist))
     (prepared / "images").mkdir()
-    rng = np.random.default_rng(0)
+    (prepared / "labels").mkdir()
+    rng, label_rng = np.random.default_rng(0), np.random.default_rng(1)
     for items in json.loads((prepared / "datalist.json").read_text()).values():
         for d in items if isinstance(items, list) and items and isinstance(items[0], dict) else []:
             np.save(prepared / d["image"], rng.random((1, 50, 96, 96)).astype(np.float16))
+            np.save(prepared / d["label"], label_rng.integers(0, 6, (1, 50, 96, 96), dtype=np.uint8))
     (root / "ae").mkdir()
     torch.manual_seed(0)
     torch.save(CineAutoencoderKL(**autoencoder_profile("tiny")).state_dict(), root / "ae" / "autoencoder.pt")

@@ -16,12 +16,14 @@ import torch
 from monai.networks.nets import UNet
 from PIL import Image
 
-from scripts.data import prepare
+from scripts.data import crop_pad, prepare
 from scripts.segmentation import (
     LABEL_NAMES,
     NUM_CLASSES,
     CineLabeller,
+    _uncrop,
     build_segmenter,
+    crop_agreement,
     dice_per_label,
     load_segmenter,
     read_info,
@@ -210,6 +212,32 @@ def test_prepare_labels_subjects_without_a_label_file(cohort: Path, prepared: Pa
             assert np.array_equal(np.load(tmp_path / "out" / kind / f"{s}.npy"), np.load(prepared / kind / f"{s}.npy"))
 
 
+@pytest.mark.parametrize("box", [[[10, 40], [5, 25]], [[-6, 30], [20, 44]]])  # inside; leaving the view
+def test_uncrop_inverts_crop_pad(box: list[list[int]]) -> None:
+    x = torch.rand(3, 32, 40)
+    back = _uncrop(crop_pad(x, box), box, x.shape)
+    inside = torch.zeros_like(x, dtype=torch.bool)
+    inside[:, max(box[0][0], 0):box[0][1], max(box[1][0], 0):box[1][1]] = True
+    assert torch.equal(back[inside], x[inside]) and not back[~inside].any()
+
+
+def test_crop_agreement_of_a_perfect_and_a_shifted_labeller(cohort: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import nibabel as nib
+
+    truth = {}
+    for n in (0, 1):
+        image = nib.load(cohort / f"s{n}" / "la_4ch.nii.gz").get_fdata(dtype=np.float32)[:, :, 0]
+        truth[image.tobytes()] = np.asarray(nib.load(cohort / f"s{n}" / "seg4_la_4ch.nii.gz").dataobj)[:, :, 0]
+    stand_in = _TruthLabeller({k: v.astype(np.uint8) for k, v in truth.items()})
+    monkeypatch.setattr("scripts.segmentation.CineLabeller", lambda checkpoint: stand_in)
+    exact = crop_agreement(cohort, "stand-in.pt", ["s0", "s1"])
+    assert all(r["box_iou"] == 1.0 and r["heart_fraction"] == 1.0 and r["side_ratio"] == 1.0 for r in exact.values())
+    assert all(r["dice"][name] == 1.0 for r in exact.values() for name in LABEL_NAMES)
+    stand_in.truth = {k: np.roll(v, 20, axis=0).astype(np.uint8) for k, v in truth.items()}  # 20 px off along X
+    shifted = crop_agreement(cohort, "stand-in.pt", ["s0"])["s0"]
+    assert 0.3 < shifted["box_iou"] < 0.9 and shifted["heart_fraction"] < 1.0 and shifted["dice"]["LV"] < 1.0
+
+
 def test_cine_labeller_resamples_to_the_training_pixel_size(runs: dict, tmp_path: Path) -> None:
     """The real labeller on a full field of view: (X, Y, T) uint8 back at the input size, a clear error without
     segmenter.json (no accuracy claim: the tiny network is barely trained)."""
@@ -227,7 +255,7 @@ def test_cine_labeller_resamples_to_the_training_pixel_size(runs: dict, tmp_path
 def test_real_subject_dice(ukbb_demo: Path, tmp_path: Path) -> None:
     """Dice per label of a trained segmenter on the real demo subject (reported, not a target)."""
     if not TRAINED.is_file():
-        pytest.skip(f"no trained segmenter at {TRAINED} (set SEGMENTER_CHECKPOINT or train configs/train_segmenter.json)")
+        pytest.skip(f"no trained segmenter at {TRAINED} (set SEGMENTER_CHECKPOINT, or train {CONFIG})")
     dice = real_subject_dice(ukbb_demo, TRAINED, tmp_path)
     print(f"real subject Dice ({TRAINED}): {dice}")
     assert set(dice) == {"1"} and all(0.0 <= dice["1"][n] <= 1.0 for n in LABEL_NAMES)
