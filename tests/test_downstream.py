@@ -278,3 +278,19 @@ def test_tiny_table_writes_the_comparison_and_resumes(cohort: tuple[Path, Path],
     assert again["seconds"]["runs"] == summary["seconds"]["runs"] and again["results"] == summary["results"]
     with pytest.raises(ValueError, match="needs 20.*--downstream#generate_missing True"):
         run_table(**{**kwargs, "downstream": {**kwargs["downstream"], "mix_ratios": [2]}})
+
+
+@pytest.mark.slow
+def test_paper_profile_networks_build_and_take_a_step() -> None:
+    """MAE-base (12 x 768 encoder, 8 x 512 decoder) on 50-channel 96 x 96 cines and its ViT: sizes and one step each."""
+    paper = json.loads((REPO / "configs" / "profiles" / "paper.json").read_text())["mae"]
+    mae, vit = mae_network(paper), vit_network(paper, 4)
+    count = lambda net: sum(p.numel() for p in net.parameters())
+    encoder = sum(p.numel() for n, p in mae.named_parameters() if not n.startswith(("decoder_", "mask_tokens")))
+    assert count(vit) - encoder == 768 * 4 + 4  # the same encoder plus a linear head
+    assert 90e6 < encoder < 100e6  # ViT-Base blocks (85M) + a 12,800 x 768 patch embedding (9.8M)
+    x = torch.rand(2, 50, 96, 96)
+    pred, mask = mae(x)
+    MaskedPatchLoss()(pred, patchify(x, 16), mask).backward()
+    torch.nn.functional.cross_entropy(vit(x), torch.tensor([0, 3])).backward()
+    assert int(mask.sum()) == 2 * 27 and all(p.grad is not None for p in vit.parameters() if p.requires_grad)
