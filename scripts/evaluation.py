@@ -11,6 +11,7 @@ numbers on the same inputs.
 
 from __future__ import annotations
 
+import csv
 import datetime
 import json
 import logging
@@ -27,12 +28,13 @@ from scripts.benchmark import device_name, peak_memory, timed
 from scripts.engines import load_weights, read_stats
 from scripts.evaluation_report import adherence_plot, write_report
 from scripts.generation import sample_seed
-from scripts.io import write_json
-from scripts.phenotypes import PHENOTYPE_COLUMNS, PhenotypeError, measure_cine, normalise
+from scripts.io import atomic_write, write_json
+from scripts.phenotypes import LABELS, PHENOTYPE_COLUMNS, PhenotypeError, measure_cine, normalise
 
 logger = logging.getLogger(__name__)
 
 HELDOUT = "heldout"  # name of the real held-out set in the privacy audit
+ED_TOLERANCE = 2  # frames: the end-diastole frame of a cine counts as aligned within this distance of frame 0
 Segment = Callable[[torch.Tensor], np.ndarray]  # (B, 1, T, H, W) float [0, 1] on the device -> (B, T, H, W) uint8
 DEFAULTS = {"fid_frame_step": 10, "batch_size": 8, "max_heldout": None, "mia_draws": 4, "mia_max_subjects": None,
             "mia_permutations": 1000, "privacy_quantile": 0.95, "closest_pairs": 8, "speed_clips": 4}
@@ -168,13 +170,27 @@ def median_geometry(items: Sequence[dict]) -> list[dict]:
     return [{**d, "spacing_mm": spacing, "frame_interval_s": interval} for d in items]
 
 
+def ed_frames(labels: np.ndarray) -> np.ndarray:
+    """(N,) frame of the largest LV blood-pool area of each (N, T, H, W) label cine: prepare's end-diastole rule
+    (scripts/data.py AlignEndDiastoled), which puts it at frame 0 of every prepared cine."""
+    return (labels == LABELS["LV"]).sum((2, 3)).argmax(1) if len(labels) else np.zeros(0, int)
+
+
+def ed_aligned_share(frames: np.ndarray, num_frames: int, tolerance: int = ED_TOLERANCE) -> float | None:
+    """Share of cines whose end-diastole frame lies within `tolerance` frames of frame 0, cyclically."""
+    distance = np.minimum(frames % num_frames, -frames % num_frames)
+    return float((distance <= tolerance).mean()) if len(frames) else None
+
+
 def set_adherence(labels: np.ndarray, items: Sequence[dict], target: np.ndarray | None,
                   columns: Sequence[str]) -> tuple[dict, np.ndarray]:
     """(adherence() of (N, T, H, W) label cines measured with each item's geometry, with "median_geometry": the
     phenotype statistics when every item has the set's median pixel size and frame interval, i.e. what the image
-    alone carries; the measured (N, len(PHENOTYPE_COLUMNS)) values)."""
+    alone carries, and "ed_aligned_share" (ed_aligned_share of ed_frames); the measured (N, len(PHENOTYPE_COLUMNS))
+    values)."""
     measured, failures = measure_labels(labels, items)
     entry = adherence(measured, failures, target, columns)
+    entry["ed_aligned_share"] = ed_aligned_share(ed_frames(labels), labels.shape[1])
     if target is not None:
         entry["median_geometry"] = adherence(measure_labels(labels, median_geometry(items))[0], [], target,
                                              columns)["phenotypes"]
@@ -293,6 +309,24 @@ def privacy_section(prepared_dir: Path, training: Sequence[dict], heldout: Seque
     return audit
 
 
+def write_measurements(path: Path, items: Sequence[dict], ed: np.ndarray, target: np.ndarray | None,
+                       measured: np.ndarray, columns: Sequence[str]) -> Path:
+    """CSV, one row per cine: subject, end-diastole frame, then requested (empty without conditions) and measured
+    (empty where unmeasurable) value of every column."""
+    index = [PHENOTYPE_COLUMNS.index(c) for c in columns]
+    with atomic_write(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
+        rows = csv.writer(f)
+        rows.writerow(["subject", "ed_frame", *(f"requested {c}" for c in columns), *(f"measured {c}" for c in columns)])
+        for i, d in enumerate(items):
+            requested = target[i] if target is not None else [None] * len(columns)
+            rows.writerow([d.get("subject"), int(ed[i]), *map(_cell, requested), *map(_cell, measured[i, index])])
+    return path
+
+
+def _cell(value: float | None) -> str:
+    return "" if value is None or not np.isfinite(value) else repr(float(value))
+
+
 def adherence_section(segment: Segment | None, heldout: Sequence[dict], heldout_cines: torch.Tensor,
                       prepared_dir: Path, cines: Mapping[str, torch.Tensor], sets: Mapping[str, dict],
                       stats: dict, settings: dict, device: torch.device, evaluation_dir: Path, reason: str) -> dict:
@@ -316,7 +350,10 @@ def adherence_section(segment: Segment | None, heldout: Sequence[dict], heldout_
         logger.info("evaluation: segmenting and measuring the %d cines of %s", len(x), name)
         items = sets[name]["items"]
         target = value_rows(items, columns) if any(d.get("has_phenotypes") for d in items) else None
-        out["sets"][name], measured = set_adherence(segment_all(segment, x, bs, device), items, target, columns)
+        labels = segment_all(segment, x, bs, device)
+        out["sets"][name], measured = set_adherence(labels, items, target, columns)
+        out["sets"][name]["table"] = write_measurements(evaluation_dir / f"adherence_{name}.csv", items,
+                                                        ed_frames(labels), target, measured, columns).name
         if target is not None:
             index = [PHENOTYPE_COLUMNS.index(c) for c in columns]
             path = adherence_plot(evaluation_dir / f"adherence_{name}.png", columns,

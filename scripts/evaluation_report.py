@@ -156,8 +156,15 @@ def _adherence(m: dict) -> list[str]:
         lines += [f"Segmented adherence not computed: {a['skipped']}", ""]
     sets = a.get("sets", {})
     rows = list(sets.items()) + [(f"real held-out, {k} (floor)", v) for k, v in floors.items()]
-    lines += ["| set | cines | unmeasurable |", "| --- | --- | --- |"]
-    lines += [f"| {name} | {e['n']} | {pct(e['unmeasurable_share'])} |" for name, e in rows] + [""]
+    head = " | ".join(f"{c} r" for c in PLOTTED)
+    lines += [("End-diastole: prepared cines have their largest LV area at frame 0 (preprocessing's rule); the share "
+               "of cines whose segmented largest-LV frame lies within 2 frames of frame 0 (cyclically) tells whether "
+               "the generator keeps that alignment. Per-cine values: adherence_<set>.csv."), "",
+              f"| set | cines | unmeasurable | ED within 2 frames of frame 0 | {head} |",
+              "| --- | --- | --- | --- | " + " | ".join(["---"] * len(PLOTTED)) + " |"]
+    lines += [f"| {name} | {e['n']} | {pct(e['unmeasurable_share'])} | {pct(e.get('ed_aligned_share'))} | "
+              + " | ".join(fmt(e["phenotypes"].get(c, {}).get("pearson_r")) for c in PLOTTED) + " |"
+              for name, e in rows] + [""]
     for name, entry in sets.items():
         if not entry["phenotypes"]:
             lines += [f"Set {name}: no conditioning values (unconditional): only the unmeasurable share applies.", ""]

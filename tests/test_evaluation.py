@@ -3,6 +3,7 @@ protocols, adherence of real phantom cines, copy detection, membership inference
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import subprocess
@@ -141,6 +142,11 @@ def test_adherence_of_phantom_cines_from_their_true_labels_is_high(cohort: tuple
     assert fixed["LVEF (%)"]["pearson_r"] == pytest.approx(entry["phenotypes"]["LVEF (%)"]["pearson_r"], abs=0.01)
     assert fixed["LVEDV (mL)"]["pearson_r"] < entry["phenotypes"]["LVEDV (mL)"]["pearson_r"]
 
+    frames = evaluation.ed_frames(labels)  # phantom cines are prepared: the largest LV area is at frame 0
+    assert (frames == 0).all() and evaluation.ed_aligned_share(frames, labels.shape[1]) == 1.0
+    shifted = evaluation.ed_frames(np.stack([np.roll(labels[k], s, axis=0) for k, s in enumerate((2, -2, 10))]))
+    assert shifted.tolist() == [2, 48, 10] and evaluation.ed_aligned_share(shifted, 50) == pytest.approx(2 / 3)
+
     t = np.linspace(1, 10, 6)[:, None]
     perfect, scaled = (evaluation.adherence_stats(t, m, ["x"])["x"] for m in (t, 2 * t))
     assert perfect == {"n": 6, "pearson_r": pytest.approx(1.0), "mae": 0.0, "r2": 1.0}
@@ -258,6 +264,11 @@ def test_evaluation_config_on_a_tiny_pipeline_run(tiny_pipeline: Path, i3d_stand
     adherence = metrics["adherence"]
     assert adherence["sets"]["cfg"]["phenotypes"]["LVEDV (mL)"]["n"] + \
         len(adherence["sets"]["cfg"]["unmeasurable"]) == 4 and adherence["heldout_true_labels"]["n"] == 3
+    with (out / adherence["sets"]["cfg"]["table"]).open(newline="") as f:  # one row per cine, requested beside measured
+        table = list(csv.DictReader(f))
+    assert [r["subject"] for r in table] == [f"G{i:06d}" for i in range(4)]
+    assert all(0 <= int(r["ed_frame"]) < 50 and float(r["requested LVEF (%)"]) > 0 for r in table)
+    assert 0.0 <= adherence["sets"]["cfg"]["ed_aligned_share"] <= 1.0
     audit = metrics["privacy"]
     assert set(audit["sets"]) == {"heldout", "cfg", "unconditional"} and audit["membership_inference"]["n_training"] == 13
     private = json.loads((out / "cfg_datalist_private.json").read_text())
