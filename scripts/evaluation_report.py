@@ -253,10 +253,12 @@ def _speed(m: dict) -> list[str]:
                      f"{me['decoding_peak_bytes'] / 1e9:.2f} GB | {gen} | {PAPER['s_per_clip']} |")
     measured = [s["measured"] for s in m["speed"].values() if "measured" in s]
     if measured:
+        cpus = measured[0]["cpu_count"]
+        busy = max(x["load_average_1min"] for x in measured) > cpus + 0.5  # the 1-min average includes this run
         lines += ["", f"Memory: {measured[0]['memory_method']}. Load average (1 min) when timed: "
-                  + ", ".join(f"{x['load_average_1min']:.1f}" for x in measured)
-                  + f" on {measured[0]['cpu_count']} logical CPUs (above the CPU count, other work shared the machine "
-                  "and the times here are slower than on an idle one)."]
+                  + ", ".join(f"{x['load_average_1min']:.1f}" for x in measured) + f" on {cpus} logical CPUs ("
+                  + ("above the CPU count: other work shared the machine, so these times are slower than on an idle "
+                     "one)." if busy else "this evaluation's own work included; no sign of other load).")]
     return lines + [""]
 
 
