@@ -70,7 +70,8 @@ def ensure_synthetic(need: int, generated_dir: str | Path, stages: Sequence[dict
     stage = next((s for s in stages if s["name"] == "generate"), None)
     if stage is None:
         raise ValueError("downstream_table.json: no 'generate' stage in `stages` to make the missing synthetic cines")
-    logger.info("downstream: generating %d more synthetic cines into %s", need - have, generated_dir)
+    logger.info("downstream: %d synthetic cines listed in %s, %d needed: generating the rest (samples already "
+                "written by an interrupted run are kept)", have, generated_dir, need)
     start = time.perf_counter()
     run_stages([{**stage, "overrides": {**stage["overrides"], "num_samples": need}}], table_dir, profile_file)
     return time.perf_counter() - start
