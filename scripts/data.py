@@ -367,3 +367,25 @@ def prepare(dataset_dir: str | Path, output_dir: str | Path, phenotypes_csv: str
                 len(done), len(items), len(report["skipped"]), len(report["without_phenotypes"]),
                 report["split_sizes"], output_dir)
     return report
+
+
+def load_cines(root: str | Path, items: Sequence[dict], key: str = "image") -> torch.Tensor:
+    """(N, 1, T, H, W) tensor of the items' `key` arrays (relative to `root`), in order: float16 for images, the
+    stored integer type for labels."""
+    root = Path(root)
+    if not items:
+        return torch.zeros(0, 1, 0, 0, 0, dtype=torch.float16)
+    arrays = []
+    for d in items:
+        path = root / d[key]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: {key} of subject {d.get('subject')!r} listed in {root} not found")
+        try:
+            array = np.load(path)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{path}: {key} of subject {d.get('subject')!r} cannot be read ({error})") from error
+        if arrays and array.shape != arrays[0].shape:
+            raise ValueError(f"{path}: {key} of subject {d.get('subject')!r} has shape {array.shape}, the first "
+                             f"listed in {root} has {tuple(arrays[0].shape)}")
+        arrays.append(torch.from_numpy(array.astype(np.float16) if array.dtype.kind == "f" else array))
+    return torch.stack(arrays)

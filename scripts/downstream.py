@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import platform
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -23,7 +21,8 @@ import numpy as np
 import torch
 from monai.bundle import run
 
-from scripts.engines import read_stats
+from scripts.benchmark import device_name
+from scripts.engines import file_digest, read_stats
 from scripts.finetune import cv_folds, task_items
 from scripts.io import write_json, write_text
 from scripts.mae import pretrain_datalist, read_items, usable
@@ -96,8 +95,11 @@ class Runner:
         self.times_path = table_dir / "times.json"
         self.times = json.loads(self.times_path.read_text()) if self.times_path.is_file() else {}
 
-    def __call__(self, name: str, configs: Sequence[str], settings: dict, metrics_path: Path) -> dict:
-        result = finished(metrics_path, settings)
+    def __call__(self, name: str, configs: Sequence[str], settings: dict, metrics_path: Path,
+                 recorded: Mapping | None = None) -> dict:
+        """`settings` go to the run; they and `recorded` (values the run records but is not given) must match."""
+        expected = {**settings, **(recorded or {})}
+        result = finished(metrics_path, expected)
         if result is None:
             logger.info("downstream: run %s", name)
             start, cpu = time.perf_counter(), time.process_time()
@@ -106,7 +108,7 @@ class Runner:
             self.times[name] = {"wall_s": round(time.perf_counter() - start, 1),
                                 "cpu_s": round(time.process_time() - cpu, 1)}  # all threads: busy-machine proof
             write_json(self.times_path, self.times)
-            result = finished(metrics_path, settings)
+            result = finished(metrics_path, expected)
             if result is None:
                 raise RuntimeError(f"run {name} finished without a complete {metrics_path} recording its settings")
         return result
@@ -116,14 +118,6 @@ def command_line() -> str:
     """This process's command, `python -m monai.bundle ...` for a bundle run."""
     args = sys.argv[1:] if sys.argv[0].replace("\\", "/").endswith("monai/bundle/__main__.py") else sys.argv
     return " ".join(["python -m monai.bundle", *args] if args is not sys.argv else args)
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo where there is one, else the platform's machine name."""
-    info = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
-             if line.startswith("model name")] if info.is_file() else []
-    return names[0] if names else platform.machine()
 
 
 def variants(mix_ratios: Sequence[float], mix_star_ratios: Sequence[float]) -> list[dict]:
@@ -190,6 +184,9 @@ def run_table(prepared_dir: str, generated_dir: str, table_dir: str, bundle_root
         raise TypeError(f"downstream#generate_missing must be a boolean, got {downstream['generate_missing']!r} "
                          "(on the command line: True or False)")
     mix, mix_star = list(downstream["mix_ratios"]), list(downstream["mix_star_ratios"])
+    if set(mix_star) - set(mix):  # a mix* row fine-tunes the encoder of the same mix ratio
+        raise ValueError(f"downstream#mix_star_ratios {sorted(set(mix_star) - set(mix))} need the same ratios in "
+                         f"downstream#mix_ratios {mix}")
     need = synthetic_needed(prepared_dir, mae, finetune, seed, real_splits, cv_splits, stratify_key, mix, mix_star)
     gen_s = ensure_synthetic(need, generated_dir, stages, table, profile_file, downstream["generate_missing"])
     runner = Runner(table, bundle_root, profile_file)
@@ -207,6 +204,7 @@ def run_table(prepared_dir: str, generated_dir: str, table_dir: str, bundle_root
                         table / "pretrain" / slug / "metrics.json")
         encoders[r], pretrain_info[slug] = weights, result
 
+    digests = {None: "", **{r: file_digest(w) for r, w in encoders.items()}}
     rows = variants(mix, mix_star)
     results: dict[str, dict] = {row["method"]: {} for row in rows}
     for task in tasks:
@@ -222,13 +220,15 @@ def run_table(prepared_dir: str, generated_dir: str, table_dir: str, bundle_root
                             "mix_ratio": row["mix_star"], "run_name": f"{task['name']}_fold{fold}",
                             "output_dir": str(out), "ckpt_dir": str(out / "models")}
                 run_name = settings["run_name"]
-                folds.append(runner(f"{row['slug']}_{run_name}", task["configs"], settings, out / f"{run_name}.json"))
+                encoder = {"pretrained_digest": digests[row["pretrain"]]}  # a remade MAE invalidates its fine-tunes
+                folds.append(runner(f"{row['slug']}_{run_name}", task["configs"], settings, out / f"{run_name}.json",
+                                    encoder))
                 (out / "models" / f"{run_name}_latest.pt").unlink(missing_ok=True)  # the table resumes per run
             results[row["method"]][task["name"]] = aggregate(folds)
 
     summary = {
         "command": command_line(), "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{cpu_name()}, {os.cpu_count()} CPU cores, "
+        "machine": f"{device_name(torch.device('cpu'))}, "
                    f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}",
         "profile_file": profile_file, "folds": finetune["num_folds"], "seed": seed,
         "cohort": {"real_pretraining": pretrain_info["mix0"]["info"]["real_pretraining"],

@@ -17,6 +17,7 @@ DistributedDataParallel wrapping and the per-rank handler list.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -350,15 +351,30 @@ def sample_phenotypes(network: nn.Module, checkpoint: str | Path, stats_path: st
 IMAGE = "image"  # dataset key of a (1, T, H, W) float32 cine in [0, 1]
 
 
-def load_feature_network(path: str | Path) -> nn.Module:
-    """A user-supplied TorchScript feature network for the perceptual term: (N, 1, H, W) frames -> features.
+def load_feature_network(path: str | Path, what: str = "perceptual_weights") -> nn.Module:
+    """A local TorchScript feature network in eval mode without gradients, on the CPU (`what` names it in errors):
+    the perceptual term's (N, 1, H, W) frames -> features, or the evaluation's Inception and I3D.
 
     Only a local file: MONAI's PerceptualLoss downloads its weights, which cannot happen here.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: perceptual_weights file not found (a TorchScript feature network)")
-    return torch.jit.load(str(path), map_location="cpu").eval().requires_grad_(False)
+        raise FileNotFoundError(f"{path}: {what} file not found (a TorchScript feature network)")
+    network = torch.jit.load(str(path), map_location="cpu").eval()
+    for parameter in network.parameters():  # a loaded ScriptModule rejects requires_grad_
+        parameter.requires_grad_(False)
+    return network
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file ("" for an empty path): tells a rerun whether an input checkpoint was remade."""
+    if not str(path):
+        return ""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def frames_as_images(output: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,6 +25,7 @@ from torch import nn
 
 from scripts import fidelity, privacy, segmentation
 from scripts.benchmark import device_name, peak_memory, timed
+from scripts.data import load_cines
 from scripts.engines import load_weights, read_stats
 from scripts.evaluation_report import adherence_plot, write_report
 from scripts.generation import sample_seed
@@ -47,22 +48,6 @@ def read_datalist(path: str | Path) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def load_cines(root: str | Path, items: Sequence[dict], key: str = "image") -> torch.Tensor:
-    """(N, 1, T, H, W) tensor of the items' `key` arrays (relative to `root`), in order: float16 for images, the
-    stored integer type for labels."""
-    root = Path(root)
-    if not items:
-        return torch.zeros(0, 1, 0, 0, 0, dtype=torch.float16)
-    arrays = []
-    for d in items:
-        path = root / d[key]
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: {key} of subject {d.get('subject')!r} listed in {root} not found")
-        array = np.load(path)
-        arrays.append(torch.from_numpy(array.astype(np.float16) if array.dtype.kind == "f" else array))
-    return torch.stack(arrays)
-
-
 def stages_to_run(stages: Sequence[dict], skip: Sequence[str]) -> list[dict]:
     """The stages whose names are not in `skip`; ValueError for a name in `skip` that is no stage."""
     names = [s["name"] for s in stages]
@@ -80,11 +65,12 @@ def subset(items: Sequence[dict], max_items: int | None, seed: int) -> list[dict
     return [items[i] for i in keep]
 
 
-def heldout_items(datalist: dict, splits: Sequence[str], max_items: int | None, seed: int) -> list[dict]:
-    """Items of the held-out `splits`, at most `max_items` of them (a seeded subset)."""
+def heldout_items(datalist: dict, splits: Sequence[str], max_items: int | None, seed: int,
+                  source: str | Path = "the prepared datalist") -> list[dict]:
+    """Items of the held-out `splits` of `datalist` (read from `source`), at most `max_items` (a seeded subset)."""
     missing = [s for s in splits if s not in datalist]
     if missing:
-        raise ValueError(f"the prepared datalist has no split(s) {missing} (has {sorted(datalist)})")
+        raise ValueError(f"{source}: no split(s) {missing} (has {sorted(datalist)})")
     return subset([d for s in splits for d in datalist[s]], max_items, seed)
 
 
@@ -191,6 +177,7 @@ def set_adherence(labels: np.ndarray, items: Sequence[dict], target: np.ndarray 
     measured, failures = measure_labels(labels, items)
     entry = adherence(measured, failures, target, columns)
     entry["ed_aligned_share"] = ed_aligned_share(ed_frames(labels), labels.shape[1])
+    entry["ed_tolerance_frames"] = ED_TOLERANCE
     if target is not None:
         entry["median_geometry"] = adherence(measure_labels(labels, median_geometry(items))[0], [], target,
                                              columns)["phenotypes"]
@@ -222,10 +209,10 @@ def fidelity_section(heldout: torch.Tensor, cines: Mapping[str, torch.Tensor], m
     halves = fidelity.disjoint_halves(len(heldout), seed)
     bs = settings["batch_size"]
     features: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
-    inception = fidelity.load_torchscript(fidelity.inception_path(), device)
+    inception = fidelity.load_torchscript(fidelity.inception_path(), device, "Inception-v3")
     features["fid"] = lambda x: fidelity.inception_features(inception, x, settings["fid_frame_step"], bs, device)
     if i3d_path:
-        i3d = fidelity.load_torchscript(i3d_path, device)
+        i3d = fidelity.load_torchscript(i3d_path, device, "i3d_path")
         features["fvd"] = lambda x: fidelity.i3d_features(i3d, x, bs, device)
     out = {}
     for metric, extract in features.items():
@@ -408,7 +395,7 @@ def evaluate(output_dir: str, prepared_dir: str, sets: Mapping[str, str], autoen
     load_weights(autoencoder, ckpt / "autoencoder.pt", f"autoencoder profile {profile!r}",
                  "configs/train_autoencoder.json").eval()
     load_weights(mar, ckpt / "mar.pt", f"MAR profile {profile!r}", "configs/train_mar.json").eval()
-    heldout = heldout_items(datalist, heldout_splits, settings["max_heldout"], seed)
+    heldout = heldout_items(datalist, heldout_splits, settings["max_heldout"], seed, prepared / "datalist.json")
     training = datalist.get("training", [])
     found = read_sets(sets)
     ok = {k: v for k, v in found.items() if v["status"] == "ok"}

@@ -157,10 +157,11 @@ def _adherence(m: dict) -> list[str]:
     sets = a.get("sets", {})
     rows = list(sets.items()) + [(f"real held-out, {k} (floor)", v) for k, v in floors.items()]
     head = " | ".join(f"{c} r" for c in PLOTTED)
+    tol = next((e["ed_tolerance_frames"] for _, e in rows if "ed_tolerance_frames" in e), None)
     lines += [("End-diastole: prepared cines have their largest LV area at frame 0 (preprocessing's rule); the share "
-               "of cines whose segmented largest-LV frame lies within 2 frames of frame 0 (cyclically) tells whether "
-               "the generator keeps that alignment. Per-cine values: adherence_<set>.csv."), "",
-              f"| set | cines | unmeasurable | ED within 2 frames of frame 0 | {head} |",
+               f"of cines whose segmented largest-LV frame lies within {tol} frames of frame 0 (cyclically) tells "
+               "whether the generator keeps that alignment. Per-cine values: adherence_<set>.csv."), "",
+              f"| set | cines | unmeasurable | ED within {tol} frames of frame 0 | {head} |",
               "| --- | --- | --- | --- | " + " | ".join(["---"] * len(PLOTTED)) + " |"]
     lines += [f"| {name} | {e['n']} | {pct(e['unmeasurable_share'])} | {pct(e.get('ed_aligned_share'))} | "
               + " | ".join(fmt(e["phenotypes"].get(c, {}).get("pearson_r")) for c in PLOTTED) + " |"

@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from scripts.engines import frechet_distance as monai_frechet_distance
+from scripts.engines import load_feature_network
 
 INCEPTION_FILE = "default_1.pt"
 INCEPTION_SIZE = 299
@@ -50,12 +51,9 @@ def inception_path() -> Path:
     return path
 
 
-def load_torchscript(path: str | Path, device: torch.device | str) -> nn.Module:
+def load_torchscript(path: str | Path, device: torch.device | str, what: str = "feature network") -> nn.Module:
     """A TorchScript feature network in eval mode on `device` (loaded on the CPU first)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: TorchScript feature network not found")
-    return torch.jit.load(str(path), map_location="cpu").eval().to(device)
+    return load_feature_network(path, what).to(device)
 
 
 @torch.no_grad()

@@ -155,12 +155,12 @@ def fit_geometry(datalist_path: str | Path, stats: dict) -> GeometryModel:
     targets = np.log([[*d["spacing_mm"][:2], d["frame_interval_s"]] for d in items])  # (N, 3)
     base = {"median": np.median(targets, 0), "low": targets.min(0), "high": targets.max(0)}
     columns = stats["columns"]
-    rows = [d for d, t in zip(items, targets) if d.get("has_phenotypes")
-            and all(isinstance(d.get(c), (int, float)) and np.isfinite(d[c]) for c in columns)]
-    if len(rows) < GEOMETRY_MIN_ITEMS * 2 * len(columns):
+    keep = np.array([bool(d.get("has_phenotypes")) and all(isinstance(d.get(c), (int, float)) and np.isfinite(d[c])
+                                                             for c in columns) for d in items])
+    if keep.sum() < GEOMETRY_MIN_ITEMS * 2 * len(columns):
         return GeometryModel(**base)
-    values = np.array([[d[c] for c in columns] for d in rows], np.float64)  # (N, F)
-    y = np.log([[*d["spacing_mm"][:2], d["frame_interval_s"]] for d in rows])
+    values = np.array([[d[c] for c in columns] for d, k in zip(items, keep) if k], np.float64)  # (N, F)
+    y = targets[keep]
     log_index = tuple(int(k) for k in np.flatnonzero((values > 0).all(0)))
     logs = np.log(values[:, list(log_index)])
     log_mean, log_std = logs.mean(0), np.where(logs.std(0) > 0, logs.std(0), 1.0)

@@ -28,7 +28,7 @@ from scipy import ndimage
 from torch import nn
 from torch.nn import functional as F
 
-from scripts.data import IMAGE_SIZE, box_fraction, crop_pad, heart_box, prepare
+from scripts.data import IMAGE_SIZE, box_fraction, crop_pad, heart_box, load_cines, prepare
 from scripts.engines import ReconstructionMontage, load_weights
 from scripts.io import atomic_write, load_subject, write_json
 from scripts.montage import _grid, to_uint8
@@ -184,10 +184,7 @@ def read_info(checkpoint: str | Path) -> dict:
 
 def load_prepared(prepared_dir: str | Path, items: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, 1, T, H, W) float32 images and (N, T, H, W) uint8 labels of datalist items of a prepared folder."""
-    folder = Path(prepared_dir)
-    images = torch.stack([torch.from_numpy(np.load(folder / d["image"]).astype(np.float32)) for d in items])
-    labels = torch.stack([torch.from_numpy(np.load(folder / d["label"])[0]) for d in items])
-    return images, labels
+    return load_cines(prepared_dir, items).float(), load_cines(prepared_dir, items, "label")[:, 0]
 
 
 def split_dice(network: nn.Module, prepared_dir: str | Path, split: str = "test",

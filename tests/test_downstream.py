@@ -277,7 +277,18 @@ def test_tiny_table_writes_the_comparison_and_resumes(cohort: tuple[Path, Path],
     again = run_table(**kwargs)  # every run finished with the same settings: nothing runs again
     assert again["seconds"]["runs"] == summary["seconds"]["runs"] and again["results"] == summary["results"]
     with pytest.raises(ValueError, match="needs 20.*--downstream#generate_missing True"):
-        run_table(**{**kwargs, "downstream": {**kwargs["downstream"], "mix_ratios": [2]}})
+        run_table(**{**kwargs, "downstream": {**kwargs["downstream"], "mix_ratios": [1, 2]}})
+    with pytest.raises(ValueError, match=r"mix_star_ratios \[2\] need the same ratios"):
+        run_table(**{**kwargs, "downstream": {**kwargs["downstream"], "mix_star_ratios": [2]}})
+
+    runs = tmp_path / "table" / "runs"
+    before = {p: p.stat().st_mtime_ns for p in runs.rglob("*.json")}
+    weights = tmp_path / "table" / "models" / "mae_mix1.pt"  # a remade encoder: its fine-tunes are stale
+    torch.save({k: v + 0.01 if v.is_floating_point() else v for k, v in
+                torch.load(weights, weights_only=True).items()}, weights)
+    run_table(**kwargs)
+    redone = sorted({p.relative_to(runs).parts[0] for p, t in before.items() if p.stat().st_mtime_ns != t})
+    assert redone == ["mix1", "mixstar1"]
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from torch import nn
 
 from scripts import evaluation, fidelity, privacy
 from scripts.autoencoder import CineAutoencoderKL, autoencoder_profile
-from scripts.data import prepare
+from scripts.data import load_cines, prepare
 from scripts.engines import frechet_distance as monai_frechet_distance
 from scripts.mar import MAR, mar_profile
 from scripts.phantom import make_cohort
@@ -106,7 +106,7 @@ def test_inception_protocol_and_fid_of_a_set_against_itself(cohort: tuple[Path, 
     assert spy.seen[:2].unique().tolist() == [-1.0] and spy.seen[2:].unique().tolist() == [0.9921875]
 
     net = fidelity.load_torchscript(fidelity.inception_path(), "cpu")
-    real = evaluation.load_cines(prepared, items[:3]).float()
+    real = load_cines(prepared, items[:3]).float()
     g = torch.Generator().manual_seed(0)
     feats = [fidelity.inception_features(net, (real + s * torch.randn(real.shape, generator=g)).clamp(0, 1), 25, 8,
                                          "cpu").flatten(0, 1) for s in (0.0, 0.05, 0.3)]  # (6, 2048) each
@@ -117,7 +117,7 @@ def test_inception_protocol_and_fid_of_a_set_against_itself(cohort: tuple[Path, 
 
 def test_fvd_path_with_a_stand_in_i3d(cohort: tuple[Path, list[dict]], i3d_stand_in: Path) -> None:
     prepared, items = cohort
-    cines = evaluation.load_cines(prepared, items[:2])
+    cines = load_cines(prepared, items[:2])
     feats = fidelity.i3d_features(fidelity.load_torchscript(i3d_stand_in, "cpu"), cines, 2, "cpu")
     assert feats.shape == (2, 400)
     assert feats[:, :5].tolist() == [[2, 3, 16, 224, 224]] * 2  # (batch, RGB, 16 frames, 224, 224)
@@ -129,7 +129,7 @@ def test_fvd_path_with_a_stand_in_i3d(cohort: tuple[Path, list[dict]], i3d_stand
 # ---------------------------------------------------------------------------------------------------------- adherence
 def test_adherence_of_phantom_cines_from_their_true_labels_is_high(cohort: tuple[Path, list[dict]]) -> None:
     prepared, items = cohort
-    labels = evaluation.load_cines(prepared, items, "label")[:, 0].numpy()
+    labels = load_cines(prepared, items, "label")[:, 0].numpy()
     measured, failures = evaluation.measure_labels(labels, items)
     assert not failures
     stats = evaluation.adherence_stats(evaluation.value_rows(items, PHENOTYPE_COLUMNS), measured, PHENOTYPE_COLUMNS)
@@ -163,7 +163,7 @@ def test_a_copied_training_cine_is_flagged_and_a_fresh_one_is_not(cohort: tuple[
                                                                    tmp_path: Path) -> None:
     prepared, items = cohort
     train, held = items[:6], items[6:11]
-    cines = evaluation.load_cines(prepared, items)
+    cines = load_cines(prepared, items)
     torch.manual_seed(0)
     emb = fidelity.pool_latents(fidelity.latent_means(CineAutoencoderKL(**autoencoder_profile("tiny")), cines, 4,
                                                       "cpu"))
