@@ -22,7 +22,8 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import ignite.distributed as idist
@@ -366,6 +367,14 @@ def load_feature_network(path: str | Path, what: str = "perceptual_weights") -> 
     return network
 
 
+@contextmanager
+def seeded(device: torch.device | str, seed: int) -> Iterator[None]:
+    """The global CPU RNG (and `device`'s CUDA RNG) seeded with `seed` inside the block, restored after it."""
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 def file_digest(path: str | Path) -> str:
     """SHA-256 of a file ("" for an empty path): tells a rerun whether an input checkpoint was remade."""
     if not str(path):
@@ -527,8 +536,6 @@ def mar_eval_step(engine: Engine, batch: dict) -> dict[str, torch.Tensor]:
     """`iteration_update` of SupervisedEvaluator: the MAR loss of the posterior means, with masks, timesteps and noise
     drawn from a generator state seeded by the iteration (the same draws at every evaluation)."""
     device = engine.state.device
-    cuda = [device] if torch.device(device).type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda), eval_mode(engine.network), _autocast(engine):
-        torch.manual_seed(engine.state.iteration)
+    with seeded(device, engine.state.iteration), eval_mode(engine.network), _autocast(engine):
         loss = engine.network(batch["mean"].to(device), batch["phenotypes"].to(device))
     return {"loss": loss.float()}

@@ -29,7 +29,7 @@ from monai.utils import CommonKeys
 from torch import nn
 
 from scripts.data import IMAGE_SIZE, NUM_FRAMES
-from scripts.engines import check_state_dict, unwrap
+from scripts.engines import check_state_dict, seeded, unwrap
 from scripts.io import atomic_write, write_json
 
 logger = logging.getLogger(__name__)
@@ -197,9 +197,7 @@ class MAEEvalStep:
     def __call__(self, engine: Engine, batch: dict) -> dict[str, torch.Tensor]:
         x = batch[IMAGE].to(engine.state.device, non_blocking=engine.non_blocking)
         p = unwrap(engine.network).patch_size[0]
-        cuda = [x.device] if x.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda), eval_mode(engine.network):
-            torch.manual_seed(engine.state.iteration)  # MaskedAutoEncoderViT draws its masks from the global CPU RNG
+        with seeded(x.device, engine.state.iteration), eval_mode(engine.network):  # ViT masks: global CPU RNG
             pred, mask = engine.network(x)
         target = patchify(x, p)
         keep = mask.unsqueeze(-1).to(pred.dtype)  # 1 = masked: show the prediction there, the input elsewhere

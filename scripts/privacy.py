@@ -23,6 +23,7 @@ from monai.networks import eval_mode
 from sklearn.metrics import roc_curve
 from torch import nn
 
+from scripts.engines import seeded
 from scripts.io import write_json
 from scripts.montage import save_montage
 
@@ -123,13 +124,11 @@ def mar_losses(mar: nn.Module, means: torch.Tensor, phenotypes: torch.Tensor, dr
     `draws` seeded draws of mask ratio, order, timesteps and noise; draw k uses the same seed for every subject.
     Batch 1: MAR's forward averages over the batch and draws one mask ratio per batch."""
     device = mar.mask_token.device
-    cuda = [device] if device.type == "cuda" else []
     losses = np.zeros((len(means), draws))
     with eval_mode(mar):
         for i in range(len(means)):
             for k in range(draws):
-                with torch.random.fork_rng(devices=cuda):
-                    torch.manual_seed(seed * 1000 + k)
+                with seeded(device, seed * 1000 + k):
                     losses[i, k] = float(mar(means[i:i + 1].to(device), phenotypes[i:i + 1].to(device)))
     return losses.mean(1)
 
