@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from scripts.autoencoder import CineAutoencoderKL, autoencoder_profile
+from scripts.generation.autoencoder import CineAutoencoderKL, autoencoder_profile
 
 PAPER_PARAMS = 277.7e6  # the authors' 3D-VAE
 MINI_PAPER = {**autoencoder_profile("paper"), "channels": (8, 8, 16, 16), "norm_num_groups": 4}  # paper, tiny widths

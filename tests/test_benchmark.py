@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from scripts.benchmark import count_flops, decode_flops_per_clip
-from scripts.mar import MAR, mar_profile, masking_schedule
+from scripts.generation.benchmark import count_flops, decode_flops_per_clip
+from scripts.generation.mar import MAR, mar_profile, masking_schedule
 from tests.conftest import REPO
 
 N_PHENOTYPES, BATCH, NUM_ITER, STEPS, CFG = 21, 2, 2, 2, 3.0

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from scripts import cli
+from scripts.runtime import cli
 from tests.conftest import REPO
 
 

@@ -18,9 +18,7 @@ from monai.bundle import run
 from monai.networks.blocks import PatchEmbeddingBlock
 from sklearn.metrics import accuracy_score, mean_absolute_error, r2_score, roc_auc_score
 
-from scripts.downstream import run_table
-from scripts.engines import load_weights
-from scripts.finetune import (
+from scripts.downstream.finetune import (
     TaskMetrics,
     classification_metrics,
     cv_folds,
@@ -29,7 +27,9 @@ from scripts.finetune import (
     task_items,
     vit_network,
 )
-from scripts.mae import MaskedPatchLoss, mae_network, patchify, pretrain_datalist, unpatchify
+from scripts.downstream.mae import MaskedPatchLoss, mae_network, patchify, pretrain_datalist, unpatchify
+from scripts.downstream.table import run_table
+from scripts.runtime.checkpoints import load_weights
 from tests.conftest import REPO
 from tests.downstream_cohort import COLUMNS, MEAN, STD, write_cohort
 

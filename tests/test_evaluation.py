@@ -15,14 +15,16 @@ import pytest
 import torch
 from torch import nn
 
-from scripts import evaluation, fidelity, privacy
-from scripts.autoencoder import CineAutoencoderKL, autoencoder_profile
-from scripts.data import load_cines, prepare
-from scripts.engines import frechet_distance as monai_frechet_distance
-from scripts.mar import MAR, mar_profile
-from scripts.phantom import make_cohort
-from scripts.phenotypes import PHENOTYPE_COLUMNS
-from scripts.segmentation import build_segmenter
+from scripts.data.cohort import load_cines
+from scripts.data.phantom import make_cohort
+from scripts.data.phenotypes import PHENOTYPE_COLUMNS
+from scripts.data.prepare import prepare
+from scripts.evaluation import evaluate as evaluation
+from scripts.evaluation import fidelity, privacy
+from scripts.generation.autoencoder import CineAutoencoderKL, autoencoder_profile
+from scripts.generation.mar import MAR, mar_profile
+from scripts.runtime.features import frechet_distance as monai_frechet_distance
+from scripts.segmentation.segmenter import build_segmenter
 from tests.conftest import REPO
 
 torch.set_num_threads(1)

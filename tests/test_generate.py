@@ -17,13 +17,12 @@ import pytest
 import torch
 from monai.data import load_decathlon_datalist
 
-from scripts.autoencoder import CineAutoencoderKL, autoencoder_profile
-from scripts.engines import phenotype_vectors
-from scripts.generation import fit_geometry, generate, read_conditions, sample_seed
-from scripts.io import load_cine
-from scripts.mar import MAR, mar_profile
-from scripts.networks import PhenotypeVAE
-from scripts.phenotypes import PhenotypeTableError, normalise
+from scripts.data.cine_files import load_cine
+from scripts.data.phenotypes import PhenotypeTableError, normalise
+from scripts.generation.autoencoder import CineAutoencoderKL, autoencoder_profile
+from scripts.generation.generate import fit_geometry, generate, read_conditions, sample_seed
+from scripts.generation.mar import MAR, mar_profile
+from scripts.generation.phenotype_vae import PhenotypeVAE, phenotype_vectors
 from tests.conftest import REPO
 
 torch.set_num_threads(1)

@@ -1,4 +1,4 @@
-"""scripts.io: cine loading (NIfTI, DICOM series), validation errors and atomic writes.
+"""scripts.data.cine_files: cine loading (NIfTI, DICOM series), validation errors and atomic writes.
 
 Also holds the small synthetic cine used by tests/test_prepare.py.
 """
@@ -14,7 +14,8 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from scripts.io import CineError, atomic_write, load_cine, load_subject
+from scripts.data.cine_files import CineError, load_cine, load_subject
+from scripts.runtime.files import atomic_write
 
 SHAPE = (120, 100)  # X, Y
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from scipy import stats
 
-from scripts.diffloss import DiffLoss
-from scripts.mar import MAR, PAPER, TINY, masking_schedule, patchify, sample_mask_ratios, unpatchify
+from scripts.generation.diffloss import DiffLoss
+from scripts.generation.mar import MAR, PAPER, TINY, masking_schedule, patchify, sample_mask_ratios, unpatchify
 
 LATENT = (16, 25, 12, 12)
 N_PHEN = 5

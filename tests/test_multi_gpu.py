@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.autoencoder import CineAutoencoderKL, autoencoder_profile
+from scripts.generation.autoencoder import CineAutoencoderKL, autoencoder_profile
 from tests.conftest import REPO
 from tests.test_phenotype_vae import _write_prepared
 

@@ -11,9 +11,9 @@ import time
 import pytest
 import torch
 
-from scripts.autoencoder import CineAutoencoderKL, autoencoder_profile
-from scripts.mar import MAR, mar_profile
-from scripts.networks import PhenotypeVAE
+from scripts.generation.autoencoder import CineAutoencoderKL, autoencoder_profile
+from scripts.generation.mar import MAR, mar_profile
+from scripts.generation.phenotype_vae import PhenotypeVAE
 
 pytestmark = pytest.mark.slow
 N_PHENOTYPES = 82  # the paper's phenotype count

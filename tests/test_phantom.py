@@ -11,8 +11,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from scripts import phantom
-from scripts.phenotypes import PHENOTYPE_COLUMNS, measure_cine, read_phenotype_table
+from scripts.data import phantom
+from scripts.data.phenotypes import PHENOTYPE_COLUMNS, measure_cine, read_phenotype_table
 from tests.conftest import REPO
 
 WEIGHTS = (0.25, 0.25, 0.25, 0.25)

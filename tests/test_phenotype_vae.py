@@ -16,18 +16,18 @@ from ignite.engine import Engine
 from ignite.exceptions import NotComputableError
 from monai.handlers import CheckpointLoader
 
-from scripts.engines import (
+from scripts.data.cohort import read_stats
+from scripts.data.phenotypes import fit_normaliser
+from scripts.generation.losses import VAELoss
+from scripts.generation.phenotype_vae import (
     FrechetDistance,
-    LatestCheckpoint,
-    VAELoss,
-    frechet_distance,
+    PhenotypeVAE,
     phenotype_dataset,
     phenotype_vectors,
-    read_stats,
     sample_phenotypes,
 )
-from scripts.networks import PhenotypeVAE
-from scripts.phenotypes import fit_normaliser
+from scripts.runtime.checkpoints import LatestCheckpoint
+from scripts.runtime.features import frechet_distance
 from tests.conftest import REPO
 
 COLUMNS = ["LVEDV", "LVESV", "LVSV", "LVEF", "LVCO", "LVM", "RVEDV", "RVESV", "RVSV", "RVEF", "LAV_max", "LAV_min",

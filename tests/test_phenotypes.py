@@ -10,10 +10,21 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from scripts.io import CineError
-from scripts.phenotypes import (
-    LABELS, PHENOTYPE_COLUMNS, VALVE_GAP_MM, PhenotypeError, PhenotypeTableError, _valve_midpoints, denormalise,
-    fit_normaliser, measure_cine, measure_nifti, normalise, read_phenotype_table, write_phenotype_table,
+from scripts.data.cine_files import CineError
+from scripts.data.phenotypes import (
+    LABELS,
+    PHENOTYPE_COLUMNS,
+    VALVE_GAP_MM,
+    PhenotypeError,
+    PhenotypeTableError,
+    _valve_midpoints,
+    denormalise,
+    fit_normaliser,
+    measure_cine,
+    measure_nifti,
+    normalise,
+    read_phenotype_table,
+    write_phenotype_table,
 )
 
 S = 1.8269231  # mm per pixel, as in the UK Biobank 4-chamber cines
@@ -175,7 +186,7 @@ def test_wall_thickness_at_mid_level(synthetic: dict[str, float]) -> None:
 
 
 def test_fallback_without_valve_interface_logs_once(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="scripts.phenotypes"):
+    with caplog.at_level(logging.WARNING, logger="scripts.data.phenotypes"):
         r = measure_cine(synthetic_cine(la_gap_px=2), (S, S), DT, subject="gap")
     warnings = [m for m in caplog.messages if "interface" in m]
     assert len(warnings) == 1 and "'gap'" in warnings[0] and "[1]" in warnings[0]
@@ -208,7 +219,7 @@ def test_valve_midpoint_is_centred_between_mirrored_shapes(spacing: float, gaps:
 
 def test_one_pixel_gap_is_bridged_without_fallback(caplog: pytest.LogCaptureFixture) -> None:
     cine = synthetic_cine(la_gap_px=1)  # frame 1: the LA tip 2 px (3.7 mm) from the LV base, no 4-adjacent pair
-    with caplog.at_level(logging.WARNING, logger="scripts.phenotypes"):
+    with caplog.at_level(logging.WARNING, logger="scripts.data.phenotypes"):
         r = measure_cine(cine, (S, S), DT, subject="gap1")
     assert not [m for m in caplog.messages if "interface" in m]
     lv, la = cine[..., 1] == LABELS["LV"], cine[..., 1] == LABELS["LA"]
@@ -338,7 +349,7 @@ def test_fit_normaliser_uses_only_given_eids(caplog: pytest.LogCaptureFixture) -
     values = rng.normal(size=(10, 3)) * [1, 10, 100] + [0, 5, -50]
     table = {str(k): {"a": v[0], "b": v[1], "c": 7.0} for k, v in enumerate(values)}
     train = ["0", "2", "3", "5", "8"]
-    with caplog.at_level(logging.WARNING, logger="scripts.phenotypes"):
+    with caplog.at_level(logging.WARNING, logger="scripts.data.phenotypes"):
         stats = fit_normaliser(table, train, ["a", "b", "c"])
     sub = values[[0, 2, 3, 5, 8], :2]
     assert stats["columns"] == ["a", "b", "c"] and stats["n"] == 5

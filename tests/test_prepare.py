@@ -1,4 +1,4 @@
-"""scripts.data.prepare on a small synthetic cohort, on the real demo subject, and through the bundle CLI."""
+"""scripts.data.prepare.prepare on a small synthetic cohort, on the real demo subject, and through the bundle CLI."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 from monai.data import load_decathlon_datalist
-
-from scripts.data import prepare, split_counts, split_subjects
-from scripts.phenotypes import PhenotypeTableError
 from test_io import synthetic_cine, write_nifti
+
+from scripts.data.phenotypes import PhenotypeTableError
+from scripts.data.prepare import prepare, split_counts, split_subjects
 
 REPO = Path(__file__).resolve().parents[1]
 COLUMNS = ["LVEDV (mL)", "LVEF (%)"]

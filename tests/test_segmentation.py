@@ -16,8 +16,8 @@ import torch
 from monai.networks.nets import UNet
 from PIL import Image
 
-from scripts.data import crop_pad, prepare
-from scripts.segmentation import (
+from scripts.data.prepare import crop_pad, prepare
+from scripts.segmentation.segmenter import (
     LABEL_NAMES,
     NUM_CLASSES,
     CineLabeller,
@@ -197,7 +197,7 @@ def test_prepare_labels_subjects_without_a_label_file(cohort: Path, prepared: Pa
     assert all("seg4_la_4ch.nii.gz: file not found" in s["reason"] for s in without["skipped"])
 
     stand_in = _TruthLabeller(truth)
-    monkeypatch.setattr("scripts.segmentation.CineLabeller", lambda checkpoint: stand_in)
+    monkeypatch.setattr("scripts.segmentation.segmenter.CineLabeller", lambda checkpoint: stand_in)
     report = prepare(root, tmp_path / "out", num_workers=0, segmenter_checkpoint="stand-in.pt")
     assert report["prepared"] == 8 and report["labelled_by_segmenter"] == ["s1", "s3", "s5", "s7"]
     assert len(stand_in.calls) == 4 and set(stand_in.calls) == {(1.5, 1.5)}
@@ -229,7 +229,7 @@ def test_crop_agreement_of_a_perfect_and_a_shifted_labeller(cohort: Path, monkey
         image = nib.load(cohort / f"s{n}" / "la_4ch.nii.gz").get_fdata(dtype=np.float32)[:, :, 0]
         truth[image.tobytes()] = np.asarray(nib.load(cohort / f"s{n}" / "seg4_la_4ch.nii.gz").dataobj)[:, :, 0]
     stand_in = _TruthLabeller({k: v.astype(np.uint8) for k, v in truth.items()})
-    monkeypatch.setattr("scripts.segmentation.CineLabeller", lambda checkpoint: stand_in)
+    monkeypatch.setattr("scripts.segmentation.segmenter.CineLabeller", lambda checkpoint: stand_in)
     exact = crop_agreement(cohort, "stand-in.pt", ["s0", "s1"])
     assert all(r["box_iou"] == 1.0 and r["heart_fraction"] == 1.0 and r["side_ratio"] == 1.0 for r in exact.values())
     assert all(r["dice"][name] == 1.0 for r in exact.values() for name in LABEL_NAMES)

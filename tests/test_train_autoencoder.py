@@ -17,8 +17,9 @@ from monai.bundle import ConfigParser
 from monai.networks.nets import PatchDiscriminator
 from PIL import Image
 
-from scripts.autoencoder import CineAutoencoderKL, autoencoder_profile
-from scripts.engines import AutoencoderGANStep, CineReconLoss
+from scripts.generation.autoencoder import CineAutoencoderKL, autoencoder_profile
+from scripts.generation.autoencoder_training import AutoencoderGANStep
+from scripts.generation.losses import CineReconLoss
 from tests.conftest import REPO
 
 torch.set_num_threads(1)

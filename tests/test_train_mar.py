@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.autoencoder import CineAutoencoderKL, autoencoder_profile
-from scripts.engines import mar_eval_step
-from scripts.latents import latent_dataset, read_latent_stats, scale_factor
-from scripts.mar import MAR, mar_profile
+from scripts.generation.autoencoder import CineAutoencoderKL, autoencoder_profile
+from scripts.generation.latents import latent_dataset, read_latent_stats, scale_factor
+from scripts.generation.mar import MAR, mar_profile
+from scripts.generation.mar_training import mar_eval_step
 from tests.conftest import REPO
 from tests.test_phenotype_vae import COLUMNS, _write_prepared
 

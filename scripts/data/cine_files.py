@@ -6,12 +6,7 @@ pixel spacing (mm), frame interval (s) and 4x4 affine.
 
 from __future__ import annotations
 
-import json
-import os
-import uuid
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -39,37 +34,6 @@ class Cine:
     spacing_mm: tuple[float, float]
     frame_interval_s: float
     affine: np.ndarray
-
-
-# ------------------------------------------------------------------------------------------------------ atomic writes
-@contextmanager
-def atomic_write(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path in the target's folder; it replaces `path` on success and is removed on failure."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")  # same suffix, so writers keep the format
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def save_npy(path: str | Path, array: np.ndarray) -> None:
-    """np.save, atomically."""
-    with atomic_write(path) as tmp:
-        np.save(tmp, array)
-
-
-def write_text(path: str | Path, text: str) -> None:
-    """Write UTF-8 text, atomically."""
-    with atomic_write(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def write_json(path: str | Path, obj: object) -> None:
-    """Write indented JSON, atomically."""
-    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------------------ reading

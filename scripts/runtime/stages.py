@@ -10,7 +10,10 @@ from pathlib import Path
 
 from monai.bundle import run
 
-from scripts.io import write_json
+from scripts.runtime.files import write_json
+
+logger = logging.getLogger(__name__)
+
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from scripts.io import atomic_write
+from scripts.runtime.files import atomic_write
 
 
 def to_uint8(frame: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:

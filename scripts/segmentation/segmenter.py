@@ -28,11 +28,17 @@ from scipy import ndimage
 from torch import nn
 from torch.nn import functional as F
 
-from scripts.data import IMAGE_SIZE, box_fraction, crop_pad, heart_box, load_cines, prepare
-from scripts.engines import ReconstructionMontage, load_weights
-from scripts.io import atomic_write, load_subject, write_json
-from scripts.montage import _grid, to_uint8
-from scripts.phenotypes import LABELS, _largest_components
+from scripts.data.cine_files import load_subject
+from scripts.data.cohort import load_cines
+from scripts.data.phenotypes import LABELS, _largest_components
+from scripts.data.prepare import IMAGE_SIZE, box_fraction, crop_pad, heart_box, prepare
+from scripts.runtime.checkpoints import load_weights
+from scripts.runtime.files import atomic_write, write_json
+from scripts.runtime.handlers import ReconstructionMontage
+from scripts.runtime.montage import _grid, to_uint8
+
+logger = logging.getLogger(__name__)
+
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +74,7 @@ def keep_largest_components(labels: torch.Tensor) -> torch.Tensor:
     out = np.zeros_like(x)
     for value in range(1, NUM_CLASSES):
         if (mask := x == value).any():
-            out[_largest_components(mask)] = value  # the measurement's own component rule (scripts.phenotypes)
+            out[_largest_components(mask)] = value  # the measurement's own component rule (scripts.data.phenotypes)
     return torch.from_numpy(out)
 
 
@@ -287,7 +293,7 @@ class CineLabeller:
 
 
 def _uncrop(crop: torch.Tensor, box: Sequence[Sequence[int]], shape: Sequence[int]) -> torch.Tensor:
-    """The inverse of scripts.data.crop_pad: `crop` (..., bx, by) placed at `box` in zeros of `shape`."""
+    """The inverse of scripts.data.prepare.crop_pad: `crop` (..., bx, by) placed at `box` in zeros of `shape`."""
     (x0, x1), (y0, y1) = box
     out = torch.zeros(tuple(shape), dtype=crop.dtype)
     ax, ay = (max(x0, 0), min(x1, shape[-2])), (max(y0, 0), min(y1, shape[-1]))

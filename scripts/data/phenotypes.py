@@ -15,7 +15,11 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from scripts.io import atomic_write, load_cine
+from scripts.data.cine_files import load_cine
+from scripts.runtime.files import atomic_write
+
+logger = logging.getLogger(__name__)
+
 
 logger = logging.getLogger(__name__)
 

@@ -28,9 +28,14 @@ from monai.transforms import Compose, EnsureTyped, LoadImaged, SqueezeDimd
 from monai.utils import CommonKeys
 from torch import nn
 
-from scripts.data import IMAGE_SIZE, NUM_FRAMES
-from scripts.engines import check_state_dict, seeded, unwrap
-from scripts.io import atomic_write, write_json
+from scripts.data.prepare import IMAGE_SIZE, NUM_FRAMES
+from scripts.runtime.checkpoints import check_state_dict
+from scripts.runtime.distributed import unwrap
+from scripts.runtime.files import atomic_write, write_json
+from scripts.runtime.handlers import seeded
+
+logger = logging.getLogger(__name__)
+
 
 logger = logging.getLogger(__name__)
 

@@ -12,20 +12,19 @@ from __future__ import annotations
 import datetime
 import logging
 import math
-import platform
-import resource
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from scripts.autoencoder import CineAutoencoderKL, autoencoder_profile
-from scripts.io import write_json
-from scripts.mar import MAR, mar_profile
+from scripts.generation.autoencoder import CineAutoencoderKL, autoencoder_profile
+from scripts.generation.mar import MAR, mar_profile
+from scripts.runtime.files import write_json
+from scripts.runtime.timing import device_name, matmul_peak_gflops, peak_memory, timed
+
+logger = logging.getLogger(__name__)
+
 
 logger = logging.getLogger(__name__)
 RANDOM_INIT = "random init (timing only: samples are meaningless)"
@@ -65,71 +64,6 @@ def decode_flops_per_clip(profile: str, latent_shape: tuple[int, ...]) -> int:
     with torch.device("meta"):
         ae = CineAutoencoderKL(**autoencoder_profile(profile))
     return count_flops(lambda: ae.decode(torch.zeros(1, *latent_shape, device="meta")))
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
-    """(wall seconds, result) of fn(), device-synchronised."""
-    _sync(device)
-    start = time.perf_counter()
-    out = fn()
-    _sync(device)
-    return time.perf_counter() - start, out
-
-
-def matmul_peak_gflops(device: torch.device, n: int = 2048, reps: int = 5) -> float:
-    """Best of `reps` fp32 n x n matmuls (2 n^3 FLOPs each) after one warm-up, in GFLOP/s."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    a @ b
-    return 2 * n**3 / min(timed(lambda: a @ b, device)[0] for _ in range(reps)) / 1e9
-
-
-def _proc_bytes(field: str) -> int:
-    """A kB field of /proc/self/status (VmRSS, VmHWM) in bytes."""
-    line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith(field + ":"))
-    return int(line.split()[1]) * 1024
-
-
-@contextmanager
-def peak_memory(device: torch.device) -> Iterator[dict]:
-    """Yield a dict filled at exit with the block's peak memory: 'peak' bytes, 'increase' (peak - usage at entry:
-    weights and earlier buffers excluded) and 'method'. CUDA: max_memory_allocated, reset at entry (tensors only).
-    CPU: the whole process's peak resident set, VmHWM reset at entry through /proc/self/clear_refs, or, where that
-    fails, ru_maxrss (peak since process start: a phase below an earlier peak shows no increase)."""
-    rec: dict = {}
-    if device.type == "cuda":
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        rec["method"], usage = "torch.cuda.max_memory_allocated (tensors, reset per phase)", torch.cuda.memory_allocated
-        peak = torch.cuda.max_memory_allocated
-    else:
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-            rec["method"], usage, peak = "process peak RSS (VmHWM, reset per phase)", _proc_bytes, _proc_bytes
-        except OSError:
-            rec["method"] = "process ru_maxrss (peak since process start)"
-            usage = peak = lambda _: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    start = usage(device if device.type == "cuda" else "VmRSS")
-    yield rec
-    _sync(device)
-    rec["peak"] = peak(device if device.type == "cuda" else "VmHWM")
-    rec["increase"] = max(rec["peak"] - start, 0)
-
-
-def device_name(device: torch.device) -> str:
-    """GPU name, or the CPU model from /proc/cpuinfo (platform.processor() elsewhere)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        models = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
-        return f"{models[0]} ({len(models)} logical CPUs)"
-    except (OSError, IndexError):
-        return platform.processor() or platform.machine()
 
 
 def _load(network: torch.nn.Module, path: str | None) -> str:

@@ -1,7 +1,7 @@
 """Privacy audit of generated cines: copy detection against the training cines and loss-based membership inference.
 
 Copy detection: every synthetic cine's nearest training cine under two similarities, Pearson correlation of the
-voxels (1 x 50 x 96 x 96) and Pearson correlation of the autoencoder embedding (`scripts.fidelity.pool_latents`,
+voxels (1 x 50 x 96 x 96) and Pearson correlation of the autoencoder embedding (`scripts.evaluation.fidelity.pool_latents`,
 each dimension z-scored with the training cines' mean and std). Each similarity's threshold is the `quantile` (default 0.95) of the
 held-out real cines' nearest-training similarity, so about 5% of held-out cines exceed each one by construction;
 a cine is flagged as a copy where it exceeds both. Membership inference: the generator's own training loss
@@ -23,9 +23,9 @@ from monai.networks import eval_mode
 from sklearn.metrics import roc_curve
 from torch import nn
 
-from scripts.engines import seeded
-from scripts.io import write_json
-from scripts.montage import save_montage
+from scripts.runtime.files import write_json
+from scripts.runtime.handlers import seeded
+from scripts.runtime.montage import save_montage
 
 METRICS = ("pixel", "embedding")
 

@@ -4,7 +4,7 @@ into a table in the layout of the paper's Table 2 (markdown and CSV) with per-ru
 
 Every run is a bundle config run in this process (`monai.bundle.run`, the profile layered after it); a run whose
 metrics JSON exists, is complete and records the same settings is not run again, so a killed table resumes. Missing
-synthetic cines are generated first through `scripts.pipeline.run_stages` (the config's `stages`).
+synthetic cines are generated first through `scripts.runtime.stages.run_stages` (the config's `stages`).
 """
 
 from __future__ import annotations
@@ -21,12 +21,15 @@ import numpy as np
 import torch
 from monai.bundle import run
 
-from scripts.benchmark import device_name
-from scripts.engines import file_digest, read_stats
-from scripts.finetune import cv_folds, task_items
-from scripts.io import write_json, write_text
-from scripts.mae import pretrain_datalist, read_items, usable
-from scripts.pipeline import run_stages
+from scripts.data.cohort import read_stats
+from scripts.downstream.finetune import cv_folds, task_items
+from scripts.downstream.mae import pretrain_datalist, read_items, usable
+from scripts.runtime.files import file_digest, write_json, write_text
+from scripts.runtime.stages import run_stages
+from scripts.runtime.timing import device_name
+
+logger = logging.getLogger(__name__)
+
 
 logger = logging.getLogger(__name__)
 

@@ -25,8 +25,12 @@ from monai.transforms import (
 )
 from torch.utils.data import DataLoader, Dataset
 
-from scripts.io import LV_LABEL, CineError, load_cine, load_subject, save_npy, write_json, write_text
-from scripts.phenotypes import LABELS, fit_normaliser, read_eid_table, read_phenotype_table, write_phenotype_table
+from scripts.data.cine_files import LV_LABEL, CineError, load_cine, load_subject
+from scripts.data.phenotypes import LABELS, fit_normaliser, read_eid_table, read_phenotype_table, write_phenotype_table
+from scripts.runtime.files import save_npy, write_json, write_text
+
+logger = logging.getLogger(__name__)
+
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +44,9 @@ Labeller = Callable[[np.ndarray, Sequence[float]], np.ndarray]  # (X, Y, T) imag
 
 # --------------------------------------------------------------------------------------------------------- transforms
 class LoadSubjectd(MapTransform):
-    """Load and validate a subject's image and label cines (scripts.io.load_subject) as (X, Y, T) arrays.
+    """Load and validate a subject's image and label cines (scripts.data.cine_files.load_subject) as (X, Y, T) arrays.
 
-    With a `labeller` (scripts.segmentation.CineLabeller), a subject whose label file is missing is labelled by it
+    With a `labeller` (scripts.segmentation.segmenter.CineLabeller), a subject whose label file is missing is labelled by it
     from the image ("labels": "segmenter"; otherwise "file"); without one, a missing label file is a CineError.
     """
 
@@ -328,7 +332,7 @@ def prepare(dataset_dir: str | Path, output_dir: str | Path, phenotypes_csv: str
         raise ValueError(f"{dataset_dir}: no subject folder holds {image_name!r}")
     labeller = None
     if segmenter_checkpoint:
-        from scripts.segmentation import CineLabeller  # the network stack, only where a segmenter is asked for
+        from scripts.segmentation.segmenter import CineLabeller
 
         labeller = CineLabeller(segmenter_checkpoint)
     logger.info("preparing %d subjects from %s into %s", len(items), dataset_dir, output_dir)
@@ -369,23 +373,3 @@ def prepare(dataset_dir: str | Path, output_dir: str | Path, phenotypes_csv: str
     return report
 
 
-def load_cines(root: str | Path, items: Sequence[dict], key: str = "image") -> torch.Tensor:
-    """(N, 1, T, H, W) tensor of the items' `key` arrays (relative to `root`), in order: float16 for images, the
-    stored integer type for labels."""
-    root = Path(root)
-    if not items:
-        return torch.zeros(0, 1, 0, 0, 0, dtype=torch.float16)
-    arrays = []
-    for d in items:
-        path = root / d[key]
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: {key} of subject {d.get('subject')!r} listed in {root} not found")
-        try:
-            array = np.load(path)
-        except (OSError, ValueError) as error:
-            raise ValueError(f"{path}: {key} of subject {d.get('subject')!r} cannot be read ({error})") from error
-        if arrays and array.shape != arrays[0].shape:
-            raise ValueError(f"{path}: {key} of subject {d.get('subject')!r} has shape {array.shape}, the first "
-                             f"listed in {root} has {tuple(arrays[0].shape)}")
-        arrays.append(torch.from_numpy(array.astype(np.float16) if array.dtype.kind == "f" else array))
-    return torch.stack(arrays)

@@ -26,11 +26,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from scripts.data import IMAGE_SIZE, NUM_FRAMES
-from scripts.engines import load_weights, read_stats, sample_phenotypes
-from scripts.io import atomic_write, save_npy, write_json
-from scripts.montage import save_cine_gif, save_montage
-from scripts.phenotypes import normalise, read_phenotype_table
+from scripts.data.cohort import read_stats
+from scripts.data.phenotypes import normalise, read_phenotype_table
+from scripts.data.prepare import IMAGE_SIZE, NUM_FRAMES
+from scripts.generation.phenotype_vae import sample_phenotypes
+from scripts.runtime.checkpoints import load_weights
+from scripts.runtime.files import atomic_write, save_npy, write_json
+from scripts.runtime.montage import save_cine_gif, save_montage
+
+logger = logging.getLogger(__name__)
+
 
 logger = logging.getLogger(__name__)
 
@@ -242,7 +247,7 @@ def write_montages(output_dir: Path, indices: list[int], columns: list[str], val
 
 
 # ------------------------------------------------------------------------------------------------------------ running
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -302,7 +307,7 @@ def generate(phenotype_vae: nn.Module, autoencoder: nn.Module, mar: nn.Module, c
         latents = mar.sample_latents(cond, seeds=[sample_seed(seed, i) for i in batch], num_iter=num_iter, cfg=cfg,
                                      cfg_schedule=cfg_schedule, temperature=temperature,
                                      num_inference_steps=num_inference_steps)  # (B, 16, 25, 12, 12)
-        _sync(device)
+        sync(device)
         t1 = time.perf_counter()
         with torch.no_grad():
             cines = autoencoder.decode(latents).clamp(0.0, 1.0).cpu().numpy().astype(np.float16)  # (B, 1, 50, 96, 96)

@@ -3,7 +3,7 @@
 Each subject draws target phenotypes from its class (healthy, dilated, hypertrophic, restrictive cardiomyopathy),
 turns them into per-frame chamber geometry (half-ellipse ventricles, a crescent RV hugging the septum, atria as
 ellipses cut by the atrioventricular plane), renders 50 frames with thoracic anatomy, coil bias field and Rician
-noise, and is measured with `scripts.phenotypes`, the same code that measures real cines.
+noise, and is measured with `scripts.data.phenotypes`, the same code that measures real cines.
 
 Geometry lives in heart coordinates, in mm: `u` runs from the atrioventricular (AV) plane towards the apex along the
 long axis, `v` across it, positive towards the septum/RV. The epicardial apex is fixed; the AV plane descends in
@@ -23,9 +23,12 @@ import nibabel as nib
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from scripts.io import atomic_write, write_json
-from scripts.montage import save_montage
-from scripts.phenotypes import PHENOTYPE_COLUMNS, measure_cine, write_phenotype_table
+from scripts.data.phenotypes import PHENOTYPE_COLUMNS, measure_cine, write_phenotype_table
+from scripts.runtime.files import atomic_write, write_json
+from scripts.runtime.montage import save_montage
+
+logger = logging.getLogger(__name__)
+
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +218,7 @@ def _farthest(u: np.ndarray, v: np.ndarray, v0: np.ndarray) -> np.ndarray:
 
 
 def intended_phenotypes(g: Geometry, frame_interval_s: float) -> dict[str, float]:
-    """Phenotypes of the continuous geometry by the definitions of `scripts.phenotypes` (no rasterisation)."""
+    """Phenotypes of the continuous geometry by the definitions of `scripts.data.phenotypes` (no rasterisation)."""
     n = len(g.lv)
     theta = np.linspace(-np.pi / 2, np.pi / 2, 4001)[None]
     lv_c = g.lv_centre()[:, None]

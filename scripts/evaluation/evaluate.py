@@ -2,8 +2,8 @@
 
 Every generated set (by default the CFG cines of `generate.json` and its `--unconditional true` cines) is compared with
 real held-out cines of the prepared cohort, and every number is reported beside a floor computed the same way on
-real data: real-vs-real Frechet distances (scripts.fidelity), the segmenter's own error on real held-out cines
-(adherence), held-out-to-training similarity (copies) and chance (membership inference, scripts.privacy).
+real data: real-vs-real Frechet distances (scripts.evaluation.fidelity), the segmenter's own error on real held-out cines
+(adherence), held-out-to-training similarity (copies) and chance (membership inference, scripts.evaluation.privacy).
 Outputs in `evaluation_dir`: metrics.json, report.md, adherence_<set>.png, closest_pairs_<set>.png and
 <set>_datalist_private.json (the set without the cines flagged as copies). Seeded throughout: a rerun gives the same
 numbers on the same inputs.
@@ -23,14 +23,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from scripts import fidelity, privacy, segmentation
-from scripts.benchmark import device_name, peak_memory, timed
-from scripts.data import load_cines
-from scripts.engines import load_weights, read_stats
-from scripts.evaluation_report import adherence_plot, write_report
-from scripts.generation import sample_seed
-from scripts.io import atomic_write, write_json
-from scripts.phenotypes import LABELS, PHENOTYPE_COLUMNS, PhenotypeError, measure_cine, normalise
+from scripts.data.cohort import load_cines, read_stats
+from scripts.data.phenotypes import LABELS, PHENOTYPE_COLUMNS, PhenotypeError, measure_cine, normalise
+from scripts.evaluation import fidelity, privacy
+from scripts.evaluation.report import adherence_plot, write_report
+from scripts.generation.generate import sample_seed
+from scripts.runtime.checkpoints import load_weights
+from scripts.runtime.files import atomic_write, write_json
+from scripts.runtime.timing import device_name, peak_memory, timed
+from scripts.segmentation import segmenter as segmentation
+
+logger = logging.getLogger(__name__)
+
 
 logger = logging.getLogger(__name__)
 

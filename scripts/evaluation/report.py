@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scripts.io import atomic_write, write_text
+from scripts.runtime.files import atomic_write, write_text
 
 PLOTTED = ("LVEDV (mL)", "LVEF (%)", "LVM (g)", "RAV max (mL)")
 TARGETS = {"LVEDV (mL)": 0.8, "LVEF (%)": 0.8}  # adherence target: Pearson r of generated cines
@@ -144,7 +144,7 @@ def _geometry_check(entry: dict, floor: dict | None) -> list[str]:
 def _adherence(m: dict) -> list[str]:
     a = m["adherence"]
     lines = ["## Phenotype adherence", "",
-             ("Each generated cine is segmented with the project's segmenter and measured with scripts.phenotypes "
+             ("Each generated cine is segmented with the project's segmenter and measured with scripts.data.phenotypes "
              "(per-item pixel size and frame interval from its datalist), then compared with the phenotypes it was "
              "conditioned on. Floors: the same segmenter + measurement on real held-out cines against their true "
              "table (held-out segmented), and the measurement of their true prepared labels (true labels). HR and "
@@ -264,7 +264,7 @@ def _speed(m: dict) -> list[str]:
 
 
 def write_report(path: str | Path, m: dict) -> Path:
-    """report.md from the metrics dict of scripts.evaluation.evaluate."""
+    """report.md from the metrics dict of scripts.evaluation.evaluate.evaluate."""
     head = ["# Evaluation of generated cines", "",
             f"- Date: {m['date']}; device: {m['device']}; seed {m['seed']}",
             f"- Pipeline run: `{m['output_dir']}`" + (f"; command: `{m['command']}`" if m.get("command") else ""),

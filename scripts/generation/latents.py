@@ -20,9 +20,12 @@ import torch
 from monai.data import Dataset
 from torch import nn
 
-from scripts.engines import read_stats
-from scripts.io import atomic_write, write_json
-from scripts.phenotypes import normalise
+from scripts.data.cohort import read_stats
+from scripts.data.phenotypes import normalise
+from scripts.runtime.files import atomic_write, write_json
+
+logger = logging.getLogger(__name__)
+
 
 logger = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from scripts.engines import frechet_distance as monai_frechet_distance
-from scripts.engines import load_feature_network
+from scripts.runtime.features import frechet_distance as monai_frechet_distance
+from scripts.runtime.features import load_feature_network
 
 INCEPTION_FILE = "default_1.pt"
 INCEPTION_SIZE = 299
@@ -106,7 +106,7 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
     With fewer vectors than dimensions, tr sqrt(S1 S2) is computed exactly as the nuclear norm of A B^T (A, B the
     centred vectors over sqrt(n - 1)): milliseconds, where MONAI's scipy sqrtm of a 2048 x 2048 product takes 20-30 s
-    on a 2-core CPU; otherwise MONAI's FIDMetric (scripts.engines.frechet_distance).
+    on a 2-core CPU; otherwise MONAI's FIDMetric (scripts.runtime.features.frechet_distance).
     """
     if min(len(a), len(b)) < 2:
         raise ValueError(f"a Frechet distance needs >= 2 vectors per set, got {len(a)} and {len(b)}")

@@ -30,7 +30,7 @@ from monai.networks.blocks import Convolution, UpSample
 from torch import nn
 from torch.nn import functional as F
 
-from scripts.networks import gaussian_kl
+from scripts.generation.losses import gaussian_kl
 
 Triple = tuple[int, int, int]
 

@@ -20,7 +20,7 @@ from monai.networks import eval_mode
 from monai.networks.blocks import MLPBlock
 from torch import nn
 
-from scripts.diffloss import DiffLoss
+from scripts.generation.diffloss import DiffLoss
 
 # The paper's / authors' sizes (n_phenotypes 82 there); "cpu" trains on a 2-core machine within the pipeline's budget;
 # "tiny" runs in seconds, for tests and smoke runs. Heads stay wider than a token (320 values): narrower, the head

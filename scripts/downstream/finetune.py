@@ -30,10 +30,10 @@ from monai.utils import CommonKeys, evenly_divisible_all_gather
 from sklearn.model_selection import StratifiedKFold
 from torch import nn
 
-from scripts.data import IMAGE_SIZE, NUM_FRAMES
-from scripts.engines import read_stats
-from scripts.io import write_text
-from scripts.mae import (
+from scripts.data.cohort import read_stats
+from scripts.data.phenotypes import normalise
+from scripts.data.prepare import IMAGE_SIZE, NUM_FRAMES
+from scripts.downstream.mae import (
     ENCODER_KEYS,
     IMAGE,
     LABEL,
@@ -43,7 +43,10 @@ from scripts.mae import (
     synthetic_items,
     usable,
 )
-from scripts.phenotypes import normalise
+from scripts.runtime.files import write_text
+
+logger = logging.getLogger(__name__)
+
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Cohort data: cine files, phenotype measurement, preprocessing, the phantom, the prepared-cohort reader."""

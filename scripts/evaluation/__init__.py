@@ -1,0 +1,1 @@
+"""Evaluation of generated cines: fidelity, phenotype adherence, privacy, speed, and the report."""

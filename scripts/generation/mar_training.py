@@ -1,0 +1,51 @@
+"""MAR training pieces for `configs/train_mar.json`: EMA of the weights, the training step and a seeded validation loss."""
+
+from __future__ import annotations
+
+import torch
+from ignite.engine import Engine
+from monai.networks import eval_mode
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from scripts.generation.autoencoder import CineAutoencoderKL
+from scripts.runtime.distributed import unwrap
+from scripts.runtime.handlers import autocast, seeded
+
+
+# ---------------------------------------------------------------------------------------------------- MAR (stage 3)
+def ema_model(network: nn.Module, decay: float) -> AveragedModel:
+    """Exponential moving average of `network`'s parameters and buffers (torch's AveragedModel), decay per step."""
+    return AveragedModel(unwrap(network), multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+class MARStep:
+    """`iteration_update` of SupervisedTrainer for MAR: a posterior draw of each cached latent, the MAR loss (the
+    network's forward), an optimiser step with the gradient norm clipped to `grad_clip` (authors 3.0) and an EMA update.
+    """
+
+    def __init__(self, ema: AveragedModel, grad_clip: float = 3.0) -> None:
+        self.ema, self.grad_clip = ema, grad_clip
+
+    def __call__(self, engine: Engine, batch: dict) -> dict[str, float]:
+        device = engine.state.device
+        mean, logvar = batch["mean"].to(device), batch["logvar"].to(device)  # (B, 16, 25, 12, 12) each
+        z = CineAutoencoderKL.sample(mean, logvar)
+        engine.network.train()
+        with autocast(engine):
+            loss = engine.network(z, batch["phenotypes"].to(device))  # phenotypes (B, F) normalised
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(engine.network.parameters(), self.grad_clip)
+        engine.optimizer.step()
+        self.ema.update_parameters(unwrap(engine.network))
+        return {"loss": loss.item(), "grad_norm": grad_norm.item()}
+
+
+def mar_eval_step(engine: Engine, batch: dict) -> dict[str, torch.Tensor]:
+    """`iteration_update` of SupervisedEvaluator: the MAR loss of the posterior means, with masks, timesteps and noise
+    drawn from a generator state seeded by the iteration (the same draws at every evaluation)."""
+    device = engine.state.device
+    with seeded(device, engine.state.iteration), eval_mode(engine.network), autocast(engine):
+        loss = engine.network(batch["mean"].to(device), batch["phenotypes"].to(device))
+    return {"loss": loss.float()}

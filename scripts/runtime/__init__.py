@@ -1,0 +1,1 @@
+"""Runtime pieces every stage shares: files, checkpoints, handlers, distributed, timing, stage runner, CLI guard."""

@@ -1,0 +1,108 @@
+"""Checkpoint loading with shape checks (weights_only) and resumable latest/best checkpoints for the trainers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import ignite.distributed as idist
+import torch
+from ignite.engine import Engine, Events
+from monai.handlers import CheckpointLoader, CheckpointSaver
+from torch import nn
+
+from scripts.runtime.distributed import unwrap
+from scripts.runtime.files import atomic_write
+
+logger = logging.getLogger(__name__)
+
+
+class BestCheckpointSaver(CheckpointSaver):
+    """MONAI CheckpointSaver whose best-key-metric record has a `state_dict`, so a resumed run keeps its best model."""
+
+    def state_dict(self) -> dict:
+        return self._key_metric_checkpoint.state_dict()
+
+
+def check_state_dict(state: object, network: nn.Module, path: str | Path, run: str = "") -> None:
+    """Raise ValueError naming `path` and the keys where `state` does not match `network`'s names and shapes.
+
+    `run` describes this run's configuration for the message (e.g. "autoencoder profile 'tiny'"). TypeError where
+    `state` is not a mapping at all.
+    """
+    if not isinstance(state, Mapping):
+        raise TypeError(f"{path}: not a network state dict (found {type(state).__name__})")
+    expected = network.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k}: checkpoint {tuple(getattr(state[k], 'shape', ()))} vs network {tuple(v.shape)}"
+              for k, v in expected.items() if k in state and tuple(getattr(state[k], "shape", ())) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        found = [f"{name} {keys}" for name, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                                     ("shape mismatch", shapes)) if keys]
+        raise ValueError(f"{path}: checkpoint does not match {type(network).__name__}{f' of {run}' if run else ''} "
+                         f"({'; '.join(found)}); it was written with another configuration (columns, sizes or "
+                         "profile): use that configuration, or move the file away to start afresh")
+
+
+def load_weights(network: nn.Module, path: str | Path, run: str = "", trained_by: str = "") -> nn.Module:
+    """Load a network state dict (or a latest checkpoint's "network" entry) from `path` into `network`.
+
+    weights_only, mapped to the network's device, shape-checked first (`check_state_dict`); a missing file is an
+    error that names `trained_by`, the config that writes it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found" + (f"; train it with {trained_by}" if trained_by else ""))
+    device = next(iter(network.parameters()), torch.empty(0)).device
+    state = torch.load(path, map_location=device, weights_only=True)
+    if isinstance(state, Mapping) and isinstance(state.get("network"), Mapping):
+        state = state["network"]
+    check_state_dict(state, network, path, run)
+    network.load_state_dict(state)
+    return network
+
+
+class LatestCheckpoint:
+    """One resumable checkpoint at `path`: the state dicts of `save_dict` plus the trainer state ("trainer").
+
+    Rewritten atomically every `interval` epochs (MONAI's CheckpointSaver names interval checkpoints by epoch, so there
+    is no fixed file to resume from, and writes them non-atomically). With `resume`, an existing `path` is loaded when
+    the trainer starts, through MONAI's CheckpointLoader (`map_location`, strict shapes, weights_only), after a shape
+    check that names the file; training then continues from the saved epoch up to the trainer's `max_epochs`.
+    Attach it after the ValidationHandler, so that a checkpoint holds its epoch's best-model record. Under
+    torch.distributed every rank loads and rank 0 writes, without the DistributedDataParallel wrapper.
+    """
+
+    def __init__(self, path: str | Path, save_dict: dict, resume: bool = True, interval: int = 1,
+                 map_location: str | torch.device | None = None, run: str = "") -> None:
+        self.path, self.save_dict, self.resume = Path(path), save_dict, resume
+        self.interval, self.map_location, self.run = interval, map_location, run
+
+    def attach(self, engine: Engine) -> None:
+        if self.resume:
+            engine.add_event_handler(Events.STARTED, self.load)
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self.save)
+
+    def load(self, engine: Engine) -> None:
+        if not self.path.is_file():
+            logger.info("no checkpoint at %s: training from scratch", self.path)
+            return
+        state = torch.load(self.path, map_location=self.map_location, weights_only=True)
+        for key, obj in self.save_dict.items():
+            if isinstance(obj, nn.Module):
+                check_state_dict(state.get(key) if isinstance(state, Mapping) else state, unwrap(obj), self.path,
+                                 self.run)
+        CheckpointLoader(str(self.path), {**self.save_dict, "trainer": engine}, map_location=self.map_location,
+                         strict_shape=True)(engine)
+        logger.info("resumed from %s at epoch %d of %d", self.path, engine.state.epoch, engine.state.max_epochs)
+
+    def save(self, engine: Engine) -> None:
+        if idist.get_rank() != 0:
+            return
+        state = {k: unwrap(v).state_dict() for k, v in self.save_dict.items()} | {"trainer": engine.state_dict()}
+        with atomic_write(self.path) as tmp:
+            torch.save(state, tmp)
+
+

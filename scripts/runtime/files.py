@@ -1,0 +1,57 @@
+"""Atomic file writes (a temporary name, then a rename) and file digests."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file ("" for an empty path): tells a rerun whether an input checkpoint was remade."""
+    if not str(path):
+        return ""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------------ atomic writes
+@contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path in the target's folder; it replaces `path` on success and is removed on failure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")  # same suffix, so writers keep the format
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_npy(path: str | Path, array: np.ndarray) -> None:
+    """np.save, atomically."""
+    with atomic_write(path) as tmp:
+        np.save(tmp, array)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write UTF-8 text, atomically."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | Path, obj: object) -> None:
+    """Write indented JSON, atomically."""
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+

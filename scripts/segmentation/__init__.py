@@ -1,0 +1,1 @@
+"""The cine segmenter: network, training pieces and the labeller used by preprocessing."""
