@@ -1,9 +1,11 @@
-"""Shared test fixtures: repository root and the optional real-data folder."""
+"""Shared test fixtures: repository root, the optional real-data folder and running a bundle config as a user does."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,23 @@ UKBB_DEMO = REPO.parent / "shared" / "data" / "ukbb_demo"
 
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def run_bundle(configs: str | Sequence[str], *args: str, expect_failure: bool = False, launcher: Sequence[str] = (),
+               env: Mapping[str, str] | None = None, timeout: int = 600, **overrides: object,
+               ) -> subprocess.CompletedProcess:
+    """`python -m [launcher] monai.bundle run --config_file <configs> <args> --<key> <value>...` from the repository
+    root; asserts it succeeds (fails, with `expect_failure`), the tail of stdout and stderr in the message."""
+    config_file = configs if isinstance(configs, str) else str(list(configs))
+    cmd = [sys.executable, "-m", *launcher, "monai.bundle", "run", "--config_file", config_file, *args,
+           *[a for k, v in overrides.items() for a in (f"--{k}", str(v))]]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False,
+                          env={**os.environ, **(env or {})})
+    tail = f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert (done.returncode != 0) == expect_failure, tail
+    return done
 
 
 @pytest.fixture(scope="session")
@@ -28,9 +47,6 @@ def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The whole pipeline (configs/pipeline.json) with the tiny profile, run once per test session into a temporary
     folder (checkpoints in <folder>/models, seed 2); returns the folder. Tests that write into a run copy it first."""
     out = tmp_path_factory.mktemp("tiny_pipeline")
-    done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
-                           "['configs/pipeline.json','configs/profiles/tiny.json']", "--output_dir", str(out),
-                           "--ckpt_dir", str(out / "models"), "--seed", "2"],
-                          cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_bundle(["configs/pipeline.json", "configs/profiles/tiny.json"], timeout=900, output_dir=out,
+               ckpt_dir=out / "models", seed=2)
     return out

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 
 import pytest
 import torch
 
-from scripts.generation.autoencoder import CineAutoencoderKL, autoencoder_profile
+from scripts.generation.autoencoder import CineAutoencoderKL
+from tests.networks import def_kwargs
 
 PAPER_PARAMS = 277.7e6  # the authors' 3D-VAE
-MINI_PAPER = {**autoencoder_profile("paper"), "channels": (8, 8, 16, 16), "norm_num_groups": 4}  # paper, tiny widths
+MINI_PAPER = {**def_kwargs("autoencoder_def", "paper"), "channels": (8, 8, 16, 16), "norm_num_groups": 4}  # paper, tiny widths
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +40,7 @@ def _cine(b: int, t: int, h: int = 96, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("profile", ["tiny", "cpu"])
 @pytest.mark.parametrize("frames", [50, 20])
 def test_shapes_round_trip(profile: str, frames: int) -> None:
-    model = CineAutoencoderKL(**autoencoder_profile(profile)).eval()
+    model = CineAutoencoderKL(**def_kwargs("autoencoder_def", profile)).eval()
     x = _cine(2, frames)
     with torch.no_grad():
         mean, logvar = model.encode(x)
@@ -61,15 +61,15 @@ def test_paper_layout_shapes_and_gradients() -> None:
 
 
 def test_refuses_sizes_off_the_factors() -> None:
-    model = CineAutoencoderKL(**autoencoder_profile("tiny"))
+    model = CineAutoencoderKL(**def_kwargs("autoencoder_def", "tiny"))
     with pytest.raises(ValueError, match="multiples"):
         model.encode(torch.zeros(1, 1, 25, 96, 96))
     with pytest.raises(ValueError, match="down_strides"):
-        CineAutoencoderKL(**{**autoencoder_profile("tiny"), "down_strides": [(1, 2, 2)]})
+        CineAutoencoderKL(**{**def_kwargs("autoencoder_def", "tiny"), "down_strides": [(1, 2, 2)]})
 
 
 def test_gradients_reach_every_parameter() -> None:
-    model = CineAutoencoderKL(**autoencoder_profile("tiny"))
+    model = CineAutoencoderKL(**def_kwargs("autoencoder_def", "tiny"))
     x = _cine(2, 50)
     recon, mean, logvar = model(x)
     ((recon - x).abs().mean() + 1e-6 * model.kl_loss(mean, logvar)).backward()
@@ -79,7 +79,7 @@ def test_gradients_reach_every_parameter() -> None:
 
 def test_overfits_one_batch() -> None:
     torch.manual_seed(0)
-    model = CineAutoencoderKL(**autoencoder_profile("tiny"))
+    model = CineAutoencoderKL(**def_kwargs("autoencoder_def", "tiny"))
     optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
     x = _cine(2, 10, 48)
     losses = []
@@ -105,8 +105,8 @@ def test_sample_and_kl() -> None:
 def test_parameter_counts() -> None:
     """Paper profile counted on the meta device (no 1.1 GB allocation); JSON-passed kwargs build the same network."""
     with torch.device("meta"):
-        paper = _count(CineAutoencoderKL(**autoencoder_profile("paper")))
-    counts = {name: _count(CineAutoencoderKL(**json.loads(json.dumps(autoencoder_profile(name)))))
+        paper = _count(CineAutoencoderKL(**def_kwargs("autoencoder_def", "paper")))
+    counts = {name: _count(CineAutoencoderKL(**def_kwargs("autoencoder_def", name)))
               for name in ("tiny", "cpu")}
     print(f"parameters: paper {paper:,} (authors 277.7M), cpu {counts['cpu']:,}, tiny {counts['tiny']:,}")
     assert abs(paper - PAPER_PARAMS) / PAPER_PARAMS < 0.001
@@ -117,7 +117,7 @@ def test_parameter_counts() -> None:
 def test_cpu_profile_decode_time() -> None:
     """Decode one 50x96x96 clip with the cpu profile on 2 threads: best of 5, well under 1 s (slow: a timing that
     other jobs on the machine can spoil)."""
-    model = CineAutoencoderKL(**autoencoder_profile("cpu")).eval()
+    model = CineAutoencoderKL(**def_kwargs("autoencoder_def", "cpu")).eval()
     z = torch.randn(1, 16, 25, 12, 12)
     torch.set_num_threads(2)  # restored by the autouse fixture
     with torch.no_grad():

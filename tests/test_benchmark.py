@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from scripts.generation.benchmark import count_flops, decode_flops_per_clip
-from scripts.generation.mar import MAR, mar_profile, masking_schedule
-from tests.conftest import REPO
+from scripts.generation.mar import MAR, masking_schedule
+from tests.conftest import ONE_THREAD, run_bundle
+from tests.networks import build, def_kwargs
 
 N_PHENOTYPES, BATCH, NUM_ITER, STEPS, CFG = 21, 2, 2, 2, 3.0
 
@@ -43,9 +41,7 @@ def test_benchmark_tiny_run(tmp_path: Path) -> None:
     configs = str(["configs/benchmark.json", "configs/profiles/tiny.json"])
     args = ["--batch_size", str(BATCH), "--num_iter", str(NUM_ITER), "--num_inference_steps", str(STEPS),
             "--n_phenotypes", str(N_PHENOTYPES), "--output_path", str(out)]
-    done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, *args], check=False,
-                          cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = run_bundle(configs, *args, env=ONE_THREAD, timeout=300)
     assert "FLOP limit" in done.stdout + done.stderr
     rec = json.loads(out.read_text())
     assert rec["profile"] == "tiny" and rec["batch_size"] == BATCH and rec["threads"] == 1
@@ -59,7 +55,7 @@ def test_benchmark_tiny_run(tmp_path: Path) -> None:
         assert abs(r["flop_limit_seconds_per_clip"] - r["flops_per_clip"] / rec["matmul_peak_gflops"] / 1e9) < 1e-9
     assert all(v > 0 for v in rec["params"].values())
 
-    mar = MAR(N_PHENOTYPES, **mar_profile("tiny"))
+    mar = MAR(N_PHENOTYPES, **def_kwargs("mar_def", "tiny"))
     transformer, head = _hand_estimate(mar, NUM_ITER, STEPS)
     s = rec["sampling"]
     assert s["flops_transformer_per_clip"] + s["flops_head_per_clip"] == s["flops_per_clip"]
@@ -74,6 +70,7 @@ def test_decode_flops_match_a_convolution_hand_count() -> None:
     conv = nn.Conv3d(4, 8, 3, padding=1)
     x = torch.zeros(1, 4, 5, 6, 7)
     assert count_flops(lambda: conv(x)) == 2 * 4 * 8 * 27 * 5 * 6 * 7
-    one = decode_flops_per_clip("tiny", (16, 25, 12, 12))
-    two = decode_flops_per_clip("tiny", (16, 50, 12, 12))  # no attention in tiny: linear in frames
+    tiny = build("autoencoder_def", "tiny")
+    one = decode_flops_per_clip(tiny, (16, 25, 12, 12))
+    two = decode_flops_per_clip(tiny, (16, 50, 12, 12))  # no attention in tiny: linear in frames
     assert one > 0 and two == 2 * one

@@ -92,4 +92,4 @@ def test_pipeline_runs_only_the_stages_asked(tmp_path) -> None:
     times = json.loads((tmp_path / "stage_times.json").read_text())  # the rerun stage updated, the other kept
     assert list(times) == ["make_phantom", "prepare"] and times["make_phantom"] == first["make_phantom"]
     bad = _bundle("run", "--config_file", "configs/pipeline.json", "--output_dir", str(tmp_path), "--only", "['train']")
-    assert bad.returncode != 0 and "unknown pipeline stages ['train']" in bad.stdout + bad.stderr
+    assert bad.returncode != 0 and "unknown stages ['train']" in bad.stdout + bad.stderr

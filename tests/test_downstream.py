@@ -32,10 +32,11 @@ from scripts.downstream.table import run_table
 from scripts.runtime.checkpoints import load_weights
 from tests.conftest import REPO
 from tests.downstream_cohort import COLUMNS, MEAN, STD, write_cohort
+from tests.networks import layered
 
 torch.set_num_threads(1)
 TINY = str(REPO / "configs" / "profiles" / "tiny.json")
-TINY_MAE = json.loads(Path(TINY).read_text())["mae"]
+TINY_MAE = layered("pretrain_mae.json", "tiny")["mae"]
 
 
 @pytest.fixture(scope="module")
@@ -257,7 +258,7 @@ def test_tiny_table_writes_the_comparison_and_resumes(cohort: tuple[Path, Path],
     tasks = [t for t in config["tasks"] if t["name"] in ("disease", "phenotypes")]
     kwargs = {"prepared_dir": str(prepared), "generated_dir": str(generated), "table_dir": str(tmp_path / "table"),
               "bundle_root": str(REPO), "profile_file": TINY, "mae": TINY_MAE,
-              "finetune": json.loads(Path(TINY).read_text())["finetune"],
+              "finetune": layered("train_classifier.json", "tiny")["finetune"],
               "downstream": {"mix_ratios": [1], "mix_star_ratios": [1], "generate_missing": False}, "tasks": tasks,
               "stages": [], "table_phenotypes": ["LVEF (%)", "LVM (g)"]}
     summary = run_table(**kwargs)
@@ -294,7 +295,7 @@ def test_tiny_table_writes_the_comparison_and_resumes(cohort: tuple[Path, Path],
 @pytest.mark.slow
 def test_paper_profile_networks_build_and_take_a_step() -> None:
     """MAE-base (12 x 768 encoder, 8 x 512 decoder) on 50-channel 96 x 96 cines and its ViT: sizes and one step each."""
-    paper = json.loads((REPO / "configs" / "profiles" / "paper.json").read_text())["mae"]
+    paper = layered("pretrain_mae.json", "paper")["mae"]
     mae, vit = mae_network(paper), vit_network(paper, 4)
     count = lambda net: sum(p.numel() for p in net.parameters())
     encoder = sum(p.numel() for n, p in mae.named_parameters() if not n.startswith(("decoder_", "mask_tokens")))

@@ -6,13 +6,12 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from monai.metrics import FIDMetric
 from torch import nn
 
 from scripts.data.cohort import load_cines
@@ -21,11 +20,12 @@ from scripts.data.phenotypes import PHENOTYPE_COLUMNS
 from scripts.data.prepare import prepare
 from scripts.evaluation import evaluate as evaluation
 from scripts.evaluation import fidelity, privacy
-from scripts.generation.autoencoder import CineAutoencoderKL, autoencoder_profile
-from scripts.generation.mar import MAR, mar_profile
-from scripts.runtime.features import frechet_distance as monai_frechet_distance
-from scripts.segmentation.segmenter import build_segmenter
-from tests.conftest import REPO
+from scripts.generation.autoencoder import CineAutoencoderKL
+from scripts.generation.mar import MAR
+from scripts.runtime.features import frechet_distance
+from scripts.runtime.stages import section_overrides, select
+from tests.conftest import run_bundle
+from tests.networks import build, def_kwargs
 
 torch.set_num_threads(1)
 
@@ -64,16 +64,16 @@ def i3d_stand_in(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # ----------------------------------------------------------------------------------------------------------- fidelity
 def test_frechet_distance_is_zero_on_itself_grows_with_noise_and_matches_monai() -> None:
     g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(40, 64, generator=g), torch.randn(40, 64, generator=g) * 1.5 + 0.2
-    assert abs(fidelity.frechet_distance(a, a)) < 1e-8
-    assert fidelity.frechet_distance(a, b) == pytest.approx(monai_frechet_distance(a, b), rel=1e-6)  # n < D path
+    a, b = torch.randn(40, 160, generator=g), torch.randn(40, 160, generator=g) * 1.5 + 0.2
+    assert abs(frechet_distance(a, a)) < 1e-8
+    assert frechet_distance(a, b) == pytest.approx(float(FIDMetric()(a.double(), b.double())), rel=1e-6)  # n < D path
     noise = torch.randn(a.shape, generator=g)
-    d = [fidelity.frechet_distance(a, a + s * noise) for s in (0.1, 0.3, 1.0)]
+    d = [frechet_distance(a, a + s * noise) for s in (0.1, 0.3, 1.0)]
     assert 0 < d[0] < d[1] < d[2]
     big = torch.randn(200, 8, generator=g)  # n >= D: MONAI's path; a unit shift of the mean in 8 dims adds 8
-    assert fidelity.frechet_distance(big, big + 1) == pytest.approx(8.0, rel=1e-6)
+    assert frechet_distance(big, big + 1) == pytest.approx(8.0, rel=1e-6)
     with pytest.raises(ValueError, match=">= 2 vectors"):
-        fidelity.frechet_distance(a[:1], b)
+        frechet_distance(a[:1], b)
 
 
 def test_floors_use_disjoint_seeded_halves_of_the_same_size() -> None:
@@ -112,8 +112,8 @@ def test_inception_protocol_and_fid_of_a_set_against_itself(cohort: tuple[Path, 
     g = torch.Generator().manual_seed(0)
     feats = [fidelity.inception_features(net, (real + s * torch.randn(real.shape, generator=g)).clamp(0, 1), 25, 8,
                                          "cpu").flatten(0, 1) for s in (0.0, 0.05, 0.3)]  # (6, 2048) each
-    assert abs(fidelity.frechet_distance(feats[0], feats[0])) < 1e-6
-    d = [fidelity.frechet_distance(feats[0], f) for f in feats[1:]]
+    assert abs(frechet_distance(feats[0], feats[0])) < 1e-6
+    d = [frechet_distance(feats[0], f) for f in feats[1:]]
     assert 0 < d[0] < d[1]
 
 
@@ -167,7 +167,7 @@ def test_a_copied_training_cine_is_flagged_and_a_fresh_one_is_not(cohort: tuple[
     train, held = items[:6], items[6:11]
     cines = load_cines(prepared, items)
     torch.manual_seed(0)
-    emb = fidelity.pool_latents(fidelity.latent_means(CineAutoencoderKL(**autoencoder_profile("tiny")), cines, 4,
+    emb = fidelity.pool_latents(fidelity.latent_means(CineAutoencoderKL(**def_kwargs("autoencoder_def", "tiny")), cines, 4,
                                                       "cpu"))
     synthetic = [0, 11]  # a training cine copied, and a subject neither trained on nor held out
     pixel = privacy.NearestNeighbours({"heldout": privacy.unit_rows(cines[6:11]),
@@ -217,7 +217,7 @@ def test_membership_inference_auc() -> None:
 
 def test_mar_losses_are_seeded_per_subject_not_per_batch() -> None:
     torch.manual_seed(0)
-    mar = MAR(n_phenotypes=3, **mar_profile("tiny"))
+    mar = MAR(n_phenotypes=3, **def_kwargs("mar_def", "tiny"))
     means, cond = torch.randn(3, 16, 25, 12, 12), torch.randn(3, 3)
     losses = privacy.mar_losses(mar, means, cond, draws=2, seed=7)
     assert losses.shape == (3,) and np.isfinite(losses).all()
@@ -226,18 +226,25 @@ def test_mar_losses_are_seeded_per_subject_not_per_batch() -> None:
 
 
 def test_segmenter_callable_from_a_checkpoint(tmp_path: Path) -> None:
-    assert evaluation.segmenter_callable(tmp_path / "none.pt", "tiny", torch.device("cpu"))[0] is None
-    torch.save(build_segmenter("tiny").state_dict(), tmp_path / "segmenter.pt")
-    segment, reason = evaluation.segmenter_callable(tmp_path / "segmenter.pt", "tiny", torch.device("cpu"))
+    network = build("segmenter_def", "tiny")
+    assert evaluation.segmenter_callable(tmp_path / "none.pt", network, torch.device("cpu"))[0] is None
+    torch.save(network.state_dict(), tmp_path / "segmenter.pt")
+    segment, reason = evaluation.segmenter_callable(tmp_path / "segmenter.pt", network, torch.device("cpu"))
     labels = evaluation.segment_all(segment, torch.rand(3, 1, 50, 96, 96).half(), 2, "cpu")
     assert reason == "" and labels.shape == (3, 50, 96, 96) and labels.dtype == np.uint8 and labels.max() <= 5
 
 
-def test_stages_to_run_rejects_unknown_names() -> None:
+def test_stage_runner_selects_by_name_and_forwards_sections_key_by_key() -> None:
     stages = [{"name": "train_segmenter"}, {"name": "generate_unconditional"}]
-    assert evaluation.stages_to_run(stages, ["train_segmenter"]) == stages[1:]
-    with pytest.raises(ValueError, match="not stages"):
-        evaluation.stages_to_run(stages, ["train"])
+    assert select(stages, ["generate_unconditional"]) == stages[1:] and select(stages, None) == stages
+    assert select(stages, []) == []
+    with pytest.raises(ValueError, match="unknown stages"):
+        select(stages, ["train"])
+    forward = {"profile": "tiny", "segmenter": {"num_epochs": 3}, "mar_def": {"width": 64}}
+    config = {"profile": "cpu", "segmenter": {"num_epochs": 16, "batch_size": 8}}
+    assert section_overrides(forward, config) == {"profile": "tiny", "segmenter#num_epochs": 3}
+    with pytest.raises(TypeError, match="built network"):
+        section_overrides({"segmenter": torch.nn.Linear(1, 1)}, config)
 
 
 # --------------------------------------------------------------------------------------------------------- end to end
@@ -246,12 +253,8 @@ def test_evaluation_config_on_a_tiny_pipeline_run(tiny_pipeline: Path, i3d_stand
     shutil.copytree(tiny_pipeline, run)
     sets = {"cfg": str(run / "generated"), "unconditional": str(run / "generated_unconditional"),
             "absent": str(run / "nowhere")}
-    done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
-                           "['configs/evaluate_generation.json','configs/profiles/tiny.json']", "--output_dir",
-                           str(run), "--ckpt_dir", str(run / "models"), "--i3d_path", str(i3d_stand_in),
-                           "--sets", json.dumps(sets)], cwd=REPO, capture_output=True, text=True, timeout=600,
-                          check=False)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_bundle(["configs/evaluate_generation.json", "configs/profiles/tiny.json"], output_dir=run,
+               ckpt_dir=run / "models", i3d_path=i3d_stand_in, sets=json.dumps(sets))
     out = run / "evaluation"
     metrics = json.loads((out / "metrics.json").read_text())
     assert {k: v["status"] for k, v in metrics["sets"].items()} == {"cfg": "ok", "unconditional": "ok",

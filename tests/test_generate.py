@@ -6,9 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -19,22 +16,24 @@ from monai.data import load_decathlon_datalist
 
 from scripts.data.cine_files import load_cine
 from scripts.data.phenotypes import PhenotypeTableError, normalise
-from scripts.generation.autoencoder import CineAutoencoderKL, autoencoder_profile
-from scripts.generation.generate import fit_geometry, generate, read_conditions, sample_seed
-from scripts.generation.mar import MAR, mar_profile
+from scripts.generation.autoencoder import CineAutoencoderKL
+from scripts.generation.acquisition import fit_acquisition
+from scripts.generation.generate import Sampling, generate, read_conditions, sample_seed
+from scripts.generation.mar import MAR
 from scripts.generation.phenotype_vae import PhenotypeVAE, phenotype_vectors
-from tests.conftest import REPO
+from tests.conftest import ONE_THREAD, run_bundle
+from tests.networks import def_kwargs
 
 torch.set_num_threads(1)
 COLUMNS = ["LVEDV (mL)", "LVEF (%)", "HR (bpm)"]
 STATS = {"columns": COLUMNS, "mean": [150.0, 58.0, 65.0], "std": [30.0, 6.0, 10.0], "n": 8}
 SPACING, INTERVALS = [[1.9, 2.0], [2.1, 2.2], [2.0, 2.1]], [0.018, 0.02, 0.022]  # medians (2.0, 2.1) mm, 0.02 s
-FAST = {"profile": "tiny", "num_iter": 2, "num_inference_steps": 3}
+FAST = {"profile": "tiny", "sampling": Sampling(num_iter=2, num_inference_steps=3)}
 
 
 def _networks() -> dict:
-    return {"phenotype_vae": PhenotypeVAE(len(COLUMNS)), "autoencoder": CineAutoencoderKL(**autoencoder_profile("tiny")),
-            "mar": MAR(len(COLUMNS), **mar_profile("tiny"))}
+    return {"phenotype_vae": PhenotypeVAE(len(COLUMNS)), "autoencoder": CineAutoencoderKL(**def_kwargs("autoencoder_def", "tiny")),
+            "mar": MAR(len(COLUMNS), **def_kwargs("mar_def", "tiny"))}
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +63,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _run(setup: Path, out: Path, ckpt_dir: Path | None = None, **kwargs) -> dict:
     args = {"ckpt_dir": str(ckpt_dir or setup / "models"), "output_dir": str(out),
-            "stats_path": str(setup / "prepared" / "phenotype_stats.json"),
-            "datalist_path": str(setup / "prepared" / "datalist.json"), "num_samples": 4, "batch_size": 4,
+            "prepared_dir": str(setup / "prepared"), "num_samples": 4, "batch_size": 4,
             **FAST, **kwargs}
     return generate(**_networks(), **args)
 
@@ -97,13 +95,10 @@ def batch4(setup: Path) -> Path:
 
 def _bundle(setup: Path, out: Path, num_samples: int, batch_size: int, launcher: tuple[str, ...] = ()) -> None:
     """Run configs/generate.json with the tiny profile (through `launcher`, e.g. torchrun) in a subprocess."""
-    configs = str(["configs/generate.json", "configs/profiles/tiny.json"])
+    configs = ["configs/generate.json", "configs/profiles/tiny.json"]
     args = {"prepared_dir": setup / "prepared", "ckpt_dir": setup / "models", "output_dir": out,
             "num_samples": num_samples, "batch_size": batch_size, "num_iter": 2, "num_inference_steps": 3}
-    done = subprocess.run([sys.executable, "-m", *launcher, "monai.bundle", "run", "--config_file", configs,
-                           *[a for k, v in args.items() for a in (f"--{k}", str(v))]], check=False, cwd=REPO,
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_bundle(configs, launcher=launcher, env=ONE_THREAD, timeout=300, **args)
 
 
 def test_bundle_run(setup: Path) -> None:
@@ -178,7 +173,7 @@ def test_sharding(setup: Path, batch4: Path, monkeypatch: pytest.MonkeyPatch) ->
 
 def test_other_settings_refused(setup: Path, batch4: Path) -> None:
     with pytest.raises(ValueError, match="other settings.*cfg"):
-        _run(setup, batch4, cfg=2.0)
+        _run(setup, batch4, sampling=Sampling(cfg=2.0, num_iter=2, num_inference_steps=3))
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
@@ -232,10 +227,10 @@ def test_unconditional(setup: Path, tmp_path: Path) -> None:
 def test_checkpoint_errors(setup: Path, tmp_path: Path) -> None:
     ckpt = tmp_path / "models"
     ckpt.mkdir()
-    torch.save(CineAutoencoderKL(**autoencoder_profile("tiny")).state_dict(), ckpt / "autoencoder.pt")
+    torch.save(CineAutoencoderKL(**def_kwargs("autoencoder_def", "tiny")).state_dict(), ckpt / "autoencoder.pt")
     with pytest.raises(FileNotFoundError, match=r"mar\.pt: checkpoint not found.*configs/train_mar\.json"):
         _run(setup, tmp_path / "out", ckpt_dir=ckpt, unconditional=True)
-    torch.save(MAR(len(COLUMNS) + 2, **mar_profile("tiny")).state_dict(), ckpt / "mar.pt")
+    torch.save(MAR(len(COLUMNS) + 2, **def_kwargs("mar_def", "tiny")).state_dict(), ckpt / "mar.pt")
     with pytest.raises(ValueError, match=r"mar\.pt: checkpoint does not match MAR of MAR profile 'tiny'.*cond_proj"):
         _run(setup, tmp_path / "out", ckpt_dir=ckpt, unconditional=True)
     with pytest.raises(FileNotFoundError, match=r"phenotype_vae\.pt.*configs/train_phenotype_vae\.json"):
@@ -266,7 +261,7 @@ def test_geometry_follows_the_conditions(tmp_path: Path) -> None:
     path = tmp_path / "datalist.json"
     path.write_text(json.dumps({"training": items}))
     stats = {"columns": COLUMNS, "mean": [edv.mean(), ef.mean(), hr.mean()], "std": [edv.std(), ef.std(), hr.std()]}
-    model = fit_geometry(path, stats)
+    model = fit_acquisition(tmp_path, stats)
     assert model.record()["method"] == "ridge regression on the phenotypes" and min(model.r2) > 0.999
     query = np.array([[120.0, 60.0, 60.0], [220.0, 40.0, 80.0], [5000.0, 50.0, 70.0]])  # the last: far out
     pred = model.predict(query, 3)
@@ -276,6 +271,6 @@ def test_geometry_follows_the_conditions(tmp_path: Path) -> None:
     medians = np.exp(np.median(np.log([pixel, pixel, 60 / (50 * hr)]), axis=1))  # medians of the logs
     np.testing.assert_allclose(model.predict(None, 2), [medians, medians])
     path.write_text(json.dumps({"training": items[:5]}))  # 5 items for 3 columns: too few to fit, medians
-    few = fit_geometry(path, stats)
+    few = fit_acquisition(tmp_path, stats)
     assert few.record()["method"] == "training medians"
     np.testing.assert_allclose(few.predict(query, 3), np.tile(np.exp(few.median), (3, 1)))

@@ -7,7 +7,8 @@ import torch
 from scipy import stats
 
 from scripts.generation.diffloss import DiffLoss
-from scripts.generation.mar import MAR, PAPER, TINY, masking_schedule, patchify, sample_mask_ratios, unpatchify
+from scripts.generation.mar import MAR, masking_schedule, patchify, sample_mask_ratios, unpatchify
+from tests.networks import def_kwargs
 
 LATENT = (16, 25, 12, 12)
 N_PHEN = 5
@@ -17,7 +18,7 @@ FAST = {"num_iter": 4, "num_inference_steps": 8}  # a short decoding schedule fo
 def _tiny(seed: int = 0, randomise: bool = False, **kwargs) -> MAR:
     """Tiny MAR in eval mode; `randomise` perturbs every weight so that the zero-initialised head depends on z."""
     torch.manual_seed(seed)
-    model = MAR(N_PHEN, **{**TINY, **kwargs})
+    model = MAR(N_PHEN, **{**def_kwargs("mar_def", "tiny"), **kwargs})
     if randomise:
         with torch.no_grad():
             for p in model.parameters():
@@ -155,7 +156,7 @@ def test_paper_size_parameter_count() -> None:
     """Paper sizes (0.8 GB in fp32, a few seconds to build). Ours: 192.46M, the head 20.93M. The authors' model
     has 193.3M, 0.84M (0.4%) more: their code is the original MAR's, which also holds an `nn.Embedding(1000, 768)`
     class table (0.77M) that a phenotype model leaves unused; that would account for most of the gap."""
-    model = MAR(82, **PAPER)
+    model = MAR(82, **def_kwargs("mar_def", "paper"))
     n = sum(p.numel() for p in model.parameters())
     head = sum(p.numel() for p in model.diffloss.parameters())
     print(f"paper-size MAR: {n / 1e6:.2f}M parameters (diffusion head {head / 1e6:.2f}M)")

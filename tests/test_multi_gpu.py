@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from scripts.generation.autoencoder import CineAutoencoderKL, autoencoder_profile
-from tests.conftest import REPO
+from scripts.generation.autoencoder import CineAutoencoderKL
+from tests.conftest import ONE_THREAD, run_bundle
+from tests.networks import def_kwargs
 from tests.test_phenotype_vae import _write_prepared
 
 TINY, MULTI = "configs/profiles/tiny.json", "configs/multi_gpu.json"
@@ -40,11 +38,8 @@ EPOCHS_KEY = {"train_phenotype_vae": "num_epochs", "train_classifier": "finetune
               "train_regressor": "finetune#num_epochs"}  # default: <config without its first word>#num_epochs
 
 
-def _run(command: list[str], config: str, *args: str, layers: tuple[str, ...] = (TINY,)) -> str:
-    done = subprocess.run([*command, "-m", "monai.bundle", "run", "--config_file", str([config, *layers]), *args],
-                          check=False, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+def _run(launcher: tuple[str, ...], config: str, *args: str, layers: tuple[str, ...] = (TINY,)) -> str:
+    done = run_bundle([config, *layers], *args, launcher=launcher, env=ONE_THREAD)
     return done.stdout + done.stderr
 
 
@@ -70,8 +65,8 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
             np.save(prepared / d["label"], label_rng.integers(0, 6, (1, 50, 96, 96), dtype=np.uint8))
     (root / "ae").mkdir()
     torch.manual_seed(0)
-    torch.save(CineAutoencoderKL(**autoencoder_profile("tiny")).state_dict(), root / "ae" / "autoencoder.pt")
-    _run([sys.executable], "configs/encode_latents.json", "--prepared_dir", str(prepared), "--latent_dir",
+    torch.save(CineAutoencoderKL(**def_kwargs("autoencoder_def", "tiny")).state_dict(), root / "ae" / "autoencoder.pt")
+    _run((), "configs/encode_latents.json", "--prepared_dir", str(prepared), "--latent_dir",
          str(root / "latents"), "--ckpt_dir", str(root / "ae"))
     return root
 
@@ -84,7 +79,7 @@ def test_two_gloo_ranks_train_and_a_single_process_resumes(cohort: Path, config:
                                                                                     str(cohort / "prepared")]
     common = [*data, "--ckpt_dir", str(models), "--output_dir", str(tmp_path / "out"), *extra]
     base, *layer = LAYERS.get(config, (config,))
-    log = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    log = _run(("torch.distributed.run", "--standalone", "--nproc_per_node", "2"),
                f"configs/{base}.json", *common, layers=(*layer, TINY, MULTI))
 
     state = torch.load(models / latest, weights_only=True)
@@ -97,7 +92,7 @@ def test_two_gloo_ranks_train_and_a_single_process_resumes(cohort: Path, config:
 
     # the same checkpoint resumes in one process, which goes on to epoch 3 with the whole training set per epoch
     more = "--" + EPOCHS_KEY.get(config, f"{config.split('_', 1)[1]}#num_epochs")
-    resumed = _run([sys.executable], f"configs/{base}.json", *common, more, "3", layers=(*layer, TINY))
+    resumed = _run((), f"configs/{base}.json", *common, more, "3", layers=(*layer, TINY))
     assert "resumed from" in resumed and "at epoch 2 of 3" in resumed
     after = torch.load(models / latest, weights_only=True)["trainer"]
     assert after["epoch"] == 3 if "epoch" in after else after["iteration"] > state["trainer"]["iteration"]

@@ -11,9 +11,10 @@ import time
 import pytest
 import torch
 
-from scripts.generation.autoencoder import CineAutoencoderKL, autoencoder_profile
-from scripts.generation.mar import MAR, mar_profile
+from scripts.generation.autoencoder import CineAutoencoderKL
+from scripts.generation.mar import MAR
 from scripts.generation.phenotype_vae import PhenotypeVAE
+from tests.networks import def_kwargs
 
 pytestmark = pytest.mark.slow
 N_PHENOTYPES = 82  # the paper's phenotype count
@@ -47,8 +48,8 @@ def _step(model: torch.nn.Module, loss: torch.Tensor, opt: torch.optim.Optimizer
 
 
 def test_paper_parameter_counts() -> None:
-    mar = MAR(N_PHENOTYPES, **mar_profile("paper"))
-    ae = CineAutoencoderKL(**autoencoder_profile("paper"))
+    mar = MAR(N_PHENOTYPES, **def_kwargs("mar_def", "paper"))
+    ae = CineAutoencoderKL(**def_kwargs("autoencoder_def", "paper"))
     vae = PhenotypeVAE(in_features=N_PHENOTYPES, hidden=[128, 128, 128], latent=32, negative_slope=0.01, dropout=0.0)
     rows = [("MAR", _params(mar), AUTHORS_MAR), ("3D-VAE", _params(ae), AUTHORS_VAE3D),
             ("phenotype VAE", _params(vae), _authors_phenotype_vae())]
@@ -63,7 +64,7 @@ def test_paper_mar_train_step_and_sampling() -> None:
     """One training step (batch 2, AdamW as the authors) and one sampling call at batch 1 with num_iter 2,
     num_inference_steps 2, cfg 3.0 (the paper samples with 16 iterations and 100 steps; shapes and finiteness only)."""
     torch.manual_seed(0)
-    mar = MAR(N_PHENOTYPES, **mar_profile("paper")).train()
+    mar = MAR(N_PHENOTYPES, **def_kwargs("mar_def", "paper")).train()
     opt = torch.optim.AdamW(mar.parameters(), lr=8e-4, betas=(0.9, 0.95), weight_decay=0.01)
     latents, phenotypes = torch.randn(2, *mar.latent_shape), torch.randn(2, N_PHENOTYPES)
     start = time.perf_counter()
@@ -81,7 +82,7 @@ def test_paper_autoencoder_train_step_and_decode() -> None:
     """One training step (L1 + 1e-6 KL, AdamW) on a 1x1x10x96x96 clip -- 10 frames, not the paper's 50, which would
     take many minutes per step on a 2-core CPU -- and one no-grad decode of a 16x5x12x12 latent."""
     torch.manual_seed(0)
-    ae = CineAutoencoderKL(**autoencoder_profile("paper")).train()
+    ae = CineAutoencoderKL(**def_kwargs("autoencoder_def", "paper")).train()
     opt = torch.optim.AdamW(ae.parameters(), lr=8e-4)
     clip = torch.rand(1, 1, 10, 96, 96)
     start = time.perf_counter()

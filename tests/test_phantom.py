@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import csv
-import subprocess
-import sys
 import time
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from scripts.data import phantom
+from scripts.data import phantom, phantom_render, phantom_shapes
 from scripts.data.phenotypes import PHENOTYPE_COLUMNS, measure_cine, read_phenotype_table
-from tests.conftest import REPO
+from tests.conftest import run_bundle
 
 WEIGHTS = (0.25, 0.25, 0.25, 0.25)
 
@@ -32,9 +30,9 @@ ABS_TOL = {"LVEF (%)": 3, "RVEF (%)": 3.5, "LAEF (%)": 6, "RAEF (%)": 7, "WT sep
 
 def _draw_measure(seed: int, index: int) -> tuple[phantom.Draw, np.ndarray, np.ndarray, dict, dict]:
     d = phantom.draw_subject(seed, index, WEIGHTS)
-    image, label = phantom.render(d.scan, d.geometry, d.rng)
+    image, label = phantom_render.render(d.scan, d.geometry, d.rng)
     measured = measure_cine(label.transpose(2, 1, 0), (d.scan.spacing,) * 2, d.frame_interval_s, d.eid)
-    return d, image, label, measured, phantom.intended_phenotypes(d.geometry, d.frame_interval_s)
+    return d, image, label, measured, phantom_shapes.intended_phenotypes(d.geometry, d.frame_interval_s)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +57,7 @@ def test_measured_phenotypes_match_the_intended_geometry(measured_cohort: list[t
 
 def test_cine_motion_and_labels(measured_cohort: list[tuple]) -> None:
     for d, image, label, measured, _ in measured_cohort:
-        assert image.shape == label.shape == (50, *phantom.MATRIX) and image.dtype == np.int16
+        assert image.shape == label.shape == (50, *phantom_render.MATRIX) and image.dtype == np.int16
         assert set(np.unique(label)) == {0, 1, 2, 3, 4, 5}
         lv = (label == 1).sum((1, 2))
         la = (label == 4).sum((1, 2))
@@ -73,7 +71,7 @@ def test_cine_motion_and_labels(measured_cohort: list[tuple]) -> None:
 
 def test_class_distributions_overlap_but_differ() -> None:
     draws = [phantom.draw_subject(7, i, WEIGHTS) for i in range(480)]
-    intended = [phantom.intended_phenotypes(d.geometry, d.frame_interval_s) for d in draws]
+    intended = [phantom_shapes.intended_phenotypes(d.geometry, d.frame_interval_s) for d in draws]
     table = np.array([[p[c] for c in PHENOTYPE_COLUMNS] for p in intended])
     y = np.array([d.row["diagnosis_index"] for d in draws])
     col = {c: table[:, i] for i, c in enumerate(PHENOTYPE_COLUMNS)}
@@ -121,13 +119,10 @@ def test_cohort_layout_determinism_and_workers(tmp_path) -> None:
 
 
 def test_cli_overrides_and_unknown_key(tmp_path) -> None:
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/make_phantom.json",
-           "--output_dir", str(tmp_path / "ph"), "--num_subjects", "2", "--seed", "1"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    run_bundle("configs/make_phantom.json", timeout=300, output_dir=tmp_path / "ph", num_subjects=2, seed=1)
     assert sorted(p.name for p in (tmp_path / "ph").iterdir() if p.is_dir()) == ["PH000000", "PH000001"]
-    bad = subprocess.run(cmd[:-4] + ["--num_subject", "2"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert bad.returncode != 0
+    bad = run_bundle("configs/make_phantom.json", expect_failure=True, timeout=300, output_dir=tmp_path / "ph",
+                     num_subject=2)
     assert "--num_subject (did you mean --num_subjects?)" in bad.stdout + bad.stderr
 
 

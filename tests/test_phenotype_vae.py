@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from scripts.generation.phenotype_vae import (
 )
 from scripts.runtime.checkpoints import LatestCheckpoint
 from scripts.runtime.features import frechet_distance
-from tests.conftest import REPO
+from tests.conftest import run_bundle
 
 COLUMNS = ["LVEDV", "LVESV", "LVSV", "LVEF", "LVCO", "LVM", "RVEDV", "RVESV", "RVSV", "RVEF", "LAV_max", "LAV_min",
            "LASV", "LAEF", "RAV_max", "RAV_min", "RASV", "RAEF", "HR", "WT_septal", "WT_lateral"]
@@ -63,10 +62,7 @@ def _write_prepared(folder: Path, n_train: int = 60, n_val: int = 20, n_test: in
 
 
 def _bundle(config: str, *args: str) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", f"configs/{config}.json",
-                           *args], check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
+    return run_bundle(f"configs/{config}.json", *args, timeout=300)
 
 
 def _read_csv(path: Path) -> tuple[list[str], np.ndarray]:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -16,6 +14,7 @@ from test_io import synthetic_cine, write_nifti
 
 from scripts.data.phenotypes import PhenotypeTableError
 from scripts.data.prepare import prepare, split_counts, split_subjects
+from tests.conftest import run_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 COLUMNS = ["LVEDV (mL)", "LVEF (%)"]
@@ -133,10 +132,7 @@ def test_decathlon_datalist(prepared: Path) -> None:
 
 def test_bundle_cli_matches_in_process_run(prepared: Path, cohort: Path, tmp_path: Path) -> None:
     """The bundle config, with 2 worker processes, gives the same files as the in-process run."""
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/prepare.json",
-           "--dataset_dir", str(cohort), "--output_dir", str(tmp_path), "--num_workers", "2"]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_bundle("configs/prepare.json", timeout=300, dataset_dir=cohort, output_dir=tmp_path, num_workers=2)
     assert "prepared 6/7 subjects" in result.stdout + result.stderr
     files = sorted(p.relative_to(prepared) for p in prepared.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())

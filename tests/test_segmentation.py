@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -17,21 +16,18 @@ from monai.networks.nets import UNet
 from PIL import Image
 
 from scripts.data.prepare import crop_pad, prepare
+from scripts.segmentation.labeller import CineLabeller, _uncrop, crop_agreement, real_subject_dice
 from scripts.segmentation.segmenter import (
     LABEL_NAMES,
     NUM_CLASSES,
-    CineLabeller,
-    _uncrop,
-    build_segmenter,
-    crop_agreement,
     dice_per_label,
     load_segmenter,
     read_info,
-    real_subject_dice,
     segment_cines,
     split_dice,
 )
-from tests.conftest import REPO
+from tests.conftest import ONE_THREAD, REPO, run_bundle
+from tests.networks import build
 from tests.test_io import synthetic_cine, write_nifti
 
 torch.set_num_threads(1)
@@ -39,14 +35,7 @@ CONFIG = "configs/train_segmenter.json"
 TRAINED = Path(os.environ.get("SEGMENTER_CHECKPOINT", REPO / "models" / "segmenter.pt"))  # a trained segmenter
 
 
-def _bundle(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    configs = str([CONFIG, "configs/profiles/tiny.json"])
-    done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, *args],
-                          check=False, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if check:
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
+_bundle = partial(run_bundle, [CONFIG, "configs/profiles/tiny.json"], env=ONE_THREAD, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +60,7 @@ def prepared(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("size", [(96, 96), (70, 53)])
 def test_segment_cines_shapes_and_labels(size: tuple[int, int]) -> None:
     torch.manual_seed(0)
-    labels = segment_cines(build_segmenter("tiny"), torch.rand(2, 1, 3, *size), frame_batch=4)
+    labels = segment_cines(build("segmenter_def", "tiny"), torch.rand(2, 1, 3, *size), frame_batch=4)
     assert labels.shape == (2, 3, *size) and labels.dtype == torch.uint8 and labels.device.type == "cpu"
     assert int(labels.max()) < NUM_CLASSES
 
@@ -128,7 +117,7 @@ def runs(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_cli_training_writes_checkpoints_metrics_montage_and_test_dice(runs: dict, prepared: Path) -> None:
     root, metrics = runs["root"], runs["metrics_first"]
     state = torch.load(root / "models" / "segmenter.pt", weights_only=True)
-    assert set(state) == set(build_segmenter("tiny").state_dict())  # network only
+    assert set(state) == set(build("segmenter_def", "tiny").state_dict())  # network only
     names = {f"val_dice_{n}" for n in LABEL_NAMES}
     assert metrics["epoch"] == 2 and set(metrics) == {"epoch", "val_mean_dice", *names}
     assert all(0.0 <= metrics[k] <= 1.0 for k in names | {"val_mean_dice"})
@@ -139,7 +128,7 @@ def test_cli_training_writes_checkpoints_metrics_montage_and_test_dice(runs: dic
     assert info["profile"] == "tiny" and info["spacing_mm"] == pytest.approx(float(np.median(spacing)))
     test = json.loads((root / "out" / "test_metrics.json").read_text())
     assert test["n"] == 1 and set(LABEL_NAMES) <= set(test)
-    network = load_segmenter(root / "models" / "segmenter.pt", "tiny", "cpu")
+    network = load_segmenter(root / "models" / "segmenter.pt", build("segmenter_def", "tiny"), "cpu")
     assert test["mean"] == pytest.approx(split_dice(network, prepared, "test")["mean"])  # the best checkpoint's
     with Image.open(root / "out" / "montage.png") as png:  # image/truth/prediction rows x (1 cine x 2 frames), x2
         assert png.size == (2 * 96 * 2, 3 * 96 * 2)
@@ -157,12 +146,13 @@ def test_wrong_shape_checkpoint_is_an_error_naming_the_file(runs: dict, tmp_path
     models.mkdir()
     wider = UNet(2, 1, NUM_CLASSES, channels=(8, 16, 32), strides=(2, 2), num_res_units=0)  # tiny's layout, wider
     torch.save({**runs["latest_first"], "network": wider.state_dict()}, models / "segmenter_latest.pt")
-    done = _bundle(*runs["common"][:2], "--ckpt_dir", str(models), "--output_dir", str(tmp_path / "out"), check=False)
+    done = _bundle(*runs["common"][:2], "--ckpt_dir", str(models), "--output_dir", str(tmp_path / "out"),
+                   expect_failure=True)
     log = done.stdout + done.stderr
     assert done.returncode != 0 and "shape mismatch" in log
     assert f"{models / 'segmenter_latest.pt'}: checkpoint does not match UNet of segmenter profile 'tiny'" in log
-    with pytest.raises(ValueError, match="segmenter.pt: checkpoint does not match UNet of segmenter profile 'cpu'"):
-        load_segmenter(runs["root"] / "models" / "segmenter.pt", "cpu", "cpu")
+    with pytest.raises(ValueError, match="segmenter.pt: checkpoint does not match UNet of this segmenter_def"):
+        load_segmenter(runs["root"] / "models" / "segmenter.pt", build("segmenter_def", "cpu"), "cpu")
 
 
 # -------------------------------------------------------------------------------------- preprocessing without labels
@@ -170,15 +160,14 @@ class _TruthLabeller(CineLabeller):
     """Stand-in segmenter: returns the subject's true label cine (the mechanism, not accuracy), records its calls."""
 
     def __init__(self, truth: dict[bytes, np.ndarray]) -> None:
-        self.truth, self.calls = truth, []
+        self.truth, self.calls, self.checkpoint = truth, [], "stand-in.pt"
 
     def __call__(self, image: np.ndarray, spacing_mm: tuple[float, float]) -> np.ndarray:
         self.calls.append(tuple(spacing_mm))
         return self.truth[image.tobytes()]
 
 
-def test_prepare_labels_subjects_without_a_label_file(cohort: Path, prepared: Path, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_prepare_labels_subjects_without_a_label_file(cohort: Path, prepared: Path, tmp_path: Path) -> None:
     import nibabel as nib
 
     root = tmp_path / "cohort"
@@ -197,8 +186,7 @@ def test_prepare_labels_subjects_without_a_label_file(cohort: Path, prepared: Pa
     assert all("seg4_la_4ch.nii.gz: file not found" in s["reason"] for s in without["skipped"])
 
     stand_in = _TruthLabeller(truth)
-    monkeypatch.setattr("scripts.segmentation.segmenter.CineLabeller", lambda checkpoint: stand_in)
-    report = prepare(root, tmp_path / "out", num_workers=0, segmenter_checkpoint="stand-in.pt")
+    report = prepare(root, tmp_path / "out", num_workers=0, labeller=stand_in)
     assert report["prepared"] == 8 and report["labelled_by_segmenter"] == ["s1", "s3", "s5", "s7"]
     assert len(stand_in.calls) == 4 and set(stand_in.calls) == {(1.5, 1.5)}
     assert {s: r["labels"] for s, r in report["subjects"].items()} == {f"s{n}": "file" if n % 2 == 0 else "segmenter"
@@ -229,12 +217,12 @@ def test_crop_agreement_of_a_perfect_and_a_shifted_labeller(cohort: Path, monkey
         image = nib.load(cohort / f"s{n}" / "la_4ch.nii.gz").get_fdata(dtype=np.float32)[:, :, 0]
         truth[image.tobytes()] = np.asarray(nib.load(cohort / f"s{n}" / "seg4_la_4ch.nii.gz").dataobj)[:, :, 0]
     stand_in = _TruthLabeller({k: v.astype(np.uint8) for k, v in truth.items()})
-    monkeypatch.setattr("scripts.segmentation.segmenter.CineLabeller", lambda checkpoint: stand_in)
-    exact = crop_agreement(cohort, "stand-in.pt", ["s0", "s1"])
+    monkeypatch.setattr("scripts.segmentation.labeller.CineLabeller", lambda checkpoint, network: stand_in)
+    exact = crop_agreement(cohort, "stand-in.pt", None, ["s0", "s1"])
     assert all(r["box_iou"] == 1.0 and r["heart_fraction"] == 1.0 and r["side_ratio"] == 1.0 for r in exact.values())
     assert all(r["dice"][name] == 1.0 for r in exact.values() for name in LABEL_NAMES)
     stand_in.truth = {k: np.roll(v, 20, axis=0).astype(np.uint8) for k, v in truth.items()}  # 20 px off along X
-    shifted = crop_agreement(cohort, "stand-in.pt", ["s0"])["s0"]
+    shifted = crop_agreement(cohort, "stand-in.pt", None, ["s0"])["s0"]
     assert 0.3 < shifted["box_iou"] < 0.9 and shifted["heart_fraction"] < 1.0 and shifted["dice"]["LV"] < 1.0
 
 
@@ -243,12 +231,13 @@ def test_cine_labeller_resamples_to_the_training_pixel_size(runs: dict, tmp_path
     segmenter.json (no accuracy claim: the tiny network is barely trained)."""
     checkpoint = runs["root"] / "models" / "segmenter.pt"
     image, _ = synthetic_cine(12, 0)
-    labels = CineLabeller(checkpoint)(image, (1.5, 1.5))
+    network = build("segmenter_def", "tiny")
+    labels = CineLabeller(checkpoint, network)(image, (1.5, 1.5))
     assert labels.shape == image.shape and labels.dtype == np.uint8 and labels.max() < NUM_CLASSES
     lone = tmp_path / "segmenter.pt"
     lone.write_bytes(checkpoint.read_bytes())
     with pytest.raises(ValueError, match="segmenter.json: missing or malformed segmenter info"):
-        CineLabeller(lone)
+        CineLabeller(lone, network)
 
 
 # ------------------------------------------------------------------------------------------------- real subject
@@ -256,6 +245,6 @@ def test_real_subject_dice(ukbb_demo: Path, tmp_path: Path) -> None:
     """Dice per label of a trained segmenter on the real demo subject (reported, not a target)."""
     if not TRAINED.is_file():
         pytest.skip(f"no trained segmenter at {TRAINED} (set SEGMENTER_CHECKPOINT, or train {CONFIG})")
-    dice = real_subject_dice(ukbb_demo, TRAINED, tmp_path)
+    dice = real_subject_dice(ukbb_demo, TRAINED, build("segmenter_def", read_info(TRAINED)["profile"]), tmp_path)
     print(f"real subject Dice ({TRAINED}): {dice}")
     assert set(dice) == {"1"} and all(0.0 <= dice["1"][n] <= 1.0 for n in LABEL_NAMES)

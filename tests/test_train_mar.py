@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,24 +11,20 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.generation.autoencoder import CineAutoencoderKL, autoencoder_profile
+from scripts.generation.autoencoder import CineAutoencoderKL
 from scripts.generation.latents import latent_dataset, read_latent_stats, scale_factor
-from scripts.generation.mar import MAR, mar_profile
+from scripts.generation.mar import MAR
 from scripts.generation.mar_training import mar_eval_step
-from tests.conftest import REPO
+from tests.conftest import ONE_THREAD, run_bundle
+from tests.networks import def_kwargs
 from tests.test_phenotype_vae import COLUMNS, _write_prepared
 
 torch.set_num_threads(1)
 TINY = "configs/profiles/tiny.json"
 
 
-def _bundle(config: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str([config, TINY]), *args],
-                          check=False, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
-    if check:
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
+def _bundle(config: str, *args: str, expect_failure: bool = False) -> subprocess.CompletedProcess:
+    return run_bundle([config, TINY], *args, expect_failure=expect_failure, env=ONE_THREAD, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +42,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     models = root / "models"
     models.mkdir()
     torch.manual_seed(0)
-    torch.save(CineAutoencoderKL(**autoencoder_profile("tiny")).state_dict(), models / "autoencoder.pt")
+    torch.save(CineAutoencoderKL(**def_kwargs("autoencoder_def", "tiny")).state_dict(), models / "autoencoder.pt")
     latents = root / "latents"
     encode = _bundle("configs/encode_latents.json", "--prepared_dir", str(prepared), "--latent_dir", str(latents),
                      "--ckpt_dir", str(models))
@@ -69,7 +63,7 @@ def test_cache_holds_posteriors_phenotypes_and_scale(runs: dict) -> None:
     assert stats["scale_factor"] == pytest.approx(scale_factor(train["mean"], train["logvar"]))
     assert stats["latent_shape"] == [16, 25, 12, 12] and stats["profile"] == "tiny"
     # the cached moments are the autoencoder's own encoding of the prepared cine
-    net = CineAutoencoderKL(**autoencoder_profile("tiny"))
+    net = CineAutoencoderKL(**def_kwargs("autoencoder_def", "tiny"))
     net.load_state_dict(torch.load(runs["models"] / "autoencoder.pt", weights_only=True))
     x = torch.from_numpy(np.load(runs["prepared"] / "images" / f"{train['subjects'][0]}.npy").astype(np.float32))
     with torch.no_grad():
@@ -90,7 +84,7 @@ def test_scale_factor_is_one_over_the_std_of_posterior_draws() -> None:
 def test_training_writes_ema_checkpoint_with_the_scale(runs: dict) -> None:
     stats = read_latent_stats(runs["latents"])
     state = torch.load(runs["models"] / "mar.pt", weights_only=True)
-    model = MAR(len(COLUMNS), **mar_profile("tiny"))
+    model = MAR(len(COLUMNS), **def_kwargs("mar_def", "tiny"))
     model.load_state_dict(state)  # a plain MAR state dict (the EMA network)
     assert model.latent_scale.item() == pytest.approx(stats["scale_factor"])
     latest = runs["latest_first"]
@@ -111,7 +105,7 @@ def test_resume_continues_from_the_saved_epoch(runs: dict) -> None:
 
 
 def test_validation_loss_is_seeded() -> None:
-    model = MAR(3, **mar_profile("tiny"))
+    model = MAR(3, **def_kwargs("mar_def", "tiny"))
     batch = {"mean": torch.randn(2, 16, 25, 12, 12), "phenotypes": torch.randn(2, 3)}
     engine = SimpleNamespace(state=SimpleNamespace(device="cpu", iteration=5), network=model, amp=False)
     first, second = mar_eval_step(engine, batch)["loss"], mar_eval_step(engine, batch)["loss"]
@@ -124,17 +118,17 @@ def test_wrong_profile_checkpoint_is_an_error_naming_the_file(runs: dict, tmp_pa
     models = tmp_path / "models"
     models.mkdir()
     latest = runs["latest_first"]
-    cpu = MAR(len(COLUMNS), **mar_profile("cpu")).state_dict()
+    cpu = MAR(len(COLUMNS), **def_kwargs("mar_def", "cpu")).state_dict()
     torch.save({**latest, "network": cpu}, models / "mar_latest.pt")
     done = _bundle("configs/train_mar.json", "--latent_dir", str(runs["latents"]), "--ckpt_dir", str(models),
-                   "--output_dir", str(tmp_path / "out"), check=False)
+                   "--output_dir", str(tmp_path / "out"), expect_failure=True)
     log = done.stdout + done.stderr
     assert done.returncode != 0
     assert f"{models / 'mar_latest.pt'}: checkpoint does not match MAR of MAR profile 'tiny'" in log
 
 
 def test_encode_without_autoencoder_names_the_training_config(tmp_path: Path) -> None:
-    done = _bundle("configs/encode_latents.json", "--ckpt_dir", str(tmp_path), check=False)
+    done = _bundle("configs/encode_latents.json", "--ckpt_dir", str(tmp_path), expect_failure=True)
     assert done.returncode != 0
     assert f"{tmp_path / 'autoencoder.pt'}: checkpoint not found; train it with configs/train_autoencoder.json" in (
         done.stdout + done.stderr)

@@ -1,8 +1,5 @@
 """Reading 2D+time cines (NIfTI, or a DICOM series folder) with validation, and atomic file writes.
-
-A cine is returned as an (X, Y, T) array in NIfTI index order (X = DICOM columns, Y = DICOM rows) with its in-plane
-pixel spacing (mm), frame interval (s) and 4x4 affine.
-"""
+A cine is (X, Y, T) in NIfTI index order (X = DICOM columns, Y = rows), spacing (mm), frame interval (s), affine."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Reading a prepared cohort folder: its phenotype statistics and its cines."""
+"""The one reader of a prepared (configs/prepare.json) or generated (configs/generate.json) folder: its
+datalist.json (decathlon form: split -> items, plus "phenotype_columns"), its phenotype_stats.json and its cines."""
 
 from __future__ import annotations
 
@@ -9,6 +10,59 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.data import load_decathlon_datalist
+
+from scripts.data.phenotypes import normalise
+
+DATALIST = "datalist.json"
+STATS = "phenotype_stats.json"
+
+
+# ---------------------------------------------------------------------------------------------------------- datalist
+def read_datalist(folder: str | Path, required: bool = True) -> dict | None:
+    """<folder>/datalist.json as a dict; a missing file is FileNotFoundError naming the folder (None if not
+    `required`), a malformed one ValueError naming the file."""
+    path = Path(folder) / DATALIST
+    if not path.is_file():
+        if not required:
+            return None
+        raise FileNotFoundError(f"{folder}: not a prepared folder (no {DATALIST}); run configs/prepare.json (or "
+                                "configs/generate.json for a generated folder) first")
+    try:
+        datalist = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(datalist, dict):
+        raise ValueError(f"{path}: not a JSON object of split -> items")
+    return datalist
+
+
+def split_items(folder: str | Path, splits: Sequence[str], absolute: bool = False) -> list[dict]:
+    """The items of `splits` of <folder>/datalist.json, in order; with `absolute`, their image and label paths joined
+    to the folder (MONAI's load_decathlon_datalist). ValueError naming the file for a split that is no list."""
+    datalist = read_datalist(folder)
+    absent = [s for s in splits if not isinstance(datalist.get(s), list)]
+    if absent:
+        lists = sorted(k for k, v in datalist.items() if isinstance(v, list))
+        raise ValueError(f"{Path(folder) / DATALIST}: no {absent} list(s) (it has {lists})")
+    if absolute:
+        return [d for s in splits for d in load_decathlon_datalist(Path(folder) / DATALIST, True, s, folder)]
+    return [d for s in splits for d in datalist[s]]
+
+
+def has_phenotypes(item: dict, columns: Sequence[str]) -> bool:
+    """The item is flagged has_phenotypes and holds a finite number for every one of `columns`."""
+    return bool(item.get("has_phenotypes")) and all(isinstance(item.get(c), (int, float)) and math.isfinite(item[c])
+                                                    for c in columns)
+
+
+def phenotype_matrix(items: Sequence[dict], stats: dict) -> np.ndarray:
+    """(N, F) float64 phenotypes of stats["columns"], normalised with `stats`; a NaN row where an item has none."""
+    rows = np.full((len(items), len(stats["columns"])), np.nan)
+    for i, d in enumerate(items):
+        if has_phenotypes(d, stats["columns"]):
+            rows[i] = normalise([[d[c] for c in stats["columns"]]], stats)[0]
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------------------- data

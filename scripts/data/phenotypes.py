@@ -1,8 +1,5 @@
-"""Cardiac phenotypes from 4-chamber label cines, and phenotype-table I/O.
-
-Methods and units are documented in docs/phenotypes.md. Label cines are integer arrays (X, Y, T) in NIfTI index order
-with labels 0 background, 1 LV blood pool, 2 LV myocardium, 3 RV, 4 LA, 5 RA; frame 0 is end-diastole.
-"""
+"""Cardiac phenotypes from 4-chamber label cines (X, Y, T; labels as LABELS; frame 0 end-diastole), and table I/O.
+Methods and units: docs/phenotypes.md."""
 
 from __future__ import annotations
 
@@ -20,8 +17,6 @@ from scripts.runtime.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
-
-logger = logging.getLogger(__name__)
 
 PHENOTYPE_COLUMNS: list[str] = [
     "LVEDV (mL)", "LVESV (mL)", "LVSV (mL)", "LVEF (%)", "LVCO (L/min)", "LVM (g)",
@@ -54,7 +49,7 @@ def _where(subject: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------- geometry
-def _largest_components(mask: np.ndarray) -> np.ndarray:
+def largest_components(mask: np.ndarray) -> np.ndarray:
     """Largest 8-connected component of every frame of a (T, X, Y) boolean mask."""
     lab, n = ndimage.label(mask, structure=_IN_PLANE_8)
     t = np.nonzero(mask)[0]
@@ -106,9 +101,8 @@ def _valve_gap_mm(spacing: tuple[float, float]) -> float:
 
 
 def _valve_midpoints(chamber: np.ndarray, atrium: np.ndarray, spacing: tuple[float, float]) -> np.ndarray:
-    """Per-frame valve midpoint (mm) of (T, X, Y) masks: the mean of the centroid of the chamber pixels within the valve
-    gap of an atrium pixel and the centroid of the atrium pixels within it of a chamber pixel (two bands mirrored
-    about the interface where the shapes are); NaN in frames where no chamber and atrium pixels are that close."""
+    """Per-frame valve midpoint (T, 2) in mm of (T, X, Y) masks: mean of the two valve-band centroids (chamber pixels
+    near the atrium, atrium pixels near the chamber); NaN in frames without a band."""
     offsets = _disk_offsets(spacing, _valve_gap_mm(spacing))
     n_frames = chamber.shape[0]
     sides = []
@@ -128,12 +122,8 @@ def _principal_extent(pts: np.ndarray) -> tuple[np.ndarray, float, float]:
 
 def _ventricle(chamber: np.ndarray, atrium: np.ndarray, spacing: tuple[float, float], name: str, subject: str,
                away_from_atria: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Valve-to-apex area-length volumes (mL) per frame, with the base (valve) point and apex (mm) per frame and a mask
-    of the frames with a valve band (chamber and atrium pixels within VALVE_GAP_MM of each other).
-
-    Frames without one use the chamber's extent along its first principal axis as L, with base and apex at the extremes
-    along that axis (apex on the `away_from_atria` side), and are logged.
-    """
+    """Valve-to-apex area-length volumes (mL), base and apex (mm) per frame, and the mask of frames with a valve band.
+    Frames without one use the first principal axis extent (apex on the `away_from_atria` side) and are logged."""
     base = _valve_midpoints(chamber, atrium, spacing)
     t, pts, counts = _pixels(chamber, spacing)
     dist = np.hypot(*(pts - base[t]).T)
@@ -245,7 +235,7 @@ def measure_cine(label: np.ndarray, spacing_mm: tuple[float, float], frame_inter
     heart = np.nonzero((label > 0).any(2))
     lo = [max(int(a.min()) - 2, 0) for a in heart]
     label = np.moveaxis(label[lo[0]:heart[0].max() + 3, lo[1]:heart[1].max() + 3], 2, 0)  # (T, X, Y), cropped
-    m = {name: _largest_components(label == value) for name, value in LABELS.items()}
+    m = {name: largest_components(label == value) for name, value in LABELS.items()}
 
     atria_c = _pixels(m["LA"][:1] | m["RA"][:1], spacing)[1].mean(0)
     ventricles_c = _pixels(m["LV"][:1] | m["RV"][:1], spacing)[1].mean(0)
@@ -292,11 +282,8 @@ def _parse_value(cell: str, where: str) -> float:
 
 
 def read_eid_table(path: str | Path) -> tuple[list[str], list[tuple[int, str, list[str]]]]:
-    """Read a CSV whose first column is `eid`: (header, [(row number, eid, cells)]); blank lines are skipped.
-
-    PhenotypeTableError names the file and the row (CSV record number, header = row 1) for: missing or empty file,
-    first column not `eid`, duplicate column names, no subject rows, empty or duplicate eid, wrong number of cells.
-    """
+    """Read a CSV whose first column is `eid`: (header, [(row number, eid, cells)]), blank lines skipped.
+    PhenotypeTableError names the file and the row (header = row 1) for any malformed table, row or eid."""
     path = Path(path)
     if not path.is_file():
         raise PhenotypeTableError(f"{path}: table not found")
@@ -329,11 +316,8 @@ def read_eid_table(path: str | Path) -> tuple[list[str], list[tuple[int, str, li
 
 def read_phenotype_table(path: str | Path, columns: Sequence[str] | None = None
                          ) -> tuple[list[str], dict[str, dict[str, float]]]:
-    """Read a CSV phenotype table whose first column is `eid`: (columns, {eid: {column: value}}).
-
-    With `columns`, only those are returned (in that order) and checked; other columns may hold anything. Errors as
-    `read_eid_table`, plus requested columns absent, non-numeric and missing (empty, NaN, inf) values.
-    """
+    """Read a CSV phenotype table whose first column is `eid`: (columns, {eid: {column: value}}); only `columns`, if
+    given, are returned and checked. PhenotypeTableError as `read_eid_table`, or absent/non-numeric/missing values."""
     header, rows = read_eid_table(path)
     wanted = list(columns) if columns is not None else header[1:]
     absent = [c for c in wanted if c not in header[1:]]

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -27,27 +28,31 @@ from torch.utils.data import DataLoader, Dataset
 
 from scripts.data.cine_files import LV_LABEL, CineError, load_cine, load_subject
 from scripts.data.phenotypes import LABELS, fit_normaliser, read_eid_table, read_phenotype_table, write_phenotype_table
+from scripts.data.shapes import IMAGE_SIZE, NUM_FRAMES
 from scripts.runtime.files import save_npy, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
-
-logger = logging.getLogger(__name__)
-
-NUM_FRAMES = 50
-IMAGE_SIZE = 96
 KEYS = ("image", "label")
 SPLITS = ("training", "validation", "test")
 RESERVED = {"image", "label", "subject", "has_phenotypes", "spacing_mm", "frame_interval_s"}
-Labeller = Callable[[np.ndarray, Sequence[float]], np.ndarray]  # (X, Y, T) image, pixel mm -> (X, Y, T) uint8 labels
+
+
+class Labeller(Protocol):
+    """Labels a full-view cine (scripts.segmentation.labeller.CineLabeller); `checkpoint` names its weights."""
+
+    checkpoint: str
+
+    def __call__(self, image: np.ndarray, spacing_mm: Sequence[float]) -> np.ndarray:
+        """(X, Y, T) image with its pixel size (mm) -> (X, Y, T) uint8 labels."""
 
 
 # --------------------------------------------------------------------------------------------------------- transforms
 class LoadSubjectd(MapTransform):
     """Load and validate a subject's image and label cines (scripts.data.cine_files.load_subject) as (X, Y, T) arrays.
 
-    With a `labeller` (scripts.segmentation.segmenter.CineLabeller), a subject whose label file is missing is labelled by it
-    from the image ("labels": "segmenter"; otherwise "file"); without one, a missing label file is a CineError.
+    With a `labeller` (scripts.segmentation.labeller.CineLabeller), a subject whose label file is missing is labelled by
+    it from the image ("labels": "segmenter"; otherwise "file"); without one, a missing label file is a CineError.
     """
 
     def __init__(self, labeller: Labeller | None = None) -> None:
@@ -308,13 +313,13 @@ def _report_md(report: dict) -> str:
 def prepare(dataset_dir: str | Path, output_dir: str | Path, phenotypes_csv: str | Path | None = None,
             splits: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0, margin: float = 0.15, num_workers: int = 2,
             image_name: str = "la_4ch.nii.gz", label_name: str = "seg4_la_4ch.nii.gz", log_every: int = 100,
-            segmenter_checkpoint: str | Path | None = None) -> dict:
+            labeller: Labeller | None = None) -> dict:
     """Prepare a cohort `<dataset_dir>/<subject>/{image_name,label_name}` into `output_dir`; returns the report.
 
     Writes images/ and labels/ (.npy), datalist.json (MONAI decathlon form), phenotypes.csv, phenotype_stats.json
     (fitted on the training split), report.json and report.md. Subjects failing with a CineError are skipped and
-    reported. With `segmenter_checkpoint` (configs/train_segmenter.json's segmenter.pt, its segmenter.json beside
-    it), subjects without a label file are labelled by the segmenter and listed in the report.
+    reported. With a `labeller` (configs/prepare.json builds scripts.segmentation.labeller.CineLabeller from
+    `segmenter_checkpoint`), subjects without a label file are labelled by it and listed in the report.
     """
     if dataset_dir is None or not Path(dataset_dir).is_dir():
         raise ValueError(f"dataset_dir must be an existing folder (pass --dataset_dir <folder>), got {dataset_dir}")
@@ -330,17 +335,12 @@ def prepare(dataset_dir: str | Path, output_dir: str | Path, phenotypes_csv: str
     items = find_subjects(dataset_dir, image_name, label_name)
     if not items:
         raise ValueError(f"{dataset_dir}: no subject folder holds {image_name!r}")
-    labeller = None
-    if segmenter_checkpoint:
-        from scripts.segmentation.segmenter import CineLabeller
-
-        labeller = CineLabeller(segmenter_checkpoint)
     logger.info("preparing %d subjects from %s into %s", len(items), dataset_dir, output_dir)
 
     records = process_subjects(items, output_dir, margin, num_workers, log_every, labeller)
     done = [r for r in records if "error" not in r]
     report = {"dataset_dir": str(dataset_dir), "found": len(items), "prepared": len(done),
-              "segmenter_checkpoint": str(segmenter_checkpoint) if segmenter_checkpoint else None,
+              "segmenter_checkpoint": str(labeller.checkpoint) if labeller else None,
               "labelled_by_segmenter": [r["subject"] for r in done if r["labels"] == "segmenter"],
               "skipped": [{"subject": r["subject"], "reason": r["error"]} for r in records if "error" in r],
               "without_phenotypes": [r["subject"] for r in done if r["subject"] not in table],

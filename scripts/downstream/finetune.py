@@ -1,20 +1,11 @@
-"""Fine-tuning a ViT (from an MAE encoder or from scratch) for disease classification and phenotype regression with
-k-fold cross-validation (`configs/train_classifier.json`, `configs/train_regressor.json`), and classifying prepared
-cines (`configs/inference.json`).
-
-The cross-validation cohort is the labelled real cines of `cv_splits` of a prepared folder (by default validation and
-test: subjects neither the generator nor the MAE saw). Folds are subject-level and stratified (scikit-learn's
-StratifiedKFold over subjects), the same for a seed whatever the task. Synthetic labelled cines (the paper's mix*) are
-added to the training folds only, never to a validation fold, and only for regression: synthetic cines carry their
-conditioning phenotypes but no diagnosis.
-"""
+"""ViT fine-tuning (MAE encoder or scratch) with subject-level stratified k-fold CV on the real `cv_splits` cines, and
+inference (`configs/train_classifier.json`, `train_regressor.json`, `inference.json`); protocol: docs/downstream.md."""
 
 from __future__ import annotations
 
 import csv
 import io
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -30,16 +21,15 @@ from monai.utils import CommonKeys, evenly_divisible_all_gather
 from sklearn.model_selection import StratifiedKFold
 from torch import nn
 
-from scripts.data.cohort import read_stats
+from scripts.data.cohort import has_phenotypes, read_stats, split_items
 from scripts.data.phenotypes import normalise
-from scripts.data.prepare import IMAGE_SIZE, NUM_FRAMES
+from scripts.data.shapes import IMAGE_SIZE, NUM_FRAMES
 from scripts.downstream.mae import (
     ENCODER_KEYS,
     IMAGE,
     LABEL,
     freeze_unused_norms,
     load_encoder,
-    read_items,
     synthetic_items,
     usable,
 )
@@ -47,8 +37,6 @@ from scripts.runtime.files import write_text
 
 logger = logging.getLogger(__name__)
 
-
-logger = logging.getLogger(__name__)
 
 TASKS = ("classification", "regression")
 
@@ -88,13 +76,12 @@ def task_items(prepared_dir: str | Path, splits: Sequence[str], task: str, label
     the z-scored phenotype vector of phenotype_stats.json (regression). Items without the target are left out."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    items = usable(read_items(prepared_dir, splits))
+    items = usable(split_items(prepared_dir, splits, absolute=True))
     if any(d.get("synthetic") for d in items):
         raise ValueError(f"{prepared_dir}: holds synthetic items; the cross-validation cohort must be real cines")
     if task == "regression":
         stats = read_stats(Path(prepared_dir) / "phenotype_stats.json")
-        kept = [d for d in items if d.get("has_phenotypes")
-                and all(isinstance(d.get(c), (int, float)) and math.isfinite(d[c]) for c in stats["columns"])]
+        kept = [d for d in items if has_phenotypes(d, stats["columns"])]
         return with_phenotype_labels(kept, stats)
     kept = [d for d in items if d.get(label_key) is not None]
     bad = [(d["subject"], d[label_key]) for d in kept

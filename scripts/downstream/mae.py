@@ -1,16 +1,8 @@
-"""MAE pretraining on cines with the 50 frames as channels (`configs/pretrain_mae.json`), mixed with synthetic cines.
-
-Data: real cines of a prepared folder (configs/prepare.json) and synthetic ones of a generated folder
-(configs/generate.json), both images/<name>.npy of shape 1 x 50 x 96 x 96 in [0, 1], read as (50, 96, 96) tensors.
-`pretrain_datalist` draws the real pretraining set and `mix_ratio` x as many synthetic cines (the first ones of the
-generated folder, so that a larger mix holds every smaller one). The network is MONAI's MaskedAutoEncoderViT; the
-masked-patch loss, the seeded validation step, the MAE -> ViT encoder transfer (an explicit key map, every key checked)
-and the end-of-training report are here.
-"""
+"""MAE pretraining (MONAI MaskedAutoEncoderViT, the 50 frames as channels) on real plus synthetic cines, and the
+MAE -> ViT encoder transfer (`configs/pretrain_mae.json`); cines are images/<name>.npy (1, 50, 96, 96) in [0, 1]."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -28,7 +20,8 @@ from monai.transforms import Compose, EnsureTyped, LoadImaged, SqueezeDimd
 from monai.utils import CommonKeys
 from torch import nn
 
-from scripts.data.prepare import IMAGE_SIZE, NUM_FRAMES
+from scripts.data.cohort import split_items
+from scripts.data.shapes import IMAGE_SIZE, NUM_FRAMES
 from scripts.runtime.checkpoints import check_state_dict
 from scripts.runtime.distributed import unwrap
 from scripts.runtime.files import atomic_write, write_json
@@ -36,8 +29,6 @@ from scripts.runtime.handlers import seeded
 
 logger = logging.getLogger(__name__)
 
-
-logger = logging.getLogger(__name__)
 
 IMAGE = "image"
 LABEL = "label"  # the fine-tuning target (a prepared datalist's "label" path is not read here)
@@ -48,19 +39,6 @@ DECODER_PREFIXES = ("decoder_", "mask_tokens")  # MAE keys with no counterpart i
 
 
 # ------------------------------------------------------------------------------------------------------------- data
-def read_items(folder: str | Path, splits: Sequence[str]) -> list[dict]:
-    """The items of `splits` in <folder>/datalist.json, each with its image path made absolute."""
-    folder = Path(folder)
-    path = folder / "datalist.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder}: no datalist.json (run configs/prepare.json or configs/generate.json first)")
-    datalist = json.loads(path.read_text(encoding="utf-8"))
-    absent = [s for s in splits if not isinstance(datalist.get(s), list)]
-    if absent:
-        raise ValueError(f"{path}: no {absent} list(s) (it has {sorted(k for k, v in datalist.items() if isinstance(v, list))})")
-    return [{**d, IMAGE: str(folder / d[IMAGE])} for s in splits for d in datalist[s]]
-
-
 def usable(items: Sequence[dict]) -> list[dict]:
     """The items whose image is a readable .npy of shape 1 x 50 x 96 x 96; each other one is logged and skipped."""
     kept = []
@@ -81,7 +59,7 @@ def synthetic_items(generated_dir: str | Path, n: int) -> list[dict]:
     """The first `n` usable synthetic cines (by name) of a generated folder; an error naming the command if too few."""
     if n <= 0:
         return []
-    items = usable(sorted((d for d in read_items(generated_dir, ["training"]) if d.get("synthetic")),
+    items = usable(sorted((d for d in split_items(generated_dir, ["training"], absolute=True) if d.get("synthetic")),
                           key=lambda d: d["subject"]))
     if len(items) < n:
         raise ValueError(
@@ -95,14 +73,11 @@ def synthetic_items(generated_dir: str | Path, n: int) -> list[dict]:
 def pretrain_datalist(prepared_dir: str | Path, generated_dir: str | Path | None, mix_ratio: float,
                       real_splits: Sequence[str] = ("training",), real_count: int | None = None, val_count: int = 20,
                       seed: int = 0) -> dict[str, list[dict]]:
-    """{"training": real + synthetic, "validation": real} items for MAE pretraining.
-
-    The usable cines of `real_splits` are shuffled with `seed`: the first `val_count` monitor the reconstruction loss,
-    the next `real_count` (all when None) pretrain, with round(mix_ratio x their number) synthetic cines.
-    """
+    """{"training": real + synthetic, "validation": real}: `real_splits` shuffled with `seed`, the first `val_count` to
+    validate, the next `real_count` (None: all) to pretrain, plus round(mix_ratio x that) synthetic cines."""
     if mix_ratio < 0:
         raise ValueError(f"mix_ratio must be >= 0, got {mix_ratio}")
-    real = usable(read_items(prepared_dir, real_splits))
+    real = usable(split_items(prepared_dir, real_splits, absolute=True))
     order = np.random.default_rng(seed).permutation(len(real))
     val, train = [real[i] for i in order[:val_count]], [real[i] for i in order[val_count:]]
     train = train[:real_count] if real_count else train
@@ -192,9 +167,8 @@ def mae_train_step(engine: Engine, batch: dict) -> dict[str, float]:
 
 
 class MAEEvalStep:
-    """`iteration_update` of SupervisedEvaluator: the masked-patch `loss` with masks seeded by the iteration (the same
-    at every evaluation), and {"pred", "label"} as (B, 1, 50, 96, 96) cines for the montage: the reconstruction with
-    the visible patches pasted back, and the input."""
+    """`iteration_update` of SupervisedEvaluator: masked-patch `loss` (masks seeded by iteration), and {"pred", "label"}
+    (B, 1, 50, 96, 96): the reconstruction with the visible patches pasted back, and the input."""
 
     def __init__(self, loss: nn.Module) -> None:
         self.loss = loss
@@ -213,9 +187,8 @@ class MAEEvalStep:
 
 # ------------------------------------------------------------------------------------------- encoder transfer
 def encoder_state(mae_state: Mapping[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
-    """MaskedAutoEncoderViT state -> MONAI ViT state (without the head): cls_token, patch_embedding.* and
-    blocks.<i>.* keep their names; the encoder's final LayerNorm blocks.<num_layers>.* becomes norm.*; decoder keys
-    are dropped. Any other key is an error."""
+    """MaskedAutoEncoderViT state -> MONAI ViT state without the head (blocks.<num_layers>.* -> norm.*, decoder keys
+    dropped); ValueError for a key that is neither encoder nor decoder."""
     out = {}
     for key, value in mae_state.items():
         if key.startswith(DECODER_PREFIXES):
@@ -230,11 +203,8 @@ def encoder_state(mae_state: Mapping[str, torch.Tensor], num_layers: int) -> dic
 
 
 def load_encoder(vit: nn.Module, path: str | Path, num_layers: int, head_prefix: str = "classification_head.") -> None:
-    """Load the encoder of an MAE checkpoint (`configs/pretrain_mae.json`'s mae.pt) into a MONAI ViT, in place.
-
-    Every ViT key except the head's must come from the checkpoint with its shape (`check_state_dict` names what
-    differs); the head keeps its initialisation.
-    """
+    """Load the encoder of an MAE checkpoint (`configs/pretrain_mae.json`'s mae.pt) into a MONAI ViT, in place; every
+    non-head key must match in name and shape (ValueError names what differs), the head keeps its initialisation."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: MAE checkpoint not found; pretrain it with configs/pretrain_mae.json")
@@ -250,9 +220,8 @@ def load_encoder(vit: nn.Module, path: str | Path, num_layers: int, head_prefix:
 
 # -------------------------------------------------------------------------------------------------------- report
 class FinalReport:
-    """When training completes: evaluate once more unless the last epoch was evaluated, then on rank 0 write the
-    unwrapped network's weights to `weights_path` and {"complete": true, "epoch", metrics..., "info"} to
-    `metrics_path`, each atomically (so a finished run is told by its metrics file, a killed one leaves none)."""
+    """At completion: evaluate the last epoch if not done, then (rank 0) atomically write the weights to `weights_path`
+    and {"complete": true, "epoch", metrics..., "info"} to `metrics_path` (absent after a killed run)."""
 
     def __init__(self, network: nn.Module, weights_path: str | Path, metrics_path: str | Path,
                  evaluator: Engine | None = None, info: Mapping | None = None) -> None:

@@ -2,9 +2,10 @@
 pretrained on real plus 1..5x synthetic cines, each fine-tuned with k-fold cross-validation for every task, gathered
 into a table in the layout of the paper's Table 2 (markdown and CSV) with per-run metrics JSON.
 
-Every run is a bundle config run in this process (`monai.bundle.run`, the profile layered after it); a run whose
-metrics JSON exists, is complete and records the same settings is not run again, so a killed table resumes. Missing
-synthetic cines are generated first through `scripts.runtime.stages.run_stages` (the config's `stages`).
+Every run is a stage of `scripts.runtime.stages.run_stages` (a bundle config run in this process, the profile layered
+after it, the config's forwarded sections edited in); a run whose metrics JSON exists, is complete and records the same
+settings is not run again, so a killed table resumes. Missing synthetic cines are generated first (the config's
+`generate` stage).
 """
 
 from __future__ import annotations
@@ -19,19 +20,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.bundle import run
 
-from scripts.data.cohort import read_stats
+from scripts.data.cohort import read_stats, split_items
 from scripts.downstream.finetune import cv_folds, task_items
-from scripts.downstream.mae import pretrain_datalist, read_items, usable
+from scripts.downstream.mae import pretrain_datalist, usable
 from scripts.runtime.files import file_digest, write_json, write_text
 from scripts.runtime.stages import run_stages
 from scripts.runtime.timing import device_name
 
 logger = logging.getLogger(__name__)
 
-
-logger = logging.getLogger(__name__)
 
 CLASSIFICATION_METRICS = (("val_acc", "ACC"), ("val_auc", "AUC"))
 
@@ -54,11 +52,11 @@ def synthetic_available(generated_dir: str | Path) -> int:
     """Usable synthetic cines in a generated folder (0 where it has no datalist yet)."""
     if not (Path(generated_dir) / "datalist.json").is_file():
         return 0
-    return len(usable([d for d in read_items(generated_dir, ["training"]) if d.get("synthetic")]))
+    return len(usable([d for d in split_items(generated_dir, ["training"], absolute=True) if d.get("synthetic")]))
 
 
 def ensure_synthetic(need: int, generated_dir: str | Path, stages: Sequence[dict], table_dir: Path,
-                     profile_file: str | None, generate_missing: bool) -> float:
+                     profile_file: str | None, generate_missing: bool, forward: Mapping | None = None) -> float:
     """Generate synthetic cines until `need` exist (the "generate" stage of `stages`, resumable); returns seconds."""
     have = synthetic_available(generated_dir)
     if have >= need:
@@ -75,7 +73,8 @@ def ensure_synthetic(need: int, generated_dir: str | Path, stages: Sequence[dict
     logger.info("downstream: %d synthetic cines listed in %s, %d needed: generating the rest (samples already "
                 "written by an interrupted run are kept)", have, generated_dir, need)
     start = time.perf_counter()
-    run_stages([{**stage, "overrides": {**stage["overrides"], "num_samples": need}}], table_dir, profile_file)
+    run_stages([{**stage, "overrides": {**stage["overrides"], "num_samples": need}}], table_dir, None, forward,
+               profile_file)
     return time.perf_counter() - start
 
 
@@ -90,11 +89,14 @@ def finished(metrics_path: Path, settings: Mapping) -> dict | None:
 
 
 class Runner:
-    """Runs bundle configs with the profile layered after them, skipping finished runs, recording each run's wall and
-    CPU seconds (CPU time of all threads: on a shared machine it tells the cost apart from the waiting)."""
+    """Runs bundle configs as stages (`run_stages`: the profile layered, `forward` edited in), skipping finished runs,
+    recording each run's wall and CPU seconds (CPU time of all threads: on a shared machine it tells the cost apart
+    from the waiting)."""
 
-    def __init__(self, table_dir: Path, bundle_root: str, profile_file: str | None) -> None:
-        self.table_dir, self.bundle_root, self.profile_file = table_dir, bundle_root, profile_file
+    def __init__(self, table_dir: Path, bundle_root: str, profile_file: str | None,
+                 forward: Mapping | None = None) -> None:
+        self.table_dir, self.bundle_root = table_dir, bundle_root
+        self.profile_file, self.forward = profile_file, forward
         self.times_path = table_dir / "times.json"
         self.times = json.loads(self.times_path.read_text()) if self.times_path.is_file() else {}
 
@@ -106,8 +108,9 @@ class Runner:
         if result is None:
             logger.info("downstream: run %s", name)
             start, cpu = time.perf_counter(), time.process_time()
-            files = [f"{self.bundle_root}/{c}" for c in configs] + ([self.profile_file] if self.profile_file else [])
-            run(config_file=files, bundle_root=self.bundle_root, **settings)
+            stage = {"name": name, "config_file": [f"{self.bundle_root}/{c}" for c in configs],
+                     "overrides": {"bundle_root": self.bundle_root, **settings}}
+            run_stages([stage], forward=self.forward, profile_file=self.profile_file)
             self.times[name] = {"wall_s": round(time.perf_counter() - start, 1),
                                 "cpu_s": round(time.process_time() - cpu, 1)}  # all threads: busy-machine proof
             write_json(self.times_path, self.times)
@@ -179,9 +182,11 @@ def render(results: Mapping, rows: Sequence[dict], tasks: Sequence[dict], phenot
 def run_table(prepared_dir: str, generated_dir: str, table_dir: str, bundle_root: str, profile_file: str | None,
               mae: dict, finetune: dict, downstream: Mapping, tasks: Sequence[dict], stages: Sequence[dict],
               seed: int = 0, real_splits: Sequence[str] = ("training",), cv_splits: Sequence[str] = ("validation", "test"),
-              stratify_key: str | None = "diagnosis_index", table_phenotypes: Sequence[str] = ()) -> dict:
-    """Generate what is missing, pretrain one MAE per mix ratio, fine-tune every row x task x fold, write
-    <table_dir>/table.md, table.csv and summary.json; returns the summary."""
+              stratify_key: str | None = "diagnosis_index", table_phenotypes: Sequence[str] = (),
+              forward: Mapping | None = None) -> dict:
+    """Generate what is missing, pretrain one MAE per mix ratio, fine-tune every row x task x fold (every run with
+    the sections of `forward` edited in), write <table_dir>/table.md, table.csv and summary.json; returns the
+    summary."""
     start, table = time.perf_counter(), Path(table_dir)
     if not isinstance(downstream["generate_missing"], bool):  # fire passes `--x false` as the string 'false'
         raise TypeError(f"downstream#generate_missing must be a boolean, got {downstream['generate_missing']!r} "
@@ -191,8 +196,9 @@ def run_table(prepared_dir: str, generated_dir: str, table_dir: str, bundle_root
         raise ValueError(f"downstream#mix_star_ratios {sorted(set(mix_star) - set(mix))} need the same ratios in "
                          f"downstream#mix_ratios {mix}")
     need = synthetic_needed(prepared_dir, mae, finetune, seed, real_splits, cv_splits, stratify_key, mix, mix_star)
-    gen_s = ensure_synthetic(need, generated_dir, stages, table, profile_file, downstream["generate_missing"])
-    runner = Runner(table, bundle_root, profile_file)
+    gen_s = ensure_synthetic(need, generated_dir, stages, table, profile_file, downstream["generate_missing"],
+                             forward)
+    runner = Runner(table, bundle_root, profile_file, forward)
     common = {"prepared_dir": prepared_dir, "generated_dir": generated_dir, "seed": seed, "mae": mae}
 
     encoders: dict[float, str] = {}

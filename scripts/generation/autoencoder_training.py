@@ -17,13 +17,8 @@ IMAGE = "image"  # dataset key of a (1, T, H, W) float32 cine in [0, 1]
 
 
 class AutoencoderGANStep:
-    """`iteration_update` of SupervisedTrainer for the cine autoencoder: a generator step, then a discriminator step.
-
-    The generator minimises `engine.loss_function` and, from iteration `gan_start_step` on (1-based; authors 10,001),
-    adds the hinge generator loss -D(recon) times the adaptive weight (the ratio of the reconstruction and GAN
-    gradient norms at the decoder's last layer, clamped to [0, 1e4]) x `adversarial_weight`. The discriminator
-    (its last output is the patch logits) then takes a hinge step on the input vs the detached reconstruction.
-    """
+    """`iteration_update` of SupervisedTrainer for the cine autoencoder: a generator step, then a hinge discriminator
+    step; from iteration `gan_start_step` (1-based) the generator adds -D(recon) x `adaptive_weight`."""
 
     def __init__(self, discriminator: nn.Module, d_optimizer: torch.optim.Optimizer, gan_start_step: int = 10001,
                  adversarial_weight: float = 0.05) -> None:
@@ -31,7 +26,7 @@ class AutoencoderGANStep:
         self.gan_start_step, self.adversarial_weight = gan_start_step, adversarial_weight
 
     def adaptive_weight(self, nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
-        """adversarial_weight x |d nll / d w| / (|d g_loss / d w| + 1e-4), detached."""
+        """adversarial_weight x |d nll / d w| / (|d g_loss / d w| + 1e-4), ratio clamped to [0, 1e4], detached."""
         nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
         g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
         ratio = nll_grad.norm() / (g_grad.norm() + 1e-4)
@@ -48,7 +43,7 @@ class AutoencoderGANStep:
             losses = engine.loss_function(recon, x, mean, logvar)
             total = losses["loss"]
             if gan_on:
-                losses["g_loss"] = -disc(recon)[-1].float().mean()
+                losses["g_loss"] = -disc(recon)[-1].float().mean()  # the discriminator's last output: patch logits
                 last_layer = [p for p in unwrap(net).decoder.parameters() if p.ndim == 5][-1]
                 losses["d_weight"] = self.adaptive_weight(losses["nll"], losses["g_loss"], last_layer)
                 total = total + losses["d_weight"] * losses["g_loss"]
@@ -68,7 +63,7 @@ class AutoencoderGANStep:
 
 
 def autoencoder_eval_step(engine: Engine, batch: dict) -> dict[str, torch.Tensor]:
-    """`iteration_update` of SupervisedEvaluator: {"pred": reconstruction from the posterior mean in [0, 1], "label"}."""
+    """`iteration_update` of SupervisedEvaluator: {"pred": reconstruction of the posterior mean in [0, 1], "label"}."""
     x = batch[IMAGE].to(engine.state.device, non_blocking=engine.non_blocking)
     with eval_mode(engine.network), autocast(engine):
         recon = engine.network(x)[0]

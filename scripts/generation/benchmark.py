@@ -1,7 +1,7 @@
 """Speed benchmark of generation: MAR latent sampling and cine decoding per clip, beside their FLOP-bound limits.
 
-For one profile and batch size it measures the wall time of `MAR.sample_latents` (CFG on) and of
-`CineAutoencoderKL.decode`, the peak memory of each phase, the matmul-type FLOPs per clip of each phase
+For the given networks (a config's mar_def and autoencoder_def) and batch size it measures the wall time of
+`MAR.sample_latents` (CFG on) and of `CineAutoencoderKL.decode`, the peak memory of each phase, the matmul-type FLOPs per clip of each phase
 (`torch.utils.flop_counter`: mm/addmm/bmm, attention and convolutions, 2 FLOPs per multiply-add; element-wise
 ops are not counted) and this device's fp32 matmul peak; the FLOP limit is FLOPs / peak, efficiency = limit /
 measured. Without checkpoints the networks are randomly initialised: the timings hold, the samples mean nothing.
@@ -9,6 +9,7 @@ measured. Without checkpoints the networks are randomly initialised: the timings
 
 from __future__ import annotations
 
+import copy
 import datetime
 import logging
 import math
@@ -18,13 +19,11 @@ from functools import partial
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from scripts.generation.autoencoder import CineAutoencoderKL, autoencoder_profile
-from scripts.generation.mar import MAR, mar_profile
+from scripts.generation.autoencoder import CineAutoencoderKL
+from scripts.generation.mar import MAR
+from scripts.runtime.checkpoints import load_weights
 from scripts.runtime.files import write_json
 from scripts.runtime.timing import device_name, matmul_peak_gflops, peak_memory, timed
-
-logger = logging.getLogger(__name__)
-
 
 logger = logging.getLogger(__name__)
 RANDOM_INIT = "random init (timing only: samples are meaningless)"
@@ -59,20 +58,17 @@ def mar_flops_per_clip(mar: MAR, n_phenotypes: int, num_iter: int, cfg: float, s
     return {"transformer": f1 - h, "head": steps * h, "total": f1 - h + steps * h}
 
 
-def decode_flops_per_clip(profile: str, latent_shape: tuple[int, ...]) -> int:
-    """FLOPs of decoding one latent, counted on a meta-device copy of the profile's network (shapes only)."""
-    with torch.device("meta"):
-        ae = CineAutoencoderKL(**autoencoder_profile(profile))
+def decode_flops_per_clip(autoencoder: CineAutoencoderKL, latent_shape: tuple[int, ...]) -> int:
+    """FLOPs of decoding one latent, counted on a meta-device copy of the autoencoder (shapes only)."""
+    ae = copy.deepcopy(autoencoder).to("meta")
     return count_flops(lambda: ae.decode(torch.zeros(1, *latent_shape, device="meta")))
 
 
-def _load(network: torch.nn.Module, path: str | None) -> str:
-    """Load a state dict (bare, or under 'network'/'model'/'state_dict') into `network`; RANDOM_INIT without one."""
+def load_or_random(network: torch.nn.Module, path: str | None, run: str) -> str:
+    """Load a checkpoint into `network` (load_weights: shape-checked) and return its path; RANDOM_INIT without one."""
     if not path:
         return RANDOM_INIT
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = next((state[k] for k in ("network", "model", "state_dict") if isinstance(state.get(k), dict)), state)
-    network.load_state_dict(state)
+    load_weights(network, path, run)
     return str(path)
 
 
@@ -87,22 +83,23 @@ def _phase(name: str, seconds: float, clips: int, flops: int, peak_gflops: float
             "memory_increase_bytes": mem["increase"], "memory_method": mem["method"]}
 
 
-def run(profile: str, device: torch.device | str, batch_size: int = 16, num_batches: int = 1, warmup: bool = True,
-        cfg: float = 3.0, num_iter: int = 16, num_inference_steps: int = 100, n_phenotypes: int = 21,
+def run(profile: str, mar: MAR, autoencoder: CineAutoencoderKL, device: torch.device | str, batch_size: int = 16,
+        num_batches: int = 1, warmup: bool = True, cfg: float = 3.0, num_iter: int = 16, num_inference_steps: int = 100,
         mar_weights: str | None = None, autoencoder_weights: str | None = None, decode_batch_size: int | None = None,
         threads: int | None = None, output_path: str = "outputs/benchmark/benchmark.json") -> dict:
-    """Benchmark sampling (`num_batches` batches) and decoding (the first `decode_batch_size` latents of the last
-    batch); write the record to `output_path` (JSON) and return it."""
+    """Benchmark sampling with `mar` (`num_batches` batches) and decoding with `autoencoder` (the first
+    `decode_batch_size` latents of the last batch); write the record to `output_path` (JSON) and return it.
+    `profile` names the networks in messages and the record."""
     device = torch.device(device)
     if threads:
         torch.set_num_threads(int(threads))
     decode_batch_size = min(int(decode_batch_size or batch_size), batch_size)
-    mar = MAR(n_phenotypes, **mar_profile(profile)).to(device).eval()
-    ae = CineAutoencoderKL(**autoencoder_profile(profile)).to(device).eval()
-    weights = {"mar": _load(mar, mar_weights), "autoencoder": _load(ae, autoencoder_weights)}
+    mar, ae, n_phenotypes = mar.to(device).eval(), autoencoder.to(device).eval(), mar.cond_proj.in_features
+    weights = {"mar": load_or_random(mar, mar_weights, f"MAR profile {profile!r}"),
+               "autoencoder": load_or_random(ae, autoencoder_weights, f"autoencoder profile {profile!r}")}
     peaks = [matmul_peak_gflops(device)]
     flops = mar_flops_per_clip(mar, n_phenotypes, num_iter, cfg, num_inference_steps)
-    decode_flops = decode_flops_per_clip(profile, mar.latent_shape)
+    decode_flops = decode_flops_per_clip(ae, mar.latent_shape)
     gen = torch.Generator().manual_seed(0)
     phenotypes = [torch.randn(batch_size, n_phenotypes, generator=gen).to(device) for _ in range(num_batches)]
     if warmup:  # one transformer pass and a 1-step head at full batch; a 1-latent-frame decode

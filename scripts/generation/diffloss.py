@@ -1,12 +1,5 @@
 """Per-token diffusion loss of CPGG/MAR: an adaptive-norm residual MLP denoises one continuous token given z.
-
-The noise schedule (cosine, 1000 steps), the forward noising (`add_noise`) and the inference timesteps
-(`set_timesteps`) come from MONAI's `DDPMScheduler`. Its `step` is not used: in MONAI 1.6.1 it takes t - 1 as the
-previous step even after `set_timesteps(100)` (a toy N(0, 0.3^2) target sampled in 100 steps with the exact noise
-predictor comes out with std 0.80), it has no temperature on the per-step noise and interpolates the learned variance
-range linearly instead of in log space; and MONAI has no variational-bound term for learned variances. The respaced
-posterior step and that term (improved DDPM, Nichol & Dhariwal 2021) are written here in a few lines.
-"""
+Schedule, noising and inference timesteps come from MONAI's DDPMScheduler; the respaced step and VLB term are here."""
 
 from __future__ import annotations
 
@@ -43,11 +36,7 @@ class _ResBlock(nn.Module):
 
 class AdaLNMLP(nn.Module):
     """Noise predictor eps_theta(x_t | t, z): (N, token_dim) -> (N, 2 * token_dim) = [eps, variance value v].
-
-    The timestep (sinusoidal, 256 frequencies, then an MLP) and z (linear) embeddings are summed into the
-    modulation input y of every block; the modulations and the output layer start at zero (the head starts as
-    eps = 0, v = 0).
-    """
+    Timestep and z embeddings sum into every block's modulation; modulations and output start at zero (eps = v = 0)."""
 
     def __init__(self, token_dim: int, z_dim: int, width: int = 1024, depth: int = 3, freq_dim: int = 256) -> None:
         super().__init__()
@@ -82,12 +71,13 @@ class AdaLNMLP(nn.Module):
         return self.out(_modulate(self.final_norm(h), shift, scale))
 
 
+# Not DDPMScheduler.step (MONAI 1.6.1): it takes t - 1 as the previous step even after set_timesteps(100), has no
+# temperature on the per-step noise, interpolates the learned variance range linearly instead of in log space, and
+# MONAI has no variational-bound term; both follow improved DDPM (Nichol & Dhariwal 2021).
 def _posterior(x0: torch.Tensor, x_t: torch.Tensor, acp_t: torch.Tensor, acp_prev: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q(x_prev | x_t, x0) for a (possibly respaced) step t -> prev: (mean, beta, variance).
-
-    acp_* are cumulative alpha products, scalars or (N, 1); beta = 1 - acp_t / acp_prev is the step's noise level.
-    """
+    acp_* are cumulative alpha products, scalars or (N, 1); beta = 1 - acp_t / acp_prev is the step's noise level."""
     beta = 1 - acp_t / acp_prev
     mean = (acp_prev.sqrt() * beta * x0 + (1 - beta).sqrt() * (1 - acp_prev) * x_t) / (1 - acp_t)
     return mean, beta, beta * (1 - acp_prev) / (1 - acp_t)
@@ -100,10 +90,8 @@ def _learned_log_variance(v: torch.Tensor, beta: torch.Tensor, post_var: torch.T
 
 
 def _randn(rows: int, dim: int, generator: Generators, like: torch.Tensor) -> torch.Tensor:
-    """(rows, dim) standard normal drawn on the CPU, so a seed gives the same draws on any device.
-
-    A sequence of generators splits the rows into equal consecutive chunks, one per generator (one per sample).
-    """
+    """(rows, dim) standard normal drawn on the CPU (same draws on any device); a sequence of generators draws equal
+    consecutive chunks of rows, one per generator (one per sample); ValueError if rows do not split evenly."""
     if generator is None or isinstance(generator, torch.Generator):
         noise = torch.randn(rows, dim, generator=generator)
     else:
@@ -114,20 +102,15 @@ def _randn(rows: int, dim: int, generator: Generators, like: torch.Tensor) -> to
 
 
 class DiffLoss(nn.Module):
-    """Diffusion loss and sampler for continuous tokens of size `token_dim`, conditioned on z of size `z_dim`.
-
-    Paper sizes: depth 3, width 1024, cosine schedule with 1000 training steps, 100 at inference; each transformer
-    output is reused for `diffusion_batch_mul` (4) noise draws in training. In sampling, the predicted x0 is clamped
-    to +-`x0_clip` (DDPM's clip_denoised; tokens are scaled to unit variance, so 5 is a no-op for a good predictor):
-    the cosine schedule's first step t = 999 has acp = 2.4e-9, so x0 = (x - eps) / sqrt(acp) turns an eps error of
-    0.05 into 1e3 and a briefly trained head's samples explode (measured: std 968 instead of 1). None disables it.
-    """
+    """Diffusion loss and sampler for tokens of size `token_dim` given z of size `z_dim`; training reuses each z for
+    `diffusion_batch_mul` noise draws; sampling clamps the predicted x0 to +-`x0_clip` (None: no clamp)."""
 
     def __init__(self, token_dim: int, z_dim: int, depth: int = 3, width: int = 1024,
                  num_train_timesteps: int = 1000, diffusion_batch_mul: int = 4, x0_clip: float | None = 5.0) -> None:
         super().__init__()
         self.token_dim, self.diffusion_batch_mul = token_dim, diffusion_batch_mul
         self.net = AdaLNMLP(token_dim, z_dim, width, depth)
+        # x0 clamp = DDPM's clip_denoised; tokens have unit variance, so 5 is a no-op for a good predictor
         self.scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, schedule="cosine",
                                        variance_type="learned_range", clip_sample=x0_clip is not None,
                                        clip_sample_min=-(x0_clip or 0.0), clip_sample_max=x0_clip or 0.0)
@@ -135,9 +118,7 @@ class DiffLoss(nn.Module):
 
     def loss(self, target: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Mean over masked tokens of MSE(noise) + variational bound of the learned variance (bits per value).
-
-        target (N, token_dim), z (N, z_dim), mask (N,) true/1 where the token is masked (None: all tokens).
-        """
+        target (N, token_dim), z (N, z_dim), mask (N,) true/1 where the token is masked (None: all tokens)."""
         if mask is not None:
             target, z = target[mask.bool()], z[mask.bool()]  # only masked tokens carry a loss
         x0 = target.repeat(self.diffusion_batch_mul, 1)  # (M, token_dim)
@@ -151,11 +132,9 @@ class DiffLoss(nn.Module):
 
     def _variance_bound(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
                         v: torch.Tensor) -> torch.Tensor:
-        """KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) / log 2 per token (N,), trains only v (eps is detached).
-
-        t = 0 gets no term: the sampler adds no noise at its last step, so that variance is never used (the authors'
-        discretised-pixel likelihood there assumes 8-bit images, not continuous latents).
-        """
+        """KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) / log 2 per token (N,), trains only v (eps is detached)."""
+        # no term at t = 0: the sampler adds no noise at its last step (the authors' discretised-pixel likelihood
+        # there assumes 8-bit images, not continuous latents)
         acp_t = self.alphas_cumprod[t][:, None]  # (N, 1)
         acp_prev = torch.where(t > 0, self.alphas_cumprod[(t - 1).clamp(min=0)], 1.0)[:, None]
         true_mean, beta, post_var = _posterior(x0, x_t, acp_t, acp_prev)
@@ -180,12 +159,8 @@ class DiffLoss(nn.Module):
     @torch.no_grad()
     def sample(self, z: torch.Tensor, temperature: float = 1.0, cfg: float = 1.0, generator: Generators = None,
                num_inference_steps: int = 100) -> torch.Tensor:
-        """Ancestral sampling over `num_inference_steps` respaced steps -> tokens (n, token_dim).
-
-        z (N, z_dim): with cfg > 1 the batch holds [cond; uncond] halves (n = N / 2) and guidance is applied to
-        the predicted noise; otherwise n = N. `temperature` scales the per-step noise only. `generator`: one
-        generator, or one per sample owning an equal consecutive chunk of the n rows.
-        """
+        """Ancestral sampling over `num_inference_steps` steps -> (n, token_dim); z (N, z_dim) is [cond; uncond] for
+        cfg > 1 (n = N / 2; ValueError if cfg < 1); `temperature` scales step noise; `generator`: one or per sample."""
         if cfg < 1.0:
             raise ValueError(f"cfg must be >= 1, got {cfg}")
         n = z.shape[0] // 2 if cfg > 1.0 else z.shape[0]

@@ -4,10 +4,11 @@ Sample i is named G{i:06d} and depends only on its condition vector and its seed
 batch it was generated in, the batch size or the rank: any sample can be regenerated alone. Outputs in `output_dir`:
 images/G000000.npy (float16, 1 x 50 x 96 x 96 in [0, 1], the prepared-cine layout), nifti/G000000.nii.gz, manifest.csv,
 datalist.json (decathlon form, like a prepared folder's), phenotype_stats.json (a copy, so the folder reads as a
-prepared one), conditions.csv (phenotype-VAE draws only), generation.json, montage.png and montage.gif.
+prepared one), conditions.csv (phenotype-VAE draws only, a record: the draws are used from memory), generation.json,
+montage.png and montage.gif. Pixel size and frame interval come from scripts.generation.acquisition.
 
 Decoded cines are clamped to [0, 1], the range of prepared cines (intensities percentile-normalised per subject,
-scripts/data.py), so that downstream configs mix them with real data through the same loader.
+scripts/data/prepare.py), so that downstream configs mix them with real data through the same loader.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -28,14 +30,13 @@ from torch import nn
 
 from scripts.data.cohort import read_stats
 from scripts.data.phenotypes import normalise, read_phenotype_table
-from scripts.data.prepare import IMAGE_SIZE, NUM_FRAMES
-from scripts.generation.phenotype_vae import sample_phenotypes
+from scripts.data.shapes import IMAGE_SIZE, NUM_FRAMES
+from scripts.generation.acquisition import fit_acquisition
+from scripts.generation.phenotype_vae import draw_eids, draw_phenotypes, write_draws
 from scripts.runtime.checkpoints import load_weights
 from scripts.runtime.files import atomic_write, save_npy, write_json
 from scripts.runtime.montage import save_cine_gif, save_montage
-
-logger = logging.getLogger(__name__)
-
+from scripts.runtime.timing import sync
 
 logger = logging.getLogger(__name__)
 
@@ -72,112 +73,45 @@ def require_checkpoint(path: str | Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------------- conditions
-def read_conditions(path: str | Path, stats: dict, num_samples: int) -> tuple[list[str], np.ndarray]:
-    """(eids, (N, F) physical values) of the first `num_samples` rows of a phenotype CSV holding every stats column.
-
-    Missing columns, empty/NaN or non-numeric cells raise ValueError (PhenotypeTableError) naming file, row, eid and
-    column. Rows more than FAR_OUT_Z training standard deviations from the training mean in any column are generated
-    but logged: the model extrapolates there and adherence to the condition is not expected.
-    """
-    _, table = read_phenotype_table(path, stats["columns"])
-    eids = list(table)[:num_samples]
-    values = np.array([[table[e][c] for c in stats["columns"]] for e in eids], dtype=np.float64)  # (N, F)
+def warn_far_out(source: str | Path, eids: list[str], values: np.ndarray, stats: dict) -> None:
+    """Log the rows more than FAR_OUT_Z training standard deviations from the training mean in any column: they are
+    generated, but the model extrapolates there and adherence to the condition is not expected."""
     z = np.abs(normalise(values, stats))
     far = {e: [c for c, v in zip(stats["columns"], row) if v > FAR_OUT_Z] for e, row in zip(eids, z)}
     far = {e: cols for e, cols in far.items() if cols}
     if far:
         logger.warning("%s: %d row(s) lie beyond |z| > %g of the training range (the model extrapolates; adherence is "
-                       "not expected): %s", path, len(far), FAR_OUT_Z, far)
+                       "not expected): %s", source, len(far), FAR_OUT_Z, far)
+
+
+def read_conditions(path: str | Path, stats: dict, num_samples: int) -> tuple[list[str], np.ndarray]:
+    """(eids, (N, F) physical values) of the first `num_samples` rows of a phenotype CSV holding every stats column.
+
+    Missing columns, empty/NaN or non-numeric cells raise ValueError (PhenotypeTableError) naming file, row, eid and
+    column; far-out rows are logged (`warn_far_out`).
+    """
+    _, table = read_phenotype_table(path, stats["columns"])
+    eids = list(table)[:num_samples]
+    values = np.array([[table[e][c] for c in stats["columns"]] for e in eids], dtype=np.float64)  # (N, F)
+    warn_far_out(path, eids, values, stats)
     return eids, values
 
 
-def choose_conditions(stats_path: str, output_dir: Path, num_samples: int, seed: int, unconditional: bool,
+def choose_conditions(stats: dict, output_dir: Path, num_samples: int, seed: int, unconditional: bool,
                       conditions_csv: str | None, phenotype_vae: nn.Module, vae_checkpoint: Path) -> np.ndarray | None:
     """(N, F) physical condition values, or None for `unconditional`; with `conditions_csv`, N = min(rows,
-    num_samples), else num_samples draws of the phenotype VAE (seeded by `seed`, written to conditions.csv)."""
+    num_samples), else num_samples draws of the phenotype VAE (seeded by `seed`, recorded in conditions.csv)."""
     if unconditional:
         return None
-    if not conditions_csv:
-        conditions_csv = sample_phenotypes(phenotype_vae, vae_checkpoint, stats_path, num_samples, seed,
-                                           output_dir / "conditions.csv")
-    return read_conditions(conditions_csv, read_stats(stats_path), num_samples)[1]
+    if conditions_csv:
+        return read_conditions(conditions_csv, stats, num_samples)[1]
+    values = draw_phenotypes(phenotype_vae, vae_checkpoint, stats, num_samples, seed)
+    path = write_draws(output_dir / "conditions.csv", values, stats, stats["columns"])
+    warn_far_out(path, draw_eids(len(values)), values, stats)
+    return values
 
 
 # ------------------------------------------------------------------------------------------------------------- output
-GEOMETRY_RIDGE = 0.1  # ridge penalty on standardised features; the fit below is near-exact for the frame interval
-GEOMETRY_MIN_ITEMS = 3  # training items per regression feature (about 2 per column) to fit; fewer: the medians
-
-
-@dataclass(frozen=True)
-class GeometryModel:
-    """Pixel size (x, y) in mm and frame interval in s of a generated cine, from its conditioning phenotypes.
-
-    Prepared cines are heart crops resized to 96 x 96 (scripts/data.py), so their pixel size is the crop side / 96 and
-    grows with the heart; the frame interval is R-R / 50, i.e. 60 / (50 HR). A ridge regression of their logarithms on
-    the z-scored phenotypes and on the standardised logarithms of the positive columns, fitted on the prepared training
-    split, predicts both for a condition vector; predictions are clipped to the training range. Unconditional samples,
-    and cohorts with too few training items, get the training medians.
-    """
-
-    median: np.ndarray  # (3,) log pixel x, log pixel y, log interval
-    low: np.ndarray  # (3,) training minimum of the same
-    high: np.ndarray  # (3,)
-    weights: np.ndarray | None = None  # (1 + F + P, 3), None: medians only
-    stats: dict | None = None  # phenotype_stats.json
-    log_index: tuple[int, ...] = ()  # columns with positive training values (P of them)
-    log_mean: np.ndarray | None = None  # (P,)
-    log_std: np.ndarray | None = None  # (P,)
-    r2: tuple[float, ...] = ()  # in-sample R^2 per target
-
-    def predict(self, values: np.ndarray | None, n: int) -> np.ndarray:
-        """(N, 3) [pixel x mm, pixel y mm, frame interval s] for N condition rows (None: n unconditional samples)."""
-        if values is None or self.weights is None:
-            return np.tile(np.exp(self.median), (n, 1))
-        x = _geometry_features(np.asarray(values, np.float64), self.stats, self.log_index, self.log_mean, self.log_std)
-        return np.exp(np.clip(x @ self.weights, self.low, self.high))
-
-    def record(self) -> dict:
-        """What generation.json records about the model."""
-        return {"method": "training medians" if self.weights is None else "ridge regression on the phenotypes",
-                "r2_training": dict(zip(("pixel_x", "pixel_y", "frame_interval"), self.r2)),
-                "median_mm_s": np.exp(self.median).tolist()}
-
-
-def _geometry_features(values: np.ndarray, stats: dict, log_index: tuple[int, ...], log_mean: np.ndarray,
-                       log_std: np.ndarray) -> np.ndarray:
-    """(N, F) physical values -> (N, 1 + F + P) [1, z-scores, standardised logs of the `log_index` columns]."""
-    logs = np.log(np.clip(values[:, list(log_index)], 1e-12, None))
-    return np.hstack([np.ones((len(values), 1)), normalise(values, stats), (logs - log_mean) / log_std])
-
-
-def fit_geometry(datalist_path: str | Path, stats: dict) -> GeometryModel:
-    """Fit the GeometryModel on the training items of a prepared datalist (spacing_mm, frame_interval_s, phenotypes)."""
-    items = json.loads(Path(datalist_path).read_text(encoding="utf-8")).get("training", [])
-    items = [d for d in items if d.get("spacing_mm") and d.get("frame_interval_s")]
-    if not items:
-        raise ValueError(f"{datalist_path}: no training item with spacing_mm and frame_interval_s (written by "
-                         "configs/prepare.json); cannot set the NIfTI pixel size")
-    targets = np.log([[*d["spacing_mm"][:2], d["frame_interval_s"]] for d in items])  # (N, 3)
-    base = {"median": np.median(targets, 0), "low": targets.min(0), "high": targets.max(0)}
-    columns = stats["columns"]
-    keep = np.array([bool(d.get("has_phenotypes")) and all(isinstance(d.get(c), (int, float)) and np.isfinite(d[c])
-                                                             for c in columns) for d in items])
-    if keep.sum() < GEOMETRY_MIN_ITEMS * 2 * len(columns):
-        return GeometryModel(**base)
-    values = np.array([[d[c] for c in columns] for d, k in zip(items, keep) if k], np.float64)  # (N, F)
-    y = targets[keep]
-    log_index = tuple(int(k) for k in np.flatnonzero((values > 0).all(0)))
-    logs = np.log(values[:, list(log_index)])
-    log_mean, log_std = logs.mean(0), np.where(logs.std(0) > 0, logs.std(0), 1.0)
-    x = _geometry_features(values, stats, log_index, log_mean, log_std)
-    penalty = GEOMETRY_RIDGE * np.eye(x.shape[1])
-    penalty[0, 0] = 0.0  # the intercept is not shrunk
-    weights = np.linalg.solve(x.T @ x + penalty, x.T @ y)
-    r2 = 1.0 - ((x @ weights - y) ** 2).sum(0) / np.maximum(((y - y.mean(0)) ** 2).sum(0), 1e-30)
-    return GeometryModel(**base, weights=weights, stats=stats, log_index=log_index, log_mean=log_mean,
-                         log_std=log_std, r2=tuple(float(v) for v in r2))
-
-
 def save_nifti(path: Path, cine: np.ndarray, spacing: tuple[float, float], interval: float) -> None:
     """(1, T, H, W) cine -> 4D NIfTI (X=H, Y=W, 1, T), as the prepared arrays map to NIfTI (scripts/data.py);
     affine diag(px, py, px, 1): the prepared folder records no slice thickness."""
@@ -247,9 +181,21 @@ def write_montages(output_dir: Path, indices: list[int], columns: list[str], val
 
 
 # ------------------------------------------------------------------------------------------------------------ running
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+@dataclass(frozen=True)
+class Sampling:
+    """How MAR samples latents (keywords of MAR.sample_latents), recorded in generation.json's settings."""
+
+    cfg: float = 3.0
+    cfg_schedule: str = "linear"
+    temperature: float = 1.0
+    num_iter: int = 16
+    num_inference_steps: int = 100
+
+
+def required_checkpoints(ckpt_dir: str | Path, needs_vae: bool) -> dict[str, Path]:
+    """name -> path of the checkpoints this run loads (the phenotype VAE only when `needs_vae`), each checked."""
+    names = ["autoencoder.pt", "mar.pt"] + (["phenotype_vae.pt"] if needs_vae else [])
+    return {n: require_checkpoint(Path(ckpt_dir) / n) for n in names}
 
 
 def check_settings(output_dir: Path, settings: dict) -> None:
@@ -262,74 +208,94 @@ def check_settings(output_dir: Path, settings: dict) -> None:
                          "another output_dir or remove it")
 
 
-def generate(phenotype_vae: nn.Module, autoencoder: nn.Module, mar: nn.Module, ckpt_dir: str, output_dir: str,
-             stats_path: str, datalist_path: str, profile: str, num_samples: int = 64, seed: int = 0,
-             batch_size: int = 8, conditions_csv: str | None = None, unconditional: bool = False, cfg: float = 3.0,
-             cfg_schedule: str = "linear", temperature: float = 1.0, num_iter: int = 16,
-             num_inference_steps: int = 100, montage_samples: int = 8) -> dict:
-    """Generate this rank's missing samples of 0..N-1 (i % world == rank), then rebuild the index; returns the
-    generation.json record. Conditions: none if `unconditional`, else `conditions_csv`, else phenotype-VAE draws."""
-    start, (rank, world) = time.perf_counter(), rank_world()
-    output_dir, ckpt = Path(output_dir), Path(ckpt_dir)
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    stats = read_stats(stats_path)
-    columns = stats["columns"]
-    vae_ckpt, ae_ckpt, mar_ckpt = (ckpt / name for name in TRAINED_BY)
-    used = [ae_ckpt, mar_ckpt] + ([] if unconditional or conditions_csv else [vae_ckpt])
-    for path in used:
-        require_checkpoint(path)
-    geometry_model = fit_geometry(datalist_path, stats)
-    source = "unconditional" if unconditional else str(conditions_csv) if conditions_csv else "phenotype_vae"
-    settings = {"profile": profile, "seed": seed, "seed_formula": f"seed * {SEED_STRIDE} + index", "cfg": cfg,
-                "cfg_schedule": cfg_schedule, "temperature": temperature, "num_iter": num_iter,
-                "num_inference_steps": num_inference_steps, "conditions": source}
-    check_settings(output_dir, settings)
-    values = choose_conditions(stats_path, output_dir, num_samples, seed, unconditional, conditions_csv, phenotype_vae,
-                               vae_ckpt)  # (N, F) physical, or None
-    write_json(output_dir / "generation.json", {"settings": settings})  # before any sample: guards a resumed run
-    write_json(output_dir / "phenotype_stats.json", stats)
-    n = len(values) if values is not None else num_samples
-    geometry = geometry_model.predict(values, n)  # (n, 3) pixel x, y (mm), frame interval (s)
-    run = f"profile {profile!r}"
-    load_weights(autoencoder, ae_ckpt, f"autoencoder {run}").eval()
-    load_weights(mar, mar_ckpt, f"MAR {run}").eval()
-    device = next(mar.parameters()).device
+def shard(output_dir: Path, n: int) -> tuple[int, int, list[int]]:
+    """(rank, world size, this rank's samples i % world == rank of 0..n-1 not yet on disk)."""
+    rank, world = rank_world()
     todo = [i for i in range(rank, n, world) if not is_done(output_dir, i)]
-    logger.info("rank %d/%d: %d of its %d samples to generate (%s) into %s", rank, world, len(todo),
-                len(range(rank, n, world)), source, output_dir)
+    logger.info("rank %d/%d: %d of its %d samples to generate into %s", rank, world, len(todo),
+                len(range(rank, n, world)), output_dir)
+    return rank, world, todo
+
+
+def write_sample(output_dir: Path, index: int, cine: np.ndarray, geometry: np.ndarray) -> None:
+    """Sample `index` as .npy and as NIfTI with its (3,) pixel x, y (mm) and frame interval (s)."""
+    npy, nii = paths(output_dir, index)
+    save_npy(npy, cine)
+    save_nifti(nii, cine, tuple(geometry[:2]), float(geometry[2]))
+
+
+def generate_batches(mar: nn.Module, autoencoder: nn.Module, todo: list[int], cond: torch.Tensor | None, seed: int,
+                     sampling: Sampling, batch_size: int,
+                     write: Callable[[int, np.ndarray], None]) -> tuple[float, float]:
+    """Sample and decode the `todo` samples in batches, passing each cine to write(index, cine); returns the
+    (sampling, decoding) seconds. `cond`: (N, F) normalised conditions of all samples, or None."""
+    device = next(mar.parameters()).device
     t_sample = t_decode = 0.0
     for b in range(0, len(todo), batch_size):
         batch = todo[b:b + batch_size]
-        cond = None if values is None else torch.as_tensor(normalise(values[batch], stats), dtype=torch.float32,
-                                                           device=device)  # (B, F)
         t0 = time.perf_counter()
-        latents = mar.sample_latents(cond, seeds=[sample_seed(seed, i) for i in batch], num_iter=num_iter, cfg=cfg,
-                                     cfg_schedule=cfg_schedule, temperature=temperature,
-                                     num_inference_steps=num_inference_steps)  # (B, 16, 25, 12, 12)
-        sync(device)
+        latents = mar.sample_latents(None if cond is None else cond[batch].to(device),
+                                     seeds=[sample_seed(seed, i) for i in batch], **asdict(sampling))
+        sync(device)  # (B, 16, 25, 12, 12) latents
         t1 = time.perf_counter()
         with torch.no_grad():
             cines = autoencoder.decode(latents).clamp(0.0, 1.0).cpu().numpy().astype(np.float16)  # (B, 1, 50, 96, 96)
         t_sample, t_decode = t_sample + t1 - t0, t_decode + time.perf_counter() - t1
         for i, cine in zip(batch, cines):
-            npy, nii = paths(output_dir, i)
-            save_npy(npy, cine)
-            save_nifti(nii, cine, tuple(geometry[i, :2]), float(geometry[i, 2]))
+            write(i, cine)
         done = b + len(batch)
-        logger.info("rank %d: %d/%d generated, %.2f s/clip sampling, %.2f s/clip decoding", rank, done, len(todo),
-                    t_sample / done, t_decode / done)
+        logger.info("%d/%d generated, %.2f s/clip sampling, %.2f s/clip decoding", done, len(todo), t_sample / done,
+                    t_decode / done)
+    return t_sample, t_decode
+
+
+def finish_index(output_dir: Path, n: int, seed: int, columns: list[str], values: np.ndarray | None,
+                 geometry: np.ndarray, montage_samples: int) -> None:
+    """After every rank's samples (a barrier where torch.distributed runs), rank 0, or each rank under torchrun
+    without a process group, rebuilds the index (`write_index`, under its lock)."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if distributed:
         torch.distributed.barrier()
-    if rank == 0 or not distributed:
-        listed = write_index(output_dir, n, seed, columns, values, geometry, montage_samples)
-        log = logger.info if listed == n else logger.warning
-        log("index lists %d of %d samples%s", listed, n, "" if listed == n else " (other ranks still running?)")
+    if distributed and torch.distributed.get_rank() != 0:
+        return
+    listed = write_index(output_dir, n, seed, columns, values, geometry, montage_samples)
+    log = logger.info if listed == n else logger.warning
+    log("index lists %d of %d samples%s", listed, n, "" if listed == n else " (other ranks still running?)")
+
+
+def generate(phenotype_vae: nn.Module, autoencoder: nn.Module, mar: nn.Module, ckpt_dir: str, output_dir: str,
+             prepared_dir: str, profile: str, num_samples: int = 64, seed: int = 0, batch_size: int = 8,
+             conditions_csv: str | None = None, unconditional: bool = False, sampling: Sampling = Sampling(),
+             montage_samples: int = 8) -> dict:
+    """Generate this rank's missing samples of 0..N-1 (i % world == rank), then rebuild the index; returns the
+    generation.json record. Conditions: none if `unconditional`, else `conditions_csv`, else phenotype-VAE draws."""
+    start, output_dir = time.perf_counter(), Path(output_dir)
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    stats = read_stats(Path(prepared_dir) / "phenotype_stats.json")
+    ckpts = required_checkpoints(ckpt_dir, not (unconditional or conditions_csv))
+    acquisition = fit_acquisition(prepared_dir, stats)
+    source = "unconditional" if unconditional else str(conditions_csv) if conditions_csv else "phenotype_vae"
+    settings = {"profile": profile, "seed": seed, "seed_formula": f"seed * {SEED_STRIDE} + index", **asdict(sampling),
+                "conditions": source}
+    check_settings(output_dir, settings)
+    values = choose_conditions(stats, output_dir, num_samples, seed, unconditional, conditions_csv, phenotype_vae,
+                               Path(ckpt_dir) / "phenotype_vae.pt")  # (N, F) physical, or None
+    write_json(output_dir / "generation.json", {"settings": settings})  # before any sample: guards a resumed run
+    write_json(output_dir / "phenotype_stats.json", stats)
+    n = len(values) if values is not None else num_samples
+    geometry = acquisition.predict(values, n)  # (n, 3) pixel x, y (mm), frame interval (s)
+    load_weights(autoencoder, ckpts["autoencoder.pt"], f"autoencoder profile {profile!r}").eval()
+    load_weights(mar, ckpts["mar.pt"], f"MAR profile {profile!r}").eval()
+    rank, world, todo = shard(output_dir, n)
+    cond = None if values is None else torch.as_tensor(normalise(values, stats), dtype=torch.float32)  # (N, F)
+    t_sample, t_decode = generate_batches(mar, autoencoder, todo, cond, seed, sampling, batch_size,
+                                          lambda i, cine: write_sample(output_dir, i, cine, geometry[i]))
+    finish_index(output_dir, n, seed, stats["columns"], values, geometry, montage_samples)
     made = max(len(todo), 1)
-    record = {"settings": settings, "num_samples": n, "rank": rank, "world_size": world, "device": str(device),
-              "checkpoints": [str(p) for p in used], "geometry": geometry_model.record(), "generated_this_run": len(todo),
-              "time_s": time.perf_counter() - start, "sampling_s_per_clip": t_sample / made,
-              "decoding_s_per_clip": t_decode / made}
+    record = {"settings": settings, "num_samples": n, "rank": rank, "world_size": world,
+              "device": str(next(mar.parameters()).device), "checkpoints": [str(p) for p in ckpts.values()],
+              "geometry": acquisition.record(), "generated_this_run": len(todo), "time_s": time.perf_counter() - start,
+              "sampling_s_per_clip": t_sample / made, "decoding_s_per_clip": t_decode / made}
     write_json(output_dir / "generation.json", record)
     return record

@@ -1,17 +1,10 @@
 """Latent cache of stage 3: encode a prepared cohort once with the trained autoencoder; MAR trains from the cache.
-
-`<latent_dir>/<split>.pt` holds, for the items of one datalist split, {"subjects": [str], "mean", "logvar":
-(N, 16, 25, 12, 12) float32 posterior moments, "phenotypes": (N, F) float32 normalised (NaN rows where a subject has
-none), "columns": [str]}; `<latent_dir>/latent_stats.json` holds the scale factor 1 / std of posterior draws over the
-training split (the SD/MAR convention: MAR sees unit-variance latents), with the autoencoder file and profile it came
-from. Everything loads with `torch.load(weights_only=True)`.
-"""
+`<latent_dir>/<split>.pt` per split, `latent_stats.json` (scale factor 1 / std: MAR sees unit-variance latents)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,37 +13,13 @@ import torch
 from monai.data import Dataset
 from torch import nn
 
-from scripts.data.cohort import read_stats
-from scripts.data.phenotypes import normalise
+from scripts.data.cohort import phenotype_matrix, read_datalist, read_stats, split_items
 from scripts.runtime.files import atomic_write, write_json
 
 logger = logging.getLogger(__name__)
 
 
-logger = logging.getLogger(__name__)
-
 STATS = "latent_stats.json"
-
-
-def _split_items(prepared_dir: Path, split: str) -> tuple[list[dict], list[str]]:
-    """(datalist items of `split`, phenotype columns) from a prepared folder."""
-    path = prepared_dir / "datalist.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{prepared_dir}: not a prepared folder (no datalist.json); run configs/prepare.json")
-    datalist = json.loads(path.read_text(encoding="utf-8"))
-    if split not in datalist:
-        raise ValueError(f"{path}: no {split!r} list (has {sorted(datalist)})")
-    return datalist[split], list(datalist.get("phenotype_columns") or [])
-
-
-def _phenotype_rows(items: Sequence[dict], columns: list[str], stats: dict | None) -> torch.Tensor:
-    """(N, F) normalised phenotypes; a row of NaN for an item without (complete) phenotypes."""
-    rows = np.full((len(items), len(columns)), np.nan)
-    for i, d in enumerate(items):
-        values = [d.get(c) for c in columns]
-        if stats and d.get("has_phenotypes") and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
-            rows[i] = normalise([values], stats)[0]
-    return torch.as_tensor(rows, dtype=torch.float32)
 
 
 @torch.no_grad()
@@ -58,11 +27,13 @@ def encode_split(network: nn.Module, prepared_dir: str | Path, split: str, batch
                  device: torch.device) -> dict:
     """Encode every cine of `split` -> {"subjects", "mean", "logvar", "phenotypes", "columns"} (CPU tensors)."""
     folder = Path(prepared_dir)
-    items, columns = _split_items(folder, split)
+    items = split_items(folder, [split])
+    columns = list(read_datalist(folder).get("phenotype_columns") or [])
     if not items:
         raise ValueError(f"{folder / 'datalist.json'}: the {split!r} split is empty")
     stats_path = folder / "phenotype_stats.json"
-    stats = read_stats(stats_path) if stats_path.is_file() else None
+    stats = read_stats(stats_path) if stats_path.is_file() else None  # none: a cohort without phenotypes
+    phenotypes = phenotype_matrix(items, stats) if stats else np.full((len(items), len(columns)), np.nan)
     network.eval()
     means, logvars = [], []
     for start in range(0, len(items), batch_size):
@@ -71,8 +42,10 @@ def encode_split(network: nn.Module, prepared_dir: str | Path, split: str, batch
         means.append(mean.float().cpu())
         logvars.append(logvar.float().cpu())
     logger.info("encoded %d %s cines", len(items), split)
+    # mean, logvar (N, 16, 25, 12, 12) float32; phenotypes (N, F) float32 normalised, NaN rows for subjects without;
+    # the whole dict loads with torch.load(weights_only=True)
     return {"subjects": [d["subject"] for d in items], "mean": torch.cat(means), "logvar": torch.cat(logvars),
-            "phenotypes": _phenotype_rows(items, columns, stats), "columns": columns}
+            "phenotypes": torch.as_tensor(phenotypes, dtype=torch.float32), "columns": columns}
 
 
 def scale_factor(mean: torch.Tensor, logvar: torch.Tensor) -> float:
@@ -114,10 +87,8 @@ def read_latent_stats(latent_dir: str | Path) -> dict:
 
 
 def latent_dataset(latent_dir: str | Path, split: str, conditional: bool = True) -> Dataset:
-    """MONAI Dataset of {"subject", "mean", "logvar", "phenotypes"} from `<latent_dir>/<split>.pt`.
-
-    With `conditional`, items without phenotypes are left out (logged): a conditional MAR needs every condition.
-    """
+    """MONAI Dataset of {"subject", "mean", "logvar", "phenotypes"} from `<latent_dir>/<split>.pt`; with `conditional`,
+    items without phenotypes are left out (logged; ValueError if none is left)."""
     path = Path(latent_dir) / f"{split}.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no latent cache for {split!r}; run configs/encode_latents.json first")

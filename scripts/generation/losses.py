@@ -12,11 +12,9 @@ from scripts.runtime.handlers import frames_as_images
 # ------------------------------------------------------------------------------------------------- loss and steps
 class VAELoss(nn.Module):
     """MSE (mean over elements) + beta * KL(q(z|x) || N(0, I)) (summed over latent dims, mean over the batch).
+    Returns {"loss", "recon", "kl"} (scalar tensors)."""
 
-    beta 0.01 as in the authors' code. Returns {"loss", "recon", "kl"} (scalar tensors).
-    """
-
-    def __init__(self, beta: float = 0.01) -> None:
+    def __init__(self, beta: float = 0.01) -> None:  # beta 0.01 as in the authors' code
         super().__init__()
         self.beta = beta
 
@@ -30,9 +28,7 @@ class VAELoss(nn.Module):
 
 class CineReconLoss(nn.Module):
     """L1 + perceptual_weight x per-frame feature L1 (only with a `feature_network`) + kl_weight x KL.
-
-    Returns {"loss", "nll" (L1 + perceptual: the term the adaptive GAN weight balances), "l1", "perceptual", "kl"}.
-    """
+    Returns {"loss", "nll" (L1 + perceptual: the term the adaptive GAN weight balances), "l1", "perceptual", "kl"}."""
 
     def __init__(self, kl_weight: float = 1e-6, feature_network: nn.Module | None = None,
                  perceptual_weight: float = 0.1) -> None:

@@ -22,25 +22,6 @@ from torch import nn
 
 from scripts.generation.diffloss import DiffLoss
 
-# The paper's / authors' sizes (n_phenotypes 82 there); "cpu" trains on a 2-core machine within the pipeline's budget;
-# "tiny" runs in seconds, for tests and smoke runs. Heads stay wider than a token (320 values): narrower, the head
-# cannot carry x_t through and does not learn (a 32-wide head stays at loss ~1.4 over 100 steps of overfitting one
-# batch; 384 wide reaches ~0.6).
-PAPER = {"width": 768, "encoder_depth": 12, "decoder_depth": 12, "num_heads": 12, "mlp_ratio": 4.0,
-         "buffer_size": 64, "head_depth": 3, "head_width": 1024, "diffusion_batch_mul": 4}
-CPU = {"width": 256, "encoder_depth": 4, "decoder_depth": 4, "num_heads": 8, "mlp_ratio": 4.0, "buffer_size": 16,
-       "head_depth": 2, "head_width": 512, "diffusion_batch_mul": 2}
-TINY = {"width": 32, "encoder_depth": 1, "decoder_depth": 1, "num_heads": 1, "mlp_ratio": 4.0, "buffer_size": 4,
-        "head_depth": 1, "head_width": 384, "diffusion_batch_mul": 4}
-_PROFILES = {"paper": PAPER, "cpu": CPU, "tiny": TINY}
-
-
-def mar_profile(name: str) -> dict:
-    """Size kwargs of `MAR` for "paper", "cpu" or "tiny" (a fresh copy)."""
-    if name not in _PROFILES:
-        raise ValueError(f"unknown MAR profile {name!r}; choose one of {sorted(_PROFILES)}")
-    return dict(_PROFILES[name])
-
 
 def patchify(x: torch.Tensor, patch: Sequence[int]) -> torch.Tensor:
     """(B, C, T, H, W) -> (B, L, D): L = (T/pt)(H/ph)(W/pw) tokens in (t, h, w) order, D = C*pt*ph*pw values
@@ -117,7 +98,9 @@ class MAR(nn.Module):
     The phenotype vector (normalised, `n_phenotypes` values) is projected linearly to the width (as the authors do)
     and fills the `buffer_size` leading positions; a learned null embedding replaces it with probability
     `cond_drop_prob` in training and stands for "no condition" (classifier-free guidance, unconditional sampling).
-    Defaults are the paper's sizes (`PAPER`), dropout 0.1 as the authors'.
+    Defaults are the paper's sizes, dropout 0.1 as the authors'; the configs' mar_def states every argument (the cpu
+    profile's sizes) and configs/profiles/*.json edit it. The head stays wider than a token (`token_dim` values):
+    narrower, it cannot carry x_t through and does not learn.
     """
 
     def __init__(self, n_phenotypes: int, latent_shape: Sequence[int] = (16, 25, 12, 12),

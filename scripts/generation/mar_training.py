@@ -1,4 +1,4 @@
-"""MAR training pieces for `configs/train_mar.json`: EMA of the weights, the training step and a seeded validation loss."""
+"""MAR training pieces for `configs/train_mar.json`: weight EMA, the training step and a seeded validation loss."""
 
 from __future__ import annotations
 
@@ -20,9 +20,8 @@ def ema_model(network: nn.Module, decay: float) -> AveragedModel:
 
 
 class MARStep:
-    """`iteration_update` of SupervisedTrainer for MAR: a posterior draw of each cached latent, the MAR loss (the
-    network's forward), an optimiser step with the gradient norm clipped to `grad_clip` (authors 3.0) and an EMA update.
-    """
+    """`iteration_update` of SupervisedTrainer for MAR: a posterior draw of each cached latent, the MAR loss (network
+    forward), an optimiser step with the gradient norm clipped to `grad_clip` (authors 3.0) and an EMA update."""
 
     def __init__(self, ema: AveragedModel, grad_clip: float = 3.0) -> None:
         self.ema, self.grad_clip = ema, grad_clip

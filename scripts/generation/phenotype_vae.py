@@ -7,13 +7,12 @@ across layers, puts a ReLU on the decoder input and a sigmoid on the output (phe
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 from collections.abc import Sequence
 from itertools import pairwise
 from pathlib import Path
 
+import numpy as np
 import torch
 from ignite.engine import Engine
 from ignite.exceptions import NotComputableError
@@ -24,8 +23,8 @@ from monai.networks.blocks import ADN
 from monai.utils import CommonKeys, evenly_divisible_all_gather
 from torch import nn
 
-from scripts.data.cohort import read_stats
-from scripts.data.phenotypes import denormalise, normalise, write_phenotype_table
+from scripts.data.cohort import has_phenotypes, phenotype_matrix, read_datalist, read_stats, split_items
+from scripts.data.phenotypes import denormalise, write_phenotype_table
 from scripts.runtime.checkpoints import load_weights
 from scripts.runtime.distributed import unwrap
 from scripts.runtime.features import frechet_distance
@@ -42,27 +41,21 @@ def phenotype_vectors(prepared_dir: str | Path, split: str) -> tuple[list[str], 
     Normalised with the folder's phenotype_stats.json (fitted on the training split by prepare; never refitted).
     """
     folder = Path(prepared_dir)
-    datalist_path = folder / "datalist.json"
-    if not datalist_path.is_file():
-        raise FileNotFoundError(f"{folder}: not a prepared folder (no datalist.json); run configs/prepare.json first")
+    datalist = read_datalist(folder)
     stats = read_stats(folder / "phenotype_stats.json")
-    datalist = json.loads(datalist_path.read_text(encoding="utf-8"))
     columns = stats["columns"]
     if datalist.get("phenotype_columns") != columns:
         raise ValueError(f"{folder}: datalist.json phenotype_columns {datalist.get('phenotype_columns')} differ from "
                          f"phenotype_stats.json columns {columns}")
-    if split not in datalist:
-        raise ValueError(f"{folder}: datalist.json has no {split!r} list (has {sorted(datalist)})")
-    items = [d for d in datalist[split] if d.get("has_phenotypes")]
-    bad = [d.get("subject") for d in items
-           if not all(isinstance(d.get(c), (int, float)) and math.isfinite(d[c]) for c in columns)]
+    items = [d for d in split_items(folder, [split]) if d.get("has_phenotypes")]
+    bad = [d.get("subject") for d in items if not has_phenotypes(d, columns)]
     if bad:
-        raise ValueError(f"{folder}: {split} items flagged has_phenotypes with missing or non-numeric values: {bad[:10]}")
+        raise ValueError(f"{folder}: {split} items flagged has_phenotypes with missing or non-numeric values: "
+                         f"{bad[:10]}")
     if len(items) < 2:
         raise ValueError(f"{folder}: {len(items)} {split} item(s) have phenotypes (has_phenotypes true); the phenotype "
                          "VAE needs at least 2 per split. Prepare the cohort with a phenotype table.")
-    values = normalise([[d[c] for c in columns] for d in items], stats)
-    return [d["subject"] for d in items], torch.as_tensor(values, dtype=torch.float32)
+    return [d["subject"] for d in items], torch.as_tensor(phenotype_matrix(items, stats), dtype=torch.float32)
 
 
 def phenotype_dataset(prepared_dir: str | Path, split: str) -> Dataset:
@@ -120,32 +113,47 @@ class FrechetDistance(Metric):
 
 
 # --------------------------------------------------------------------------------------------------------- sampling
-def sample_phenotypes(network: nn.Module, checkpoint: str | Path, stats_path: str | Path, n: int, seed: int,
-                      out_csv: str | Path, columns: Sequence[str] | None = None) -> Path:
-    """Sample `n` phenotype vectors (z ~ N(0, I), seeded) from a trained `network` and write them as CSV.
+def draw_phenotypes(network: nn.Module, checkpoint: str | Path, stats: dict, n: int, seed: int) -> np.ndarray:
+    """(n, F) physical phenotype vectors (columns of `stats`) decoded from z ~ N(0, I) seeded with `seed`.
 
     `checkpoint`: a network state dict (phenotype_vae.pt) or a latest checkpoint (its "network" entry), loaded with
-    weights_only and checked against the network's shapes. Values are de-normalised with `stats_path`; the CSV has
-    `eid` S000000... then `columns` (default: every column of the statistics, in their order). Returns `out_csv`.
+    weights_only and checked against the network's shapes.
     """
+    if n < 1:
+        raise ValueError(f"num_samples must be >= 1, got {n}")
+    load_weights(network, checkpoint, trained_by="configs/train_phenotype_vae.json")
+    z = network.sample(n, torch.Generator().manual_seed(seed))  # (n, F) normalised
+    if z.shape[1] != len(stats["columns"]):
+        raise ValueError(f"the network gives {z.shape[1]} values, the statistics have {len(stats['columns'])} columns")
+    return denormalise(z.double().cpu().numpy(), stats)
+
+
+def draw_eids(n: int) -> list[str]:
+    """eids S000000... of `n` drawn vectors."""
+    return [f"S{i:06d}" for i in range(n)]
+
+
+def write_draws(out_csv: str | Path, values: np.ndarray, stats: dict, columns: Sequence[str]) -> Path:
+    """Write (n, F) drawn vectors as a phenotype CSV: `eid` S000000... then `columns` (a subset of the stats')."""
+    index = [stats["columns"].index(c) for c in columns]
+    rows = {e: {c: float(row[k]) for c, k in zip(columns, index)} for e, row in zip(draw_eids(len(values)), values)}
+    write_phenotype_table(out_csv, columns, rows)
+    return Path(out_csv)
+
+
+def sample_phenotypes(network: nn.Module, checkpoint: str | Path, stats_path: str | Path, n: int, seed: int,
+                      out_csv: str | Path, columns: Sequence[str] | None = None) -> Path:
+    """Sample `n` phenotype vectors (`draw_phenotypes`) and write them as CSV (`write_draws`); `columns` default to
+    every column of the statistics at `stats_path`, in their order. Returns `out_csv`."""
     stats = read_stats(stats_path)
     columns = list(stats["columns"] if columns is None else columns)
     absent = [c for c in columns if c not in stats["columns"]]
     if absent or not columns:
         raise ValueError(f"columns {absent or columns} not in the phenotype statistics {stats_path} (it has "
                          f"{stats['columns']})")
-    if n < 1:
-        raise ValueError(f"num_samples must be >= 1, got {n}")
-    load_weights(network, checkpoint, trained_by="configs/train_phenotype_vae.json")
-    z = network.sample(n, torch.Generator().manual_seed(seed))  # (n, F) normalised
-    if z.shape[1] != len(stats["columns"]):
-        raise ValueError(f"the network gives {z.shape[1]} values, {stats_path} has {len(stats['columns'])} columns")
-    values = denormalise(z.double().cpu().numpy(), stats)
-    index = [stats["columns"].index(c) for c in columns]
-    rows = {f"S{i:06d}": {c: float(row[k]) for c, k in zip(columns, index)} for i, row in enumerate(values)}
-    write_phenotype_table(out_csv, columns, rows)
+    values = draw_phenotypes(network, checkpoint, stats, n, seed)
     logger.info("sampled %d phenotype vectors (seed %d) from %s into %s", n, seed, checkpoint, out_csv)
-    return Path(out_csv)
+    return write_draws(out_csv, values, stats, columns)
 
 
 def _mlp(sizes: Sequence[int], negative_slope: float, dropout: float) -> nn.Sequential:

@@ -26,11 +26,8 @@ class BestCheckpointSaver(CheckpointSaver):
 
 
 def check_state_dict(state: object, network: nn.Module, path: str | Path, run: str = "") -> None:
-    """Raise ValueError naming `path` and the keys where `state` does not match `network`'s names and shapes.
-
-    `run` describes this run's configuration for the message (e.g. "autoencoder profile 'tiny'"). TypeError where
-    `state` is not a mapping at all.
-    """
+    """Raise ValueError naming `path` and the keys where `state` does not match `network` (TypeError if not a mapping).
+    `run` names this run's configuration in the message (e.g. "autoencoder profile 'tiny'")."""
     if not isinstance(state, Mapping):
         raise TypeError(f"{path}: not a network state dict (found {type(state).__name__})")
     expected = network.state_dict()
@@ -47,11 +44,8 @@ def check_state_dict(state: object, network: nn.Module, path: str | Path, run: s
 
 
 def load_weights(network: nn.Module, path: str | Path, run: str = "", trained_by: str = "") -> nn.Module:
-    """Load a network state dict (or a latest checkpoint's "network" entry) from `path` into `network`.
-
-    weights_only, mapped to the network's device, shape-checked first (`check_state_dict`); a missing file is an
-    error that names `trained_by`, the config that writes it.
-    """
+    """Load a state dict (or a latest checkpoint's "network" entry) from `path` into `network`, shape-checked.
+    weights_only, on the network's device; FileNotFoundError names `trained_by`, the config that writes the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found" + (f"; train it with {trained_by}" if trained_by else ""))
@@ -65,15 +59,8 @@ def load_weights(network: nn.Module, path: str | Path, run: str = "", trained_by
 
 
 class LatestCheckpoint:
-    """One resumable checkpoint at `path`: the state dicts of `save_dict` plus the trainer state ("trainer").
-
-    Rewritten atomically every `interval` epochs (MONAI's CheckpointSaver names interval checkpoints by epoch, so there
-    is no fixed file to resume from, and writes them non-atomically). With `resume`, an existing `path` is loaded when
-    the trainer starts, through MONAI's CheckpointLoader (`map_location`, strict shapes, weights_only), after a shape
-    check that names the file; training then continues from the saved epoch up to the trainer's `max_epochs`.
-    Attach it after the ValidationHandler, so that a checkpoint holds its epoch's best-model record. Under
-    torch.distributed every rank loads and rank 0 writes, without the DistributedDataParallel wrapper.
-    """
+    """Resumable checkpoint at `path` (state dicts of `save_dict` plus "trainer"), rewritten every `interval` epochs.
+    With `resume` an existing file is loaded at start; attach after the ValidationHandler (keeps the best record)."""
 
     def __init__(self, path: str | Path, save_dict: dict, resume: bool = True, interval: int = 1,
                  map_location: str | torch.device | None = None, run: str = "") -> None:
@@ -81,11 +68,13 @@ class LatestCheckpoint:
         self.interval, self.map_location, self.run = interval, map_location, run
 
     def attach(self, engine: Engine) -> None:
+        # not MONAI's CheckpointSaver: it names interval files by epoch (no fixed file to resume) and is not atomic
         if self.resume:
             engine.add_event_handler(Events.STARTED, self.load)
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self.save)
 
     def load(self, engine: Engine) -> None:
+        # every rank loads; training continues from the saved epoch up to the trainer's max_epochs
         if not self.path.is_file():
             logger.info("no checkpoint at %s: training from scratch", self.path)
             return
@@ -99,6 +88,7 @@ class LatestCheckpoint:
         logger.info("resumed from %s at epoch %d of %d", self.path, engine.state.epoch, engine.state.max_epochs)
 
     def save(self, engine: Engine) -> None:
+        # rank 0 writes, without the DistributedDataParallel wrapper
         if idist.get_rank() != 0:
             return
         state = {k: unwrap(v).state_dict() for k, v in self.save_dict.items()} | {"trainer": engine.state_dict()}

@@ -1,8 +1,7 @@
-"""Command-line guard for `python -m monai.bundle run`: reject override keys that no config defines.
+"""Command-line guard for `python -m monai.bundle run`: reject override keys that no config defines."""
 
-MONAI silently adds an unknown `--key value` pair as a new config entry, so a typo such as `--num_subject 5`
-would run with the default; this check turns it into a clear error.
-"""
+# MONAI silently adds an unknown `--key value` pair as a new config entry, so a typo such as `--num_subject 5`
+# would run with the default; this check turns it into a clear error.
 
 from __future__ import annotations
 
@@ -49,19 +48,20 @@ def _as_list(value: str) -> list[str]:
 
 
 def unknown_keys(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(override keys on a `monai.bundle run` command line that no config file defines, all known keys)."""
+    """(override keys of a `monai.bundle run` command line that no config file defines, all known keys); a key inside
+    a meta config's `forward` section (e.g. `mar_def#width`) counts as known: the stage's config has it."""
     pairs = _cli_pairs(argv)
     if "config_file" not in pairs:
         return [], []
-    known = set(_ids(ConfigParser.load_config_files(_as_list(pairs["config_file"])))) | RUN_ARGS
-    return [k for k in pairs if k not in known], sorted(known)
+    config = ConfigParser.load_config_files(_as_list(pairs["config_file"]))
+    known = set(_ids(config)) | RUN_ARGS
+    forward = config.get("forward") if isinstance(config.get("forward"), dict) else {}
+    return [k for k in pairs if k not in known and k.split("#")[0] not in forward], sorted(known)
 
 
 def check_overrides(argv: Sequence[str] | None = None) -> None:
     """Raise `ValueError` naming each unknown `--key` (with a close match, if any).
-
-    Only acts when the process is `python -m monai.bundle run ...`; inside other programs it does nothing.
-    """
+    Only acts when the process is `python -m monai.bundle run ...`; inside other programs it does nothing."""
     argv = list(sys.argv if argv is None else argv)
     if not (argv and argv[0].replace("\\", "/").endswith("monai/bundle/__main__.py") and "run" in argv[1:2]):
         return

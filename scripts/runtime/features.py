@@ -8,19 +8,27 @@ import torch
 from monai.metrics import FIDMetric
 from torch import nn
 
+LOW_RANK_MIN_DIM = 128  # below it scipy's sqrtm is cheap: the phenotype vectors keep MONAI's FIDMetric
+
 
 # ---------------------------------------------------------------------------------------------------------- metrics
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Gaussian Frechet distance between two sets of (N, F) vectors (MONAI FIDMetric, float64)."""
-    return float(FIDMetric()(a.double().cpu(), b.double().cpu()))
+    """Frechet distance between Gaussians fitted to (n1, D) and (n2, D) vectors, in float64 (ValueError below 2)."""
+    if min(len(a), len(b)) < 2:
+        raise ValueError(f"a Frechet distance needs >= 2 vectors per set, got {len(a)} and {len(b)}")
+    a, b = a.double().cpu(), b.double().cpu()
+    if min(len(a), len(b)) >= a.shape[1] or a.shape[1] < LOW_RANK_MIN_DIM:
+        return float(FIDMetric()(a, b))
+    # fewer vectors than (many) dimensions: tr sqrt(S1 S2) exactly as the nuclear norm of A B^T, not MONAI's slow sqrtm
+    ca, cb = ((x - x.mean(0)) / (len(x) - 1) ** 0.5 for x in (a, b))  # (n, D) each: S = C^T C
+    diff = a.mean(0) - b.mean(0)
+    trace_sqrt = torch.linalg.svdvals(ca @ cb.T).sum()
+    return float(diff @ diff + ca.pow(2).sum() + cb.pow(2).sum() - 2 * trace_sqrt)
 
 
 def load_feature_network(path: str | Path, what: str = "perceptual_weights") -> nn.Module:
-    """A local TorchScript feature network in eval mode without gradients, on the CPU (`what` names it in errors):
-    the perceptual term's (N, 1, H, W) frames -> features, or the evaluation's Inception and I3D.
-
-    Only a local file: MONAI's PerceptualLoss downloads its weights, which cannot happen here.
-    """
+    """A local TorchScript feature network (perceptual (N, 1, H, W) frames -> features, Inception, I3D), eval mode,
+    no gradients, on the CPU; FileNotFoundError names `what` (local file only: MONAI's PerceptualLoss downloads)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: {what} file not found (a TorchScript feature network)")

@@ -19,7 +19,7 @@ def to_uint8(frame: np.ndarray, lo: float | None = None, hi: float | None = None
     return (np.clip((frame - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
 
 
-def _grid(tiles: Sequence[np.ndarray], ncols: int, captions: Sequence[str] | None, scale: int) -> Image.Image:
+def grid(tiles: Sequence[np.ndarray], ncols: int, captions: Sequence[str] | None, scale: int) -> Image.Image:
     """Tile equally sized uint8 frames into one image, captions drawn at each tile's top-left."""
     h, w = tiles[0].shape
     nrows = -(-len(tiles) // ncols)
@@ -40,7 +40,7 @@ def save_montage(
     frames: Sequence[np.ndarray], path: str | Path, ncols: int, captions: Sequence[str] | None = None, scale: int = 2
 ) -> Path:
     """Write 2D frames (windowed per frame) as one PNG grid, atomically; returns the path."""
-    image = _grid([to_uint8(f) for f in frames], ncols, captions, scale)
+    image = grid([to_uint8(f) for f in frames], ncols, captions, scale)
     with atomic_write(path) as tmp:
         image.save(tmp, format="PNG")
     return Path(path)
@@ -50,7 +50,7 @@ def save_cine_gif(cines: Sequence[np.ndarray], path: str | Path, ncols: int, fps
     """Write cines (each T x H x W, windowed per cine) side by side as an animated GIF, atomically."""
     windows = [(float(np.percentile(c, 0.5)), float(np.percentile(c, 99.5))) for c in cines]
     frames = [
-        _grid([to_uint8(c[t], *win) for c, win in zip(cines, windows)], ncols, None, scale)
+        grid([to_uint8(c[t], *win) for c, win in zip(cines, windows)], ncols, None, scale)
         for t in range(min(len(c) for c in cines))
     ]
     with atomic_write(path) as tmp:

@@ -41,10 +41,8 @@ def _proc_bytes(field: str) -> int:
 
 @contextmanager
 def peak_memory(device: torch.device) -> Iterator[dict]:
-    """Yield a dict filled at exit with the block's peak memory: 'peak' bytes, 'increase' (peak - usage at entry:
-    weights and earlier buffers excluded) and 'method'. CUDA: max_memory_allocated, reset at entry (tensors only).
-    CPU: the whole process's peak resident set, VmHWM reset at entry through /proc/self/clear_refs, or, where that
-    fails, ru_maxrss (peak since process start: a phase below an earlier peak shows no increase)."""
+    """Yield a dict filled at exit with the block's 'peak' bytes, 'increase' (peak - usage at entry) and 'method':
+    CUDA max_memory_allocated (tensors), or the CPU process's peak RSS (VmHWM, else ru_maxrss since process start)."""
     rec: dict = {}
     if device.type == "cuda":
         sync(device)

@@ -1,7 +1,7 @@
 """Cine segmenter: a per-frame 2D MONAI UNet for the 5 labels of 4-chamber cines (LV, Myo, RV, LA, RA).
 
 The independent instrument that measures generated cines (scripts.evaluation) and labels cines that come without a
-label file for preprocessing (configs/prepare.json `segmenter_checkpoint`). Trained by configs/train_segmenter.json on
+label file for preprocessing (scripts.segmentation.labeller). Trained by configs/train_segmenter.json on
 prepared cines (1 x 50 x 96 x 96 heart crops); next to the best weights (`segmenter.pt`) it writes `segmenter.json`
 with the profile and the prepared pixel sizes it was trained on, so full field-of-view cines can be resampled to them.
 """
@@ -20,25 +20,17 @@ from ignite.engine import Engine
 from monai.handlers import MeanDice
 from monai.metrics import DiceMetric
 from monai.networks import eval_mode
-from monai.networks.nets import UNet
 from monai.networks.utils import one_hot
 from monai.transforms import DivisiblePad
 from monai.utils import CommonKeys
-from scipy import ndimage
 from torch import nn
-from torch.nn import functional as F
 
-from scripts.data.cine_files import load_subject
-from scripts.data.cohort import load_cines
-from scripts.data.phenotypes import LABELS, _largest_components
-from scripts.data.prepare import IMAGE_SIZE, box_fraction, crop_pad, heart_box, prepare
+from scripts.data.cohort import load_cines, split_items
+from scripts.data.phenotypes import LABELS, largest_components
 from scripts.runtime.checkpoints import load_weights
 from scripts.runtime.files import atomic_write, write_json
 from scripts.runtime.handlers import ReconstructionMontage
-from scripts.runtime.montage import _grid, to_uint8
-
-logger = logging.getLogger(__name__)
-
+from scripts.runtime.montage import grid, to_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -46,25 +38,12 @@ LABEL_NAMES: tuple[str, ...] = tuple(LABELS)  # LV, Myo, RV, LA, RA (labels 1..5
 NUM_CLASSES = len(LABEL_NAMES) + 1
 TRAINED_BY = "configs/train_segmenter.json"
 
-_PROFILES: dict[str, dict] = {
-    "tiny": {"channels": (4, 8, 16), "strides": (2, 2), "num_res_units": 0},
-    "cpu": {"channels": (16, 32, 64, 128), "strides": (2, 2, 2), "num_res_units": 1},
-    "paper": {"channels": (32, 64, 128, 256, 512), "strides": (2, 2, 2, 2), "num_res_units": 2},
-}
-
 
 # ----------------------------------------------------------------------------------------------------------- network
-def build_segmenter(profile: str) -> nn.Module:
-    """MONAI 2D UNet, 1 input channel -> 6 class logits, sized by the profile ("tiny", "cpu" or "paper")."""
-    if profile not in _PROFILES:
-        raise ValueError(f"unknown segmenter profile {profile!r}; choose one of {sorted(_PROFILES)}")
-    return UNet(spatial_dims=2, in_channels=1, out_channels=NUM_CLASSES, **_PROFILES[profile])
-
-
-def load_segmenter(path: str | Path, profile: str, device: torch.device | str) -> nn.Module:
-    """The profile's segmenter with the weights of `path` (weights_only, shape-checked), on `device`, in eval mode."""
-    network = build_segmenter(profile).to(device)
-    load_weights(network, path, run=f"segmenter profile {profile!r}", trained_by=TRAINED_BY)
+def load_segmenter(path: str | Path, network: nn.Module, device: torch.device | str) -> nn.Module:
+    """`network` (a config's segmenter_def) with the weights of `path` (weights_only, shape-checked), on `device`, in
+    eval mode."""
+    load_weights(network.to(device), path, run="this segmenter_def", trained_by=TRAINED_BY)
     return network.eval()
 
 
@@ -74,7 +53,7 @@ def keep_largest_components(labels: torch.Tensor) -> torch.Tensor:
     out = np.zeros_like(x)
     for value in range(1, NUM_CLASSES):
         if (mask := x == value).any():
-            out[_largest_components(mask)] = value  # the measurement's own component rule (scripts.data.phenotypes)
+            out[largest_components(mask)] = value  # the measurement's own component rule (scripts.data.phenotypes)
     return torch.from_numpy(out)
 
 
@@ -143,19 +122,12 @@ class SegmentationMontage(ReconstructionMontage):
         tiles = [to_uint8(f) for f in rows[0]] + [to_uint8(f, 0.0, NUM_CLASSES - 1.0) for r in rows[1:] for f in r]
         captions = [f"{name} {k} t{t}" for name in ("image", "truth", "pred") for k in range(len(self.cines))
                     for t in self.frames]
-        image = _grid(tiles, len(rows[0]), captions, scale=2)  # labels on one fixed grey scale, images windowed
+        image = grid(tiles, len(rows[0]), captions, scale=2)  # labels on one fixed grey scale, images windowed
         with atomic_write(self.path) as tmp:
             image.save(tmp, format="PNG")
 
 
 # ------------------------------------------------------------------------------------------------- run-level steps
-def _datalist(prepared_dir: str | Path) -> dict:
-    path = Path(prepared_dir) / "datalist.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; {Path(prepared_dir)} must be a folder of configs/prepare.json")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 def info_path(checkpoint: str | Path) -> Path:
     """The JSON beside a segmenter checkpoint (segmenter.pt -> segmenter.json)."""
     return Path(checkpoint).with_suffix(".json")
@@ -163,7 +135,7 @@ def info_path(checkpoint: str | Path) -> Path:
 
 def write_info(checkpoint: str | Path, prepared_dir: str | Path, profile: str) -> dict:
     """Write `segmenter.json` beside `checkpoint` (rank 0): profile and the training split's prepared pixel sizes."""
-    items = _datalist(prepared_dir)["training"]
+    items = split_items(prepared_dir, ["training"])
     if not items or not all(isinstance(d.get("spacing_mm"), list) for d in items):
         raise ValueError(f"{prepared_dir}: datalist.json training items need 'spacing_mm' (configs/prepare.json writes "
                          "it), the pixel size the segmenter learns")
@@ -180,7 +152,7 @@ def read_info(checkpoint: str | Path) -> dict:
     path = info_path(checkpoint)
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
-        if not (info["profile"] in _PROFILES and float(info["spacing_mm"]) > 0):
+        if not (isinstance(info["profile"], str) and float(info["spacing_mm"]) > 0):
             raise ValueError
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: missing or malformed segmenter info (profile, spacing_mm) for the checkpoint "
@@ -196,7 +168,7 @@ def load_prepared(prepared_dir: str | Path, items: Sequence[dict]) -> tuple[torc
 def split_dice(network: nn.Module, prepared_dir: str | Path, split: str = "test",
                batch_size: int = 4) -> dict[str, float]:
     """Dice per label (and mean) of the segmenter on every cine of a split, cines segmented as `segment_cines`."""
-    items = _datalist(prepared_dir).get(split) or []
+    items = split_items(prepared_dir, [split])
     if not items:
         raise ValueError(f"{prepared_dir}: the datalist has no {split!r} items to measure the segmenter on")
     preds, truths = [], []
@@ -207,128 +179,13 @@ def split_dice(network: nn.Module, prepared_dir: str | Path, split: str = "test"
     return dice_per_label(torch.cat(preds), torch.cat(truths)) | {"n": len(items)}
 
 
-def write_test_metrics(checkpoint: str | Path, profile: str, device: torch.device | str, prepared_dir: str | Path,
-                       output_dir: str | Path, split: str = "test") -> dict:
-    """Dice per label of the best checkpoint on `split`, written to `<output_dir>/<split>_metrics.json` (rank 0)."""
+def write_test_metrics(checkpoint: str | Path, network: nn.Module, device: torch.device | str,
+                       prepared_dir: str | Path, output_dir: str | Path, split: str = "test") -> dict:
+    """Dice per label of the best checkpoint (loaded into `network`) on `split`, written to
+    `<output_dir>/<split>_metrics.json` (rank 0)."""
     if idist.get_rank() != 0:
         return {}
-    metrics = split_dice(load_segmenter(checkpoint, profile, device), prepared_dir, split)
+    metrics = split_dice(load_segmenter(checkpoint, network, device), prepared_dir, split)
     write_json(Path(output_dir) / f"{split}_metrics.json", {"checkpoint": str(checkpoint), "split": split, **metrics})
     logger.info("segmenter %s Dice: %s", split, {k: round(v, 4) for k, v in metrics.items()})
     return metrics
-
-
-def real_subject_dice(dataset_dir: str | Path, checkpoint: str | Path, work_dir: str | Path,
-                      device: torch.device | str = "cpu") -> dict[str, dict[str, float]]:
-    """Prepare a labelled cohort (e.g. ../shared/data/ukbb_demo) into `work_dir` with the default configs/prepare.json
-    settings, segment every prepared cine and return {subject: Dice per label} (profile from segmenter.json)."""
-    report = prepare(dataset_dir, work_dir, splits=(1.0, 0.0, 0.0), num_workers=0)
-    network = load_segmenter(checkpoint, read_info(checkpoint)["profile"], device)
-    out = {}
-    for subject in sorted(report["subjects"]):
-        item = {"image": f"images/{subject}.npy", "label": f"labels/{subject}.npy"}
-        image, label = load_prepared(work_dir, [item])
-        out[subject] = dice_per_label(segment_cines(network, image), label)
-    return out
-
-
-# -------------------------------------------------------------------------------------- labelling full-view cines
-class CineLabeller:
-    """Labels a raw full field-of-view cine (X, Y, T) with a trained segmenter, for preprocessing without labels.
-
-    The segmenter knows heart crops, 96 x 96 pixels of the median prepared pixel size it was trained on
-    (segmenter.json), so the heart is first located with such windows: the view is resampled to that pixel size and
-    `search_frames` frames of every 96 x 96 window (stride `stride`) are segmented; the window with the most labels
-    present, then the most heart pixels, wins. Each of `refine` passes then crops the heart box of the labels so far as
-    preprocessing does (square in mm, `margin`; the first pass takes the window), resizes it to 96 x 96 and segments
-    it there; labels outside the box are 0. Every view is scaled to [0, 1] by its 0.5 / 99.5 percentiles as in
-    preprocessing and keeps only its largest connected heart component (labels 1..5 together, over the whole cine);
-    labels return to the input grid by nearest resampling. Own search: MONAI's SlidingWindowInferer blends windows
-    with one intensity scaling, where a heart crop needs its own.
-    """
-
-    def __init__(self, checkpoint: str | Path, device: torch.device | str = "cpu", refine: int = 2,
-                 margin: float = 0.15, stride: int = 16, search_frames: int = 5) -> None:
-        info = read_info(checkpoint)
-        self.checkpoint, self.spacing_mm = str(checkpoint), float(info["spacing_mm"])
-        self.network = load_segmenter(checkpoint, info["profile"], device)
-        self.refine, self.margin, self.stride, self.search_frames = refine, margin, stride, search_frames
-
-    def _segment(self, view: torch.Tensor) -> torch.Tensor:
-        """(T, 1, h, w) view -> (T, h, w) labels, the view segmented at 96 x 96."""
-        x = F.interpolate(view, size=[IMAGE_SIZE] * 2, mode="bilinear", antialias=True, align_corners=False)
-        lo, hi = np.percentile(x.numpy(), [0.5, 99.5])
-        x = ((x - lo) / max(hi - lo, 1e-6)).clamp(0.0, 1.0)
-        labels = segment_cines(self.network, x.transpose(0, 1)[None])[0]  # (T, 96, 96)
-        labels = labels * torch.from_numpy(_largest_components_3d(labels.numpy() > 0))
-        return F.interpolate(labels.float()[:, None], size=list(view.shape[-2:]), mode="nearest-exact")[:, 0]
-
-    def locate(self, x: torch.Tensor, spacing_mm: Sequence[float]) -> list[list[int]]:
-        """Box [[x0, x1], [y0, y1]] (input pixels) of the best 96 x 96 training-size window of a (T, 1, X, Y) cine."""
-        factor = np.asarray(spacing_mm, float) / self.spacing_mm  # input pixels -> training pixels
-        frames = x[:: max(1, len(x) // self.search_frames)][: self.search_frames]
-        size = [max(1, round(n * f)) for n, f in zip(x.shape[-2:], factor)]
-        view = F.interpolate(frames, size=size, mode="bilinear", antialias=True, align_corners=False)
-        starts = [sorted({*range(0, max(n - IMAGE_SIZE, 0) + 1, self.stride), max(n - IMAGE_SIZE, 0)}) for n in size]
-        best, box = (-1, -1), None
-        for i in starts[0]:
-            for j in starts[1]:
-                window = [[i, i + IMAGE_SIZE], [j, j + IMAGE_SIZE]]
-                labels = self._segment(crop_pad(view, window))
-                score = (len(torch.unique(labels[labels > 0])), int((labels > 0).sum()))
-                if score > best:
-                    best, box = score, window
-        return [[round(a / f), round(b / f)] for (a, b), f in zip(box, factor)]
-
-    def __call__(self, image: np.ndarray, spacing_mm: Sequence[float]) -> np.ndarray:
-        """(X, Y, T) float image with its pixel size (mm) -> (X, Y, T) uint8 labels."""
-        x = torch.as_tensor(image, dtype=torch.float32).permute(2, 0, 1)[:, None]  # (T, 1, X, Y)
-        box, labels = self.locate(x, spacing_mm), torch.zeros(x.shape[0], *x.shape[-2:])
-        for _ in range(max(self.refine, 1)):
-            labels = _uncrop(self._segment(crop_pad(x, box)), box, labels.shape)
-            if not labels.any():
-                break
-            box = heart_box((labels > 0).any(0).numpy(), spacing_mm, self.margin)
-        return labels.permute(1, 2, 0).to(torch.uint8).numpy()
-
-
-def _uncrop(crop: torch.Tensor, box: Sequence[Sequence[int]], shape: Sequence[int]) -> torch.Tensor:
-    """The inverse of scripts.data.prepare.crop_pad: `crop` (..., bx, by) placed at `box` in zeros of `shape`."""
-    (x0, x1), (y0, y1) = box
-    out = torch.zeros(tuple(shape), dtype=crop.dtype)
-    ax, ay = (max(x0, 0), min(x1, shape[-2])), (max(y0, 0), min(y1, shape[-1]))
-    out[..., ax[0]:ax[1], ay[0]:ay[1]] = crop[..., ax[0] - x0:ax[1] - x0, ay[0] - y0:ay[1] - y0]
-    return out
-
-
-def _largest_components_3d(mask: np.ndarray) -> np.ndarray:
-    """The largest connected component of a (T, X, Y) mask, frames connected through time (one heart per cine)."""
-    lab, n = ndimage.label(mask)
-    if n <= 1:
-        return mask
-    sizes = np.bincount(lab.ravel())
-    sizes[0] = 0
-    return lab == np.argmax(sizes)
-
-
-def crop_agreement(dataset_dir: str | Path, checkpoint: str | Path, subjects: Sequence[str], margin: float = 0.15,
-                   image_name: str = "la_4ch.nii.gz", label_name: str = "seg4_la_4ch.nii.gz") -> dict[str, dict]:
-    """How well the segmenter's full-view labels stand in for label files in preprocessing, on labelled subjects.
-
-    Per subject: "box_iou" of the heart crop from the segmenter's labels and the one from the label file (as
-    configs/prepare.json computes them), "heart_fraction" of the true heart voxels inside the segmenter's box, its
-    "side_ratio" to the true box side, and the full field-of-view Dice per label of the segmenter's labels.
-    """
-    labeller, out = CineLabeller(checkpoint), {}
-    for subject in subjects:
-        folder = Path(dataset_dir) / subject
-        image, label = load_subject(folder / image_name, folder / label_name, subject)
-        pred = labeller(image.array, image.spacing_mm)  # (X, Y, T)
-        boxes = [np.array(heart_box((x > 0).any(2), image.spacing_mm, margin), float) for x in (pred, label.array)]
-        lo, hi = np.maximum(boxes[0][:, 0], boxes[1][:, 0]), np.minimum(boxes[0][:, 1], boxes[1][:, 1])
-        inter, areas = np.prod(np.clip(hi - lo, 0, None)), [np.prod(b[:, 1] - b[:, 0]) for b in boxes]
-        out[subject] = {"box_iou": float(inter / (areas[0] + areas[1] - inter)),
-                        "heart_fraction": box_fraction((label.array > 0).sum(2), boxes[0].astype(int).tolist()),
-                        "side_ratio": float((boxes[0][0, 1] - boxes[0][0, 0]) / (boxes[1][0, 1] - boxes[1][0, 0])),
-                        "dice": dice_per_label(pred[None], label.array[None])}
-    return out

@@ -1,0 +1,87 @@
+"""Acquisition geometry of generated cines: pixel size and frame interval predicted from the conditioning phenotypes.
+
+Prepared cines are heart crops resized to 96 x 96 (scripts/data/prepare.py), so their pixel size is the crop side / 96
+and grows with the heart; the frame interval is R-R / 50, i.e. 60 / (50 HR). `fit_acquisition` fits an
+`AcquisitionModel` on the prepared training split; generation writes its predictions into the NIfTI headers and the
+datalist (spacing_mm, frame_interval_s).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from scripts.data.cohort import has_phenotypes, split_items
+from scripts.data.phenotypes import normalise
+
+RIDGE = 0.1  # ridge penalty on standardised features; the fit below is near-exact for the frame interval
+MIN_ITEMS = 3  # training items per regression feature (about 2 per column) to fit; fewer: the medians
+
+
+@dataclass(frozen=True)
+class AcquisitionModel:
+    """Pixel size (x, y) in mm and frame interval in s of a generated cine, from its conditioning phenotypes.
+
+    A ridge regression of their logarithms on the z-scored phenotypes and on the standardised logarithms of the
+    positive columns predicts both for a condition vector; predictions are clipped to the training range.
+    Unconditional samples, and cohorts with too few training items, get the training medians.
+    """
+
+    median: np.ndarray  # (3,) log pixel x, log pixel y, log interval
+    low: np.ndarray  # (3,) training minimum of the same
+    high: np.ndarray  # (3,)
+    weights: np.ndarray | None = None  # (1 + F + P, 3), None: medians only
+    stats: dict | None = None  # phenotype_stats.json
+    log_index: tuple[int, ...] = ()  # columns with positive training values (P of them)
+    log_mean: np.ndarray | None = None  # (P,)
+    log_std: np.ndarray | None = None  # (P,)
+    r2: tuple[float, ...] = ()  # in-sample R^2 per target
+
+    def predict(self, values: np.ndarray | None, n: int) -> np.ndarray:
+        """(N, 3) [pixel x mm, pixel y mm, frame interval s] for N condition rows (None: n unconditional samples)."""
+        if values is None or self.weights is None:
+            return np.tile(np.exp(self.median), (n, 1))
+        x = features(np.asarray(values, np.float64), self.stats, self.log_index, self.log_mean, self.log_std)
+        return np.exp(np.clip(x @ self.weights, self.low, self.high))
+
+    def record(self) -> dict:
+        """What generation.json records about the model."""
+        return {"method": "training medians" if self.weights is None else "ridge regression on the phenotypes",
+                "r2_training": dict(zip(("pixel_x", "pixel_y", "frame_interval"), self.r2)),
+                "median_mm_s": np.exp(self.median).tolist()}
+
+
+def features(values: np.ndarray, stats: dict, log_index: tuple[int, ...], log_mean: np.ndarray,
+             log_std: np.ndarray) -> np.ndarray:
+    """(N, F) physical values -> (N, 1 + F + P) [1, z-scores, standardised logs of the `log_index` columns]."""
+    logs = np.log(np.clip(values[:, list(log_index)], 1e-12, None))
+    return np.hstack([np.ones((len(values), 1)), normalise(values, stats), (logs - log_mean) / log_std])
+
+
+def fit_acquisition(prepared_dir: str | Path, stats: dict) -> AcquisitionModel:
+    """Fit the AcquisitionModel on the training items of a prepared folder (spacing_mm, frame_interval_s,
+    phenotypes)."""
+    items = [d for d in split_items(prepared_dir, ["training"]) if d.get("spacing_mm") and d.get("frame_interval_s")]
+    if not items:
+        raise ValueError(f"{Path(prepared_dir) / 'datalist.json'}: no training item with spacing_mm and "
+                         "frame_interval_s (written by configs/prepare.json); cannot set the NIfTI pixel size")
+    targets = np.log([[*d["spacing_mm"][:2], d["frame_interval_s"]] for d in items])  # (N, 3)
+    base = {"median": np.median(targets, 0), "low": targets.min(0), "high": targets.max(0)}
+    columns = stats["columns"]
+    keep = np.array([has_phenotypes(d, columns) for d in items])
+    if keep.sum() < MIN_ITEMS * 2 * len(columns):
+        return AcquisitionModel(**base)
+    values = np.array([[d[c] for c in columns] for d, k in zip(items, keep) if k], np.float64)  # (N, F)
+    y = targets[keep]
+    log_index = tuple(int(k) for k in np.flatnonzero((values > 0).all(0)))
+    logs = np.log(values[:, list(log_index)])
+    log_mean, log_std = logs.mean(0), np.where(logs.std(0) > 0, logs.std(0), 1.0)
+    x = features(values, stats, log_index, log_mean, log_std)
+    penalty = RIDGE * np.eye(x.shape[1])
+    penalty[0, 0] = 0.0  # the intercept is not shrunk
+    weights = np.linalg.solve(x.T @ x + penalty, x.T @ y)
+    r2 = 1.0 - ((x @ weights - y) ** 2).sum(0) / np.maximum(((y - y.mean(0)) ** 2).sum(0), 1e-30)
+    return AcquisitionModel(**base, weights=weights, stats=stats, log_index=log_index, log_mean=log_mean,
+                            log_std=log_std, r2=tuple(float(v) for v in r2))
