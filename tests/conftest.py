@@ -17,15 +17,18 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+pytest_plugins = ["tests.stage_runs"]  # the stage training runs shared by the stage tests and tests/test_resume.py
 
 
 def run_bundle(configs: str | Sequence[str], *args: str, expect_failure: bool = False, launcher: Sequence[str] = (),
                env: Mapping[str, str] | None = None, timeout: int = 600, **overrides: object,
                ) -> subprocess.CompletedProcess:
-    """`python -m [launcher] monai.bundle run --config_file <configs> <args> --<key> <value>...` from the repository
-    root; asserts it succeeds (fails, with `expect_failure`), the tail of stdout and stderr in the message."""
+    """`python -m monai.bundle run --config_file <configs> <args> --<key> <value>...` from the repository root, or
+    `python -m <launcher> -m monai.bundle run ...` (e.g. torch.distributed.run); asserts it succeeds (fails, with
+    `expect_failure`), the tail of stdout and stderr in the message."""
     config_file = configs if isinstance(configs, str) else str(list(configs))
-    cmd = [sys.executable, "-m", *launcher, "monai.bundle", "run", "--config_file", config_file, *args,
+    module = [*launcher, "-m", "monai.bundle"] if launcher else ["monai.bundle"]
+    cmd = [sys.executable, "-m", *module, "run", "--config_file", config_file, *args,
            *[a for k, v in overrides.items() for a in (f"--{k}", str(v))]]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False,
                           env={**os.environ, **(env or {})})

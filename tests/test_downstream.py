@@ -9,6 +9,7 @@ import json
 import logging
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from scripts.downstream.finetune import (
     vit_network,
 )
 from scripts.downstream.mae import MaskedPatchLoss, mae_network, patchify, pretrain_datalist, unpatchify
-from scripts.downstream.table import run_table
+from scripts.downstream.table import Cohort, Mixing, Workspace, run_table
 from scripts.runtime.checkpoints import load_weights
 from tests.conftest import REPO
 from tests.downstream_cohort import COLUMNS, MEAN, STD, write_cohort
@@ -256,11 +257,11 @@ def test_tiny_table_writes_the_comparison_and_resumes(cohort: tuple[Path, Path],
     prepared, generated = cohort
     config = json.loads((REPO / "configs" / "downstream_table.json").read_text())
     tasks = [t for t in config["tasks"] if t["name"] in ("disease", "phenotypes")]
-    kwargs = {"prepared_dir": str(prepared), "generated_dir": str(generated), "table_dir": str(tmp_path / "table"),
-              "bundle_root": str(REPO), "profile_file": TINY, "mae": TINY_MAE,
-              "finetune": layered("train_classifier.json", "tiny")["finetune"],
-              "downstream": {"mix_ratios": [1], "mix_star_ratios": [1], "generate_missing": False}, "tasks": tasks,
-              "stages": [], "table_phenotypes": ["LVEF (%)", "LVM (g)"]}
+    kwargs = {"cohort": Cohort(str(prepared), str(generated)),
+              "mixing": Mixing(mix_ratios=[1], mix_star_ratios=[1], generate_missing=False),
+              "workspace": Workspace(str(tmp_path / "table"), str(REPO), TINY), "mae": TINY_MAE,
+              "finetune": layered("train_classifier.json", "tiny")["finetune"], "tasks": tasks,
+              "table_phenotypes": ["LVEF (%)", "LVM (g)"]}
     summary = run_table(**kwargs)
     assert len(summary["seconds"]["runs"]) == 2 + 3 * 2 * 2 + 2  # 2 MAEs; 3 rows x 2 tasks x 2 folds; mix* x 2 folds
     table = (tmp_path / "table" / "table.md").read_text()
@@ -278,9 +279,9 @@ def test_tiny_table_writes_the_comparison_and_resumes(cohort: tuple[Path, Path],
     again = run_table(**kwargs)  # every run finished with the same settings: nothing runs again
     assert again["seconds"]["runs"] == summary["seconds"]["runs"] and again["results"] == summary["results"]
     with pytest.raises(ValueError, match="needs 20.*--downstream#generate_missing True"):
-        run_table(**{**kwargs, "downstream": {**kwargs["downstream"], "mix_ratios": [1, 2]}})
+        run_table(**{**kwargs, "mixing": replace(kwargs["mixing"], mix_ratios=[1, 2])})
     with pytest.raises(ValueError, match=r"mix_star_ratios \[2\] need the same ratios"):
-        run_table(**{**kwargs, "downstream": {**kwargs["downstream"], "mix_star_ratios": [2]}})
+        run_table(**{**kwargs, "mixing": replace(kwargs["mixing"], mix_star_ratios=[2])})
 
     runs = tmp_path / "table" / "runs"
     before = {p: p.stat().st_mtime_ns for p in runs.rglob("*.json")}

@@ -18,8 +18,8 @@ from scripts.data.cohort import load_cines
 from scripts.data.phantom import make_cohort
 from scripts.data.phenotypes import PHENOTYPE_COLUMNS
 from scripts.data.prepare import prepare
-from scripts.evaluation import evaluate as evaluation
-from scripts.evaluation import fidelity, privacy
+from scripts.evaluation import adherence, fidelity, privacy
+from scripts.evaluation.protocol import value_rows
 from scripts.generation.autoencoder import CineAutoencoderKL
 from scripts.generation.mar import MAR
 from scripts.runtime.features import frechet_distance
@@ -132,32 +132,32 @@ def test_fvd_path_with_a_stand_in_i3d(cohort: tuple[Path, list[dict]], i3d_stand
 def test_adherence_of_phantom_cines_from_their_true_labels_is_high(cohort: tuple[Path, list[dict]]) -> None:
     prepared, items = cohort
     labels = load_cines(prepared, items, "label")[:, 0].numpy()
-    measured, failures = evaluation.measure_labels(labels, items)
+    measured, failures = adherence.measure_labels(labels, items)
     assert not failures
-    stats = evaluation.adherence_stats(evaluation.value_rows(items, PHENOTYPE_COLUMNS), measured, PHENOTYPE_COLUMNS)
+    stats = adherence.adherence_stats(value_rows(items, PHENOTYPE_COLUMNS), measured, PHENOTYPE_COLUMNS)
     for c in ("LVEDV (mL)", "LVEF (%)", "LVM (g)", "RAV max (mL)"):
         assert stats[c]["n"] == 12 and stats[c]["pearson_r"] > 0.95 and stats[c]["r2"] > 0.8, (c, stats[c])
 
     cols = ["LVEDV (mL)", "LVEF (%)"]
-    entry, _ = evaluation.set_adherence(labels, items, evaluation.value_rows(items, cols), cols)
+    entry, _ = adherence.set_adherence(labels, items, value_rows(items, cols), cols)
     fixed = entry["median_geometry"]  # every item at the median pixel size: volumes lose the crop's size cue
     assert fixed["LVEF (%)"]["pearson_r"] == pytest.approx(entry["phenotypes"]["LVEF (%)"]["pearson_r"], abs=0.01)
     assert fixed["LVEDV (mL)"]["pearson_r"] < entry["phenotypes"]["LVEDV (mL)"]["pearson_r"]
 
-    frames = evaluation.ed_frames(labels)  # phantom cines are prepared: the largest LV area is at frame 0
-    assert (frames == 0).all() and evaluation.ed_aligned_share(frames, labels.shape[1]) == 1.0
-    shifted = evaluation.ed_frames(np.stack([np.roll(labels[k], s, axis=0) for k, s in enumerate((2, -2, 10))]))
-    assert shifted.tolist() == [2, 48, 10] and evaluation.ed_aligned_share(shifted, 50) == pytest.approx(2 / 3)
+    frames = adherence.ed_frames(labels)  # phantom cines are prepared: the largest LV area is at frame 0
+    assert (frames == 0).all() and adherence.ed_aligned_share(frames, labels.shape[1]) == 1.0
+    shifted = adherence.ed_frames(np.stack([np.roll(labels[k], s, axis=0) for k, s in enumerate((2, -2, 10))]))
+    assert shifted.tolist() == [2, 48, 10] and adherence.ed_aligned_share(shifted, 50) == pytest.approx(2 / 3)
 
     t = np.linspace(1, 10, 6)[:, None]
-    perfect, scaled = (evaluation.adherence_stats(t, m, ["x"])["x"] for m in (t, 2 * t))
+    perfect, scaled = (adherence.adherence_stats(t, m, ["x"])["x"] for m in (t, 2 * t))
     assert perfect == {"n": 6, "pearson_r": pytest.approx(1.0), "mae": 0.0, "r2": 1.0}
     assert scaled["pearson_r"] == pytest.approx(1.0) and scaled["mae"] == pytest.approx(5.5) and scaled["r2"] < 0
 
     empty = np.zeros_like(labels[:1])
-    measured, failures = evaluation.measure_labels(np.concatenate([labels[:1], empty]), items[:2])
+    measured, failures = adherence.measure_labels(np.concatenate([labels[:1], empty]), items[:2])
     assert [f["subject"] for f in failures] == [items[1]["subject"]] and np.isnan(measured[1]).all()
-    assert evaluation.adherence(measured, failures, None, ["LVEF (%)"])["unmeasurable_share"] == 0.5
+    assert adherence.summarise(measured, failures, None, ["LVEF (%)"])["unmeasurable_share"] == 0.5
 
 
 # ------------------------------------------------------------------------------------------------------------ privacy
@@ -227,10 +227,10 @@ def test_mar_losses_are_seeded_per_subject_not_per_batch() -> None:
 
 def test_segmenter_callable_from_a_checkpoint(tmp_path: Path) -> None:
     network = build("segmenter_def", "tiny")
-    assert evaluation.segmenter_callable(tmp_path / "none.pt", network, torch.device("cpu"))[0] is None
+    assert adherence.segmenter_callable(tmp_path / "none.pt", network, torch.device("cpu"))[0] is None
     torch.save(network.state_dict(), tmp_path / "segmenter.pt")
-    segment, reason = evaluation.segmenter_callable(tmp_path / "segmenter.pt", network, torch.device("cpu"))
-    labels = evaluation.segment_all(segment, torch.rand(3, 1, 50, 96, 96).half(), 2, "cpu")
+    segment, reason = adherence.segmenter_callable(tmp_path / "segmenter.pt", network, torch.device("cpu"))
+    labels = adherence.segment_all(segment, torch.rand(3, 1, 50, 96, 96).half(), 2, "cpu")
     assert reason == "" and labels.shape == (3, 50, 96, 96) and labels.dtype == np.uint8 and labels.max() <= 5
 
 
@@ -266,14 +266,14 @@ def test_evaluation_config_on_a_tiny_pipeline_run(tiny_pipeline: Path, i3d_stand
             entry = metrics["fidelity"][metric][name]
             assert ("value" in entry and "floor" in entry) or "cine(s) per set" in entry["skipped"], (metric, entry)
     assert "value" in metrics["fidelity"]["fid"]["cfg"]
-    adherence = metrics["adherence"]
-    assert adherence["sets"]["cfg"]["phenotypes"]["LVEDV (mL)"]["n"] + \
-        len(adherence["sets"]["cfg"]["unmeasurable"]) == 4 and adherence["heldout_true_labels"]["n"] == 3
-    with (out / adherence["sets"]["cfg"]["table"]).open(newline="") as f:  # one row per cine, requested beside measured
+    measured = metrics["adherence"]
+    assert measured["sets"]["cfg"]["phenotypes"]["LVEDV (mL)"]["n"] + \
+        len(measured["sets"]["cfg"]["unmeasurable"]) == 4 and measured["heldout_true_labels"]["n"] == 3
+    with (out / measured["sets"]["cfg"]["table"]).open(newline="") as f:  # one row per cine, requested beside measured
         table = list(csv.DictReader(f))
     assert [r["subject"] for r in table] == [f"G{i:06d}" for i in range(4)]
     assert all(0 <= int(r["ed_frame"]) < 50 and float(r["requested LVEF (%)"]) > 0 for r in table)
-    assert 0.0 <= adherence["sets"]["cfg"]["ed_aligned_share"] <= 1.0
+    assert 0.0 <= measured["sets"]["cfg"]["ed_aligned_share"] <= 1.0
     audit = metrics["privacy"]
     assert set(audit["sets"]) == {"heldout", "cfg", "unconditional"} and audit["membership_inference"]["n_training"] == 13
     private = json.loads((out / "cfg_datalist_private.json").read_text())

@@ -16,8 +16,8 @@ from monai.data import load_decathlon_datalist
 
 from scripts.data.cine_files import load_cine
 from scripts.data.phenotypes import PhenotypeTableError, normalise
-from scripts.generation.autoencoder import CineAutoencoderKL
 from scripts.generation.acquisition import fit_acquisition
+from scripts.generation.autoencoder import CineAutoencoderKL
 from scripts.generation.generate import Sampling, generate, read_conditions, sample_seed
 from scripts.generation.mar import MAR
 from scripts.generation.phenotype_vae import PhenotypeVAE, phenotype_vectors

@@ -14,7 +14,7 @@ import torch
 from scripts.generation.autoencoder import CineAutoencoderKL
 from tests.conftest import ONE_THREAD, run_bundle
 from tests.networks import def_kwargs
-from tests.test_phenotype_vae import _write_prepared
+from tests.stage_runs import write_phenotype_prepared
 
 TINY, MULTI = "configs/profiles/tiny.json", "configs/multi_gpu.json"
 N_TRAIN = 8  # training items with phenotypes; the datalist adds one without
@@ -48,7 +48,7 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A prepared cohort (8/4/2 cines with phenotypes, one more per split without) and its tiny latent cache."""
     root = tmp_path_factory.mktemp("ddp")
     prepared = root / "prepared"
-    _write_prepared(prepared, n_train=N_TRAIN, n_val=4, n_test=2)
+    write_phenotype_prepared(prepared, n_train=N_TRAIN, n_val=4, n_test=2)
     datalist = json.loads((prepared / "datalist.json").read_text())
     for items in (datalist[s] for s in ("training", "validation", "test")):  # classes for the fine-tuning configs
         for k, d in enumerate(d for d in items if d["has_phenotypes"]):

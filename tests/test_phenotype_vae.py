@@ -1,11 +1,9 @@
-"""Stage 1 of CPGG, the phenotype VAE: network, loss, learning, the training/sampling configs, resume and bad inputs."""
+"""Stage 1 of CPGG, the phenotype VAE: network, loss, learning, the training/sampling configs and bad inputs."""
 
 from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,6 @@ from ignite.exceptions import NotComputableError
 from monai.handlers import CheckpointLoader
 
 from scripts.data.cohort import read_stats
-from scripts.data.phenotypes import fit_normaliser
 from scripts.generation.losses import VAELoss
 from scripts.generation.phenotype_vae import (
     FrechetDistance,
@@ -27,42 +24,7 @@ from scripts.generation.phenotype_vae import (
 )
 from scripts.runtime.checkpoints import LatestCheckpoint
 from scripts.runtime.features import frechet_distance
-from tests.conftest import run_bundle
-
-COLUMNS = ["LVEDV", "LVESV", "LVSV", "LVEF", "LVCO", "LVM", "RVEDV", "RVESV", "RVSV", "RVEF", "LAV_max", "LAV_min",
-           "LASV", "LAEF", "RAV_max", "RAV_min", "RASV", "RAEF", "HR", "WT_septal", "WT_lateral"]
-
-
-def _correlated(n: int, f: int, generator: torch.Generator) -> torch.Tensor:
-    """(n, f) samples of a fixed correlated Gaussian: 4 shared factors plus independent noise."""
-    loadings = torch.randn(f, 4, generator=torch.Generator().manual_seed(1))
-    return torch.randn(n, 4, generator=generator) @ loadings.T + 0.3 * torch.randn(n, f, generator=generator)
-
-
-def _write_prepared(folder: Path, n_train: int = 60, n_val: int = 20, n_test: int = 10) -> dict:
-    """A prepared folder with only what the VAE reads: datalist.json (plus items without phenotypes) and stats."""
-    n = n_train + n_val + n_test
-    values = _correlated(n, len(COLUMNS), torch.Generator().manual_seed(0)).numpy()
-    values = values * np.linspace(2, 20, len(COLUMNS)) + np.linspace(50, 150, len(COLUMNS))
-    subjects = [f"PH{i:06d}" for i in range(n)]
-    table = {s: dict(zip(COLUMNS, map(float, v))) for s, v in zip(subjects, values)}
-
-    def item(s: str) -> dict:
-        return {"image": f"images/{s}.npy", "subject": s, "has_phenotypes": s in table,
-                **{c: table[s][c] if s in table else None for c in COLUMNS}}
-
-    split = {"training": subjects[:n_train], "validation": subjects[n_train:n_train + n_val],
-             "test": subjects[n_train + n_val:]}
-    datalist = {k: [item(s) for s in v] + [item(f"NOPHENO{k}")] for k, v in split.items()}
-    datalist["phenotype_columns"] = COLUMNS
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "datalist.json").write_text(json.dumps(datalist))
-    (folder / "phenotype_stats.json").write_text(json.dumps(fit_normaliser(table, split["training"], COLUMNS)))
-    return table
-
-
-def _bundle(config: str, *args: str) -> subprocess.CompletedProcess:
-    return run_bundle(f"configs/{config}.json", *args, timeout=300)
+from tests.stage_runs import COLUMNS, correlated, write_phenotype_prepared
 
 
 def _read_csv(path: Path) -> tuple[list[str], np.ndarray]:
@@ -105,7 +67,7 @@ def test_loss_pieces() -> None:
 def test_training_learns_a_correlated_gaussian() -> None:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    train, held_out = _correlated(2000, 21, g), _correlated(2000, 21, g)
+    train, held_out = correlated(2000, 21, g), correlated(2000, 21, g)
     mean, std = train.mean(0), train.std(0)
     train, held_out = (train - mean) / std, (held_out - mean) / std
     net, loss_fn = PhenotypeVAE(21), VAELoss(beta=0.01)
@@ -129,7 +91,7 @@ def test_training_learns_a_correlated_gaussian() -> None:
 
 # ------------------------------------------------------------------------------------------------------------- data
 def test_dataset_keeps_items_with_phenotypes_and_uses_the_training_stats(tmp_path: Path) -> None:
-    table = _write_prepared(tmp_path)
+    table = write_phenotype_prepared(tmp_path)
     stats = read_stats(tmp_path / "phenotype_stats.json")
     subjects, x = phenotype_vectors(tmp_path, "validation")
     assert len(subjects) == 20 and "NOPHENOvalidation" not in subjects and x.shape == (20, len(COLUMNS))
@@ -141,11 +103,11 @@ def test_dataset_keeps_items_with_phenotypes_and_uses_the_training_stats(tmp_pat
 
 
 def test_prepared_folder_errors_name_the_folder(tmp_path: Path) -> None:
-    _write_prepared(tmp_path)
+    write_phenotype_prepared(tmp_path)
     (tmp_path / "phenotype_stats.json").unlink()
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         phenotype_dataset(tmp_path, "training")
-    _write_prepared(tmp_path)
+    write_phenotype_prepared(tmp_path)
     datalist = json.loads((tmp_path / "datalist.json").read_text())
     for item in datalist["training"]:
         item["has_phenotypes"] = False
@@ -158,7 +120,7 @@ def test_prepared_folder_errors_name_the_folder(tmp_path: Path) -> None:
 
 # -------------------------------------------------------------------------------------------------------- checkpoints
 def test_mismatched_checkpoint_is_an_error_naming_file_and_keys(tmp_path: Path) -> None:
-    _write_prepared(tmp_path)
+    write_phenotype_prepared(tmp_path)
     other = tmp_path / "other_columns.pt"
     torch.save(PhenotypeVAE(10).state_dict(), other)
     with pytest.raises(ValueError, match=r"other_columns\.pt.*shape mismatch.*encoder\.0\.0\.weight"):
@@ -177,43 +139,21 @@ def test_mismatched_checkpoint_is_an_error_naming_file_and_keys(tmp_path: Path) 
 
 
 # ------------------------------------------------------------------------------------------------------- bundle CLI
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Train 2 epochs, resume to 4 epochs, then sample, all through `python -m monai.bundle run`."""
-    root = tmp_path_factory.mktemp("pvae")
-    table = _write_prepared(root / "prepared")
-    common = ["--prepared_dir", str(root / "prepared"), "--ckpt_dir", str(root / "models")]
-    start = time.perf_counter()
-    first = _bundle("train_phenotype_vae", *common, "--output_dir", str(root / "out2"), "--num_epochs", "2")
-    seconds = time.perf_counter() - start
-    print(f"CLI training run (2 epochs, 60 vectors, process start included): {seconds:.1f} s")
-    latest_after_first = torch.load(root / "models" / "phenotype_vae_latest.pt", weights_only=True)
-    second = _bundle("train_phenotype_vae", *common, "--output_dir", str(root / "out4"), "--num_epochs", "4")
-    _bundle("sample_phenotypes", *common, "--output_dir", str(root / "out4"), "--num_samples", "300", "--seed", "7")
-    return {"root": root, "table": table, "first": first, "second": second, "latest_after_first": latest_after_first}
-
-
-def test_cli_training_writes_checkpoints_and_metrics(runs: dict) -> None:
-    root = runs["root"]
+def test_cli_training_writes_checkpoints_and_metrics(phenotype_vae_runs: dict) -> None:
+    root = phenotype_vae_runs["root"]
     state = torch.load(root / "models" / "phenotype_vae.pt", weights_only=True)
     assert set(state) == set(PhenotypeVAE(len(COLUMNS)).state_dict())  # the network state dict only
     metrics = json.loads((root / "out2" / "metrics.json").read_text())
     assert metrics["epoch"] == 2 and set(metrics) == {"epoch", "val_frechet", "val_recon_mse"}
     assert np.isfinite(metrics["val_frechet"]) and np.isfinite(metrics["val_recon_mse"])
-    assert "train_kl" in runs["first"].stdout and "Epoch[2] Metrics -- val_frechet" in runs["first"].stdout
-    assert runs["latest_after_first"]["trainer"]["iteration"] == 2  # 60 vectors, batch 64: one step per epoch
+    log = phenotype_vae_runs["first"].stdout
+    assert "train_kl" in log and "Epoch[2] Metrics -- val_frechet" in log
+    latest = phenotype_vae_runs["latest_after_first"]
+    assert latest["trainer"]["iteration"] == 2  # 60 vectors, batch 64: one step per epoch
 
 
-def test_cli_resume_continues_from_the_saved_epoch(runs: dict) -> None:
-    log = runs["second"].stdout
-    assert "at epoch 2 of 4" in log and "Epoch[3] Metrics" in log and "Epoch[1] Metrics" not in log
-    latest = torch.load(runs["root"] / "models" / "phenotype_vae_latest.pt", weights_only=True)
-    assert latest["trainer"]["iteration"] == 4 and set(latest) == {"network", "optimizer", "best_saver", "trainer"}
-    assert json.loads((runs["root"] / "out4" / "metrics.json").read_text())["epoch"] == 4
-
-
-def test_cli_samples_are_denormalised_and_reproducible(runs: dict) -> None:
-    root = runs["root"]
+def test_cli_samples_are_denormalised_and_reproducible(phenotype_vae_runs: dict) -> None:
+    root = phenotype_vae_runs["root"]
     out = root / "out4" / "sampled_phenotypes.csv"
     header, values = _read_csv(out)
     assert header == ["eid", *COLUMNS] and values.shape == (300, len(COLUMNS))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from functools import partial
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from scripts.segmentation.segmenter import (
 )
 from tests.conftest import ONE_THREAD, REPO, run_bundle
 from tests.networks import build
-from tests.test_io import synthetic_cine, write_nifti
+from tests.test_io import synthetic_cine
 
 torch.set_num_threads(1)
 CONFIG = "configs/train_segmenter.json"
@@ -36,24 +35,6 @@ TRAINED = Path(os.environ.get("SEGMENTER_CHECKPOINT", REPO / "models" / "segment
 
 
 _bundle = partial(run_bundle, [CONFIG, "configs/profiles/tiny.json"], env=ONE_THREAD, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """8 synthetic subjects (5 moving ellipses, scripts' test cine) in UK Biobank layout."""
-    root = tmp_path_factory.mktemp("segcohort")
-    for n in range(8):
-        image, label = synthetic_cine(25, 0, (60.0 - n, 50.0 + n), seed=n)
-        write_nifti(root / f"s{n}" / "la_4ch.nii.gz", image, dt=0.036)
-        write_nifti(root / f"s{n}" / "seg4_la_4ch.nii.gz", label.astype(np.float32), dt=0.036)
-    return root
-
-
-@pytest.fixture(scope="module")
-def prepared(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("segprepared")
-    prepare(cohort, out, num_workers=0)  # 6 / 1 / 1
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- network and Dice
@@ -99,60 +80,41 @@ def test_dice_per_label_against_hand_counts() -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ bundle CLI
-@pytest.fixture(scope="module")
-def runs(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Tiny profile: train 2 epochs, then resume to 3, through `python -m monai.bundle run`."""
-    root = tmp_path_factory.mktemp("seg")
-    common = ["--prepared_dir", str(prepared), "--ckpt_dir", str(root / "models"), "--output_dir", str(root / "out")]
-    start = time.perf_counter()
-    first = _bundle(*common)
-    print(f"tiny segmenter CLI run (2 epochs, 6 cines, process start included): {time.perf_counter() - start:.1f} s")
-    metrics_first = json.loads((root / "out" / "metrics.json").read_text())
-    latest_first = torch.load(root / "models" / "segmenter_latest.pt", weights_only=True)
-    second = _bundle(*common, "--segmenter#num_epochs", "3")
-    return {"root": root, "common": common, "first": first, "second": second, "metrics_first": metrics_first,
-            "latest_first": latest_first}
-
-
-def test_cli_training_writes_checkpoints_metrics_montage_and_test_dice(runs: dict, prepared: Path) -> None:
-    root, metrics = runs["root"], runs["metrics_first"]
+def test_cli_training_writes_checkpoints_metrics_montage_and_test_dice(segmenter_runs: dict,
+                                                                      segmenter_prepared: Path) -> None:
+    root, metrics = segmenter_runs["root"], segmenter_runs["metrics_first"]
     state = torch.load(root / "models" / "segmenter.pt", weights_only=True)
     assert set(state) == set(build("segmenter_def", "tiny").state_dict())  # network only
     names = {f"val_dice_{n}" for n in LABEL_NAMES}
     assert metrics["epoch"] == 2 and set(metrics) == {"epoch", "val_mean_dice", *names}
     assert all(0.0 <= metrics[k] <= 1.0 for k in names | {"val_mean_dice"})
-    assert set(runs["latest_first"]) == {"network", "optimizer", "lr_scheduler", "best_saver", "trainer"}
-    assert runs["latest_first"]["trainer"]["iteration"] == 6  # 6 cines, batch 2, 2 epochs
+    assert set(segmenter_runs["latest_first"]) == {"network", "optimizer", "lr_scheduler", "best_saver", "trainer"}
+    assert segmenter_runs["latest_first"]["trainer"]["iteration"] == 6  # 6 cines, batch 2, 2 epochs
     info = read_info(root / "models" / "segmenter.pt")
-    spacing = [np.mean(d["spacing_mm"]) for d in json.loads((prepared / "datalist.json").read_text())["training"]]
+    datalist = json.loads((segmenter_prepared / "datalist.json").read_text())
+    spacing = [np.mean(d["spacing_mm"]) for d in datalist["training"]]
     assert info["profile"] == "tiny" and info["spacing_mm"] == pytest.approx(float(np.median(spacing)))
     test = json.loads((root / "out" / "test_metrics.json").read_text())
     assert test["n"] == 1 and set(LABEL_NAMES) <= set(test)
     network = load_segmenter(root / "models" / "segmenter.pt", build("segmenter_def", "tiny"), "cpu")
-    assert test["mean"] == pytest.approx(split_dice(network, prepared, "test")["mean"])  # the best checkpoint's
+    best = split_dice(network, segmenter_prepared, "test")
+    assert test["mean"] == pytest.approx(best["mean"])  # the best checkpoint's
     with Image.open(root / "out" / "montage.png") as png:  # image/truth/prediction rows x (1 cine x 2 frames), x2
         assert png.size == (2 * 96 * 2, 3 * 96 * 2)
 
 
-def test_cli_resume_continues_from_the_saved_epoch(runs: dict) -> None:
-    log = runs["second"].stdout + runs["second"].stderr
-    assert "at epoch 2 of 3" in log and "Epoch[3] Metrics" in log and "Epoch[1] Metrics" not in log
-    latest = torch.load(runs["root"] / "models" / "segmenter_latest.pt", weights_only=True)
-    assert latest["trainer"]["iteration"] == 9
-
-
-def test_wrong_shape_checkpoint_is_an_error_naming_the_file(runs: dict, tmp_path: Path) -> None:
+def test_wrong_shape_checkpoint_is_an_error_naming_the_file(segmenter_runs: dict, tmp_path: Path) -> None:
     models = tmp_path / "models"
     models.mkdir()
     wider = UNet(2, 1, NUM_CLASSES, channels=(8, 16, 32), strides=(2, 2), num_res_units=0)  # tiny's layout, wider
-    torch.save({**runs["latest_first"], "network": wider.state_dict()}, models / "segmenter_latest.pt")
-    done = _bundle(*runs["common"][:2], "--ckpt_dir", str(models), "--output_dir", str(tmp_path / "out"),
+    torch.save({**segmenter_runs["latest_first"], "network": wider.state_dict()}, models / "segmenter_latest.pt")
+    done = _bundle(*segmenter_runs["common"][:2], "--ckpt_dir", str(models), "--output_dir", str(tmp_path / "out"),
                    expect_failure=True)
     log = done.stdout + done.stderr
     assert done.returncode != 0 and "shape mismatch" in log
     assert f"{models / 'segmenter_latest.pt'}: checkpoint does not match UNet of segmenter profile 'tiny'" in log
     with pytest.raises(ValueError, match="segmenter.pt: checkpoint does not match UNet of this segmenter_def"):
-        load_segmenter(runs["root"] / "models" / "segmenter.pt", build("segmenter_def", "cpu"), "cpu")
+        load_segmenter(segmenter_runs["root"] / "models" / "segmenter.pt", build("segmenter_def", "cpu"), "cpu")
 
 
 # -------------------------------------------------------------------------------------- preprocessing without labels
@@ -167,16 +129,17 @@ class _TruthLabeller(CineLabeller):
         return self.truth[image.tobytes()]
 
 
-def test_prepare_labels_subjects_without_a_label_file(cohort: Path, prepared: Path, tmp_path: Path) -> None:
+def test_prepare_labels_subjects_without_a_label_file(segmenter_cohort: Path, segmenter_prepared: Path,
+                                                      tmp_path: Path) -> None:
     import nibabel as nib
 
     root = tmp_path / "cohort"
     truth = {}
     for n in range(8):
         (root / f"s{n}").mkdir(parents=True)
-        (root / f"s{n}" / "la_4ch.nii.gz").symlink_to(cohort / f"s{n}" / "la_4ch.nii.gz")
-        label = cohort / f"s{n}" / "seg4_la_4ch.nii.gz"
-        image = nib.load(cohort / f"s{n}" / "la_4ch.nii.gz").get_fdata(dtype=np.float32)[:, :, 0]
+        (root / f"s{n}" / "la_4ch.nii.gz").symlink_to(segmenter_cohort / f"s{n}" / "la_4ch.nii.gz")
+        label = segmenter_cohort / f"s{n}" / "seg4_la_4ch.nii.gz"
+        image = nib.load(segmenter_cohort / f"s{n}" / "la_4ch.nii.gz").get_fdata(dtype=np.float32)[:, :, 0]
         truth[image.tobytes()] = np.asarray(nib.load(label).dataobj)[:, :, 0].astype(np.uint8)
         if n % 2 == 0:
             (root / f"s{n}" / "seg4_la_4ch.nii.gz").symlink_to(label)
@@ -193,11 +156,12 @@ def test_prepare_labels_subjects_without_a_label_file(cohort: Path, prepared: Pa
                                                                        for n in range(8)}
     assert "Labelled by the segmenter stand-in.pt (no label file): s1, s3, s5, s7" in (tmp_path / "out" /
                                                                                        "report.md").read_text()
-    reference = json.loads((prepared / "report.json").read_text())["subjects"]
+    reference = json.loads((segmenter_prepared / "report.json").read_text())["subjects"]
     for s, record in report["subjects"].items():  # the same labels give the same crop and the same tensors
         assert record["crop_box"] == reference[s]["crop_box"]
         for kind in ("images", "labels"):
-            assert np.array_equal(np.load(tmp_path / "out" / kind / f"{s}.npy"), np.load(prepared / kind / f"{s}.npy"))
+            assert np.array_equal(np.load(tmp_path / "out" / kind / f"{s}.npy"),
+                                  np.load(segmenter_prepared / kind / f"{s}.npy"))
 
 
 @pytest.mark.parametrize("box", [[[10, 40], [5, 25]], [[-6, 30], [20, 44]]])  # inside; leaving the view
@@ -209,27 +173,29 @@ def test_uncrop_inverts_crop_pad(box: list[list[int]]) -> None:
     assert torch.equal(back[inside], x[inside]) and not back[~inside].any()
 
 
-def test_crop_agreement_of_a_perfect_and_a_shifted_labeller(cohort: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_crop_agreement_of_a_perfect_and_a_shifted_labeller(segmenter_cohort: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     import nibabel as nib
 
     truth = {}
     for n in (0, 1):
-        image = nib.load(cohort / f"s{n}" / "la_4ch.nii.gz").get_fdata(dtype=np.float32)[:, :, 0]
-        truth[image.tobytes()] = np.asarray(nib.load(cohort / f"s{n}" / "seg4_la_4ch.nii.gz").dataobj)[:, :, 0]
+        image = nib.load(segmenter_cohort / f"s{n}" / "la_4ch.nii.gz").get_fdata(dtype=np.float32)[:, :, 0]
+        label = nib.load(segmenter_cohort / f"s{n}" / "seg4_la_4ch.nii.gz")
+        truth[image.tobytes()] = np.asarray(label.dataobj)[:, :, 0]
     stand_in = _TruthLabeller({k: v.astype(np.uint8) for k, v in truth.items()})
     monkeypatch.setattr("scripts.segmentation.labeller.CineLabeller", lambda checkpoint, network: stand_in)
-    exact = crop_agreement(cohort, "stand-in.pt", None, ["s0", "s1"])
+    exact = crop_agreement(segmenter_cohort, "stand-in.pt", None, ["s0", "s1"])
     assert all(r["box_iou"] == 1.0 and r["heart_fraction"] == 1.0 and r["side_ratio"] == 1.0 for r in exact.values())
     assert all(r["dice"][name] == 1.0 for r in exact.values() for name in LABEL_NAMES)
     stand_in.truth = {k: np.roll(v, 20, axis=0).astype(np.uint8) for k, v in truth.items()}  # 20 px off along X
-    shifted = crop_agreement(cohort, "stand-in.pt", None, ["s0"])["s0"]
+    shifted = crop_agreement(segmenter_cohort, "stand-in.pt", None, ["s0"])["s0"]
     assert 0.3 < shifted["box_iou"] < 0.9 and shifted["heart_fraction"] < 1.0 and shifted["dice"]["LV"] < 1.0
 
 
-def test_cine_labeller_resamples_to_the_training_pixel_size(runs: dict, tmp_path: Path) -> None:
+def test_cine_labeller_resamples_to_the_training_pixel_size(segmenter_runs: dict, tmp_path: Path) -> None:
     """The real labeller on a full field of view: (X, Y, T) uint8 back at the input size, a clear error without
     segmenter.json (no accuracy claim: the tiny network is barely trained)."""
-    checkpoint = runs["root"] / "models" / "segmenter.pt"
+    checkpoint = segmenter_runs["root"] / "models" / "segmenter.pt"
     image, _ = synthetic_cine(12, 0)
     network = build("segmenter_def", "tiny")
     labels = CineLabeller(checkpoint, network)(image, (1.5, 1.5))

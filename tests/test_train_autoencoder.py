@@ -1,9 +1,8 @@
-"""Stage 2 training, the cine autoencoder: GAN iteration, profiles, the training config, resume and wrong profiles."""
+"""Stage 2 training, the cine autoencoder: GAN iteration, profiles, the training config and wrong profiles."""
 
 from __future__ import annotations
 
 import json
-import time
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,32 +23,6 @@ from tests.networks import def_kwargs
 torch.set_num_threads(1)
 CONFIG = "configs/train_autoencoder.json"
 PROFILES = ("tiny", "cpu", "paper")
-
-
-def _blob_cine(rng: np.random.Generator, frames: int = 50, size: int = 96) -> np.ndarray:
-    """(1, T, H, W) float16 in [0, 1]: a bright Gaussian blob moving and pulsing over a dim background."""
-    yy, xx = np.mgrid[:size, :size].astype(np.float32)
-    cy, cx, r = rng.uniform(30, 66, 2).tolist() + [rng.uniform(8, 14)]
-    t = np.arange(frames, dtype=np.float32)[:, None, None]
-    phase = np.sin(2 * np.pi * t / frames)
-    dist2 = (yy - cy - 6 * phase) ** 2 + (xx - cx) ** 2
-    cine = 0.1 + 0.8 * np.exp(-dist2 / (2 * (r * (1 - 0.3 * phase)) ** 2))
-    return cine[None].astype(np.float16)
-
-
-def _write_prepared(folder: Path, n_train: int = 4, n_val: int = 2) -> Path:
-    """A prepared folder with what the autoencoder reads: datalist.json and images/*.npy."""
-    rng = np.random.default_rng(0)
-    (folder / "images").mkdir(parents=True)
-    datalist: dict[str, list[dict]] = {"training": [], "validation": [], "test": []}
-    for i in range(n_train + n_val):
-        subject = f"AE{i:04d}"
-        np.save(folder / "images" / f"{subject}.npy", _blob_cine(rng))
-        split = "training" if i < n_train else "validation"
-        datalist[split].append({"image": f"images/{subject}.npy", "subject": subject, "has_phenotypes": False,
-                                "LVEDV": None})
-    (folder / "datalist.json").write_text(json.dumps(datalist))
-    return folder
 
 
 _bundle = partial(run_bundle, [CONFIG, "configs/profiles/tiny.json"], env=ONE_THREAD, timeout=300)
@@ -134,51 +107,27 @@ def test_paper_profile_has_the_authors_settings() -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- bundle CLI
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Tiny profile: train 2 epochs, then resume to 3, through `python -m monai.bundle run`."""
-    root = tmp_path_factory.mktemp("ae")
-    prepared = _write_prepared(root / "prepared")
-    common = ["--prepared_dir", str(prepared), "--ckpt_dir", str(root / "models"), "--output_dir", str(root / "out")]
-    start = time.perf_counter()
-    first = _bundle(*common)
-    print(f"tiny CLI run (2 epochs, 4 training cines, process start included): {time.perf_counter() - start:.1f} s")
-    metrics_first = json.loads((root / "out" / "metrics.json").read_text())
-    print(f"tiny run validation: {metrics_first}")
-    latest_first = torch.load(root / "models" / "autoencoder_latest.pt", weights_only=True)
-    second = _bundle(*common, "--autoencoder#num_epochs", "3")
-    return {"root": root, "common": common, "first": first, "second": second, "metrics_first": metrics_first,
-            "latest_first": latest_first}
-
-
-def test_cli_training_writes_checkpoints_metrics_and_montage(runs: dict) -> None:
-    root, metrics = runs["root"], runs["metrics_first"]
+def test_cli_training_writes_checkpoints_metrics_and_montage(autoencoder_runs: dict) -> None:
+    root, metrics = autoencoder_runs["root"], autoencoder_runs["metrics_first"]
     state = torch.load(root / "models" / "autoencoder.pt", weights_only=True)
     assert set(state) == set(CineAutoencoderKL(**def_kwargs("autoencoder_def", "tiny")).state_dict())  # network only
     assert metrics["epoch"] == 2 and set(metrics) == {"epoch", "val_psnr", "val_ssim"}
     assert np.isfinite(metrics["val_psnr"]) and np.isfinite(metrics["val_ssim"]) and -1 <= metrics["val_ssim"] <= 1
-    latest = runs["latest_first"]
+    latest = autoencoder_runs["latest_first"]
     assert set(latest) == {"network", "discriminator", "optimizer", "d_optimizer", "best_saver", "trainer"}
     assert latest["trainer"]["iteration"] == 4  # 4 cines, batch 2
-    assert "d_weight" in runs["first"].stdout  # the GAN started at step 3 (tiny profile)
+    assert "d_weight" in autoencoder_runs["first"].stdout  # the GAN started at step 3 (tiny profile)
     with Image.open(root / "out" / "reconstruction.png") as png:  # 2 rows x (2 cines x 2 frames) of 96 px, x2
         assert png.size == (4 * 96 * 2, 2 * 96 * 2)
 
 
-def test_cli_resume_continues_from_the_saved_epoch(runs: dict) -> None:
-    log = runs["second"].stdout + runs["second"].stderr
-    assert "at epoch 2 of 3" in log and "Epoch[3] Metrics" in log and "Epoch[1] Metrics" not in log
-    latest = torch.load(runs["root"] / "models" / "autoencoder_latest.pt", weights_only=True)
-    assert latest["trainer"]["iteration"] == 6  # 3 epochs of 2 steps
-
-
-def test_cli_wrong_profile_checkpoint_is_an_error_naming_the_file(runs: dict, tmp_path: Path) -> None:
+def test_cli_wrong_profile_checkpoint_is_an_error_naming_the_file(autoencoder_runs: dict, tmp_path: Path) -> None:
     models = tmp_path / "models"
     models.mkdir()
     cpu_net = CineAutoencoderKL(**def_kwargs("autoencoder_def", "cpu"))
-    latest = runs["latest_first"]
+    latest = autoencoder_runs["latest_first"]
     torch.save({**latest, "network": cpu_net.state_dict()}, models / "autoencoder_latest.pt")
-    done = _bundle(*runs["common"][:2], "--ckpt_dir", str(models), "--output_dir", str(tmp_path / "out"),
+    done = _bundle(*autoencoder_runs["common"][:2], "--ckpt_dir", str(models), "--output_dir", str(tmp_path / "out"),
                    expect_failure=True)
     log = done.stdout + done.stderr
     assert done.returncode != 0

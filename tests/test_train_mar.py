@@ -1,4 +1,4 @@
-"""Stage 3 training: the latent cache (encode_latents.json) and MAR training (train_mar.json), resume, wrong profiles."""
+"""Stage 3 training: the latent cache (encode_latents.json) and MAR training (train_mar.json), wrong profiles."""
 
 from __future__ import annotations
 
@@ -17,46 +17,18 @@ from scripts.generation.mar import MAR
 from scripts.generation.mar_training import mar_eval_step
 from tests.conftest import ONE_THREAD, run_bundle
 from tests.networks import def_kwargs
-from tests.test_phenotype_vae import COLUMNS, _write_prepared
+from tests.stage_runs import COLUMNS, TINY
 
 torch.set_num_threads(1)
-TINY = "configs/profiles/tiny.json"
 
 
 def _bundle(config: str, *args: str, expect_failure: bool = False) -> subprocess.CompletedProcess:
     return run_bundle([config, TINY], *args, expect_failure=expect_failure, env=ONE_THREAD, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A 8/4/2-cine prepared cohort (plus one cine per split without phenotypes), a tiny autoencoder, its latent
-    cache, 2 epochs of tiny MAR training and a resumed third epoch, all through `python -m monai.bundle run`."""
-    root = tmp_path_factory.mktemp("mar")
-    prepared = root / "prepared"
-    _write_prepared(prepared, n_train=8, n_val=4, n_test=2)
-    rng = np.random.default_rng(0)
-    (prepared / "images").mkdir()
-    for items in json.loads((prepared / "datalist.json").read_text()).values():
-        for d in items if isinstance(items, list) and items and isinstance(items[0], dict) else []:
-            np.save(prepared / d["image"], rng.random((1, 50, 96, 96)).astype(np.float16))
-    models = root / "models"
-    models.mkdir()
-    torch.manual_seed(0)
-    torch.save(CineAutoencoderKL(**def_kwargs("autoencoder_def", "tiny")).state_dict(), models / "autoencoder.pt")
-    latents = root / "latents"
-    encode = _bundle("configs/encode_latents.json", "--prepared_dir", str(prepared), "--latent_dir", str(latents),
-                     "--ckpt_dir", str(models))
-    common = ["--latent_dir", str(latents), "--ckpt_dir", str(models), "--output_dir", str(root / "out")]
-    first = _bundle("configs/train_mar.json", *common)
-    latest_first = torch.load(models / "mar_latest.pt", weights_only=True)
-    second = _bundle("configs/train_mar.json", *common, "--mar#num_epochs", "3")
-    return {"root": root, "prepared": prepared, "latents": latents, "models": models, "common": common,
-            "encode": encode, "first": first, "second": second, "latest_first": latest_first}
-
-
-def test_cache_holds_posteriors_phenotypes_and_scale(runs: dict) -> None:
-    stats = read_latent_stats(runs["latents"])
-    train = torch.load(runs["latents"] / "training.pt", weights_only=True)
+def test_cache_holds_posteriors_phenotypes_and_scale(mar_runs: dict) -> None:
+    stats = read_latent_stats(mar_runs["latents"])
+    train = torch.load(mar_runs["latents"] / "training.pt", weights_only=True)
     assert train["mean"].shape == train["logvar"].shape == (9, 16, 25, 12, 12)  # 8 + one without phenotypes
     assert train["subjects"][-1] == "NOPHENOtraining" and torch.isnan(train["phenotypes"][-1]).all()
     assert torch.isfinite(train["phenotypes"][:-1]).all() and train["columns"] == COLUMNS
@@ -64,12 +36,12 @@ def test_cache_holds_posteriors_phenotypes_and_scale(runs: dict) -> None:
     assert stats["latent_shape"] == [16, 25, 12, 12] and stats["profile"] == "tiny"
     # the cached moments are the autoencoder's own encoding of the prepared cine
     net = CineAutoencoderKL(**def_kwargs("autoencoder_def", "tiny"))
-    net.load_state_dict(torch.load(runs["models"] / "autoencoder.pt", weights_only=True))
-    x = torch.from_numpy(np.load(runs["prepared"] / "images" / f"{train['subjects'][0]}.npy").astype(np.float32))
+    net.load_state_dict(torch.load(mar_runs["models"] / "autoencoder.pt", weights_only=True))
+    x = torch.from_numpy(np.load(mar_runs["prepared"] / "images" / f"{train['subjects'][0]}.npy").astype(np.float32))
     with torch.no_grad():
         mean = net.eval().encode(x[None])[0][0]
     torch.testing.assert_close(train["mean"][0], mean, atol=1e-5, rtol=1e-4)
-    assert len(latent_dataset(runs["latents"], "training")) == 8  # the cine without phenotypes is left out
+    assert len(latent_dataset(mar_runs["latents"], "training")) == 8  # the cine without phenotypes is left out
 
 
 def test_scale_factor_is_one_over_the_std_of_posterior_draws() -> None:
@@ -81,27 +53,19 @@ def test_scale_factor_is_one_over_the_std_of_posterior_draws() -> None:
     assert 1.0 / scale_factor(mean, logvar) == pytest.approx(np.sqrt(9 + 4), rel=0.05)
 
 
-def test_training_writes_ema_checkpoint_with_the_scale(runs: dict) -> None:
-    stats = read_latent_stats(runs["latents"])
-    state = torch.load(runs["models"] / "mar.pt", weights_only=True)
+def test_training_writes_ema_checkpoint_with_the_scale(mar_runs: dict) -> None:
+    stats = read_latent_stats(mar_runs["latents"])
+    state = torch.load(mar_runs["models"] / "mar.pt", weights_only=True)
     model = MAR(len(COLUMNS), **def_kwargs("mar_def", "tiny"))
     model.load_state_dict(state)  # a plain MAR state dict (the EMA network)
     assert model.latent_scale.item() == pytest.approx(stats["scale_factor"])
-    latest = runs["latest_first"]
+    latest = mar_runs["latest_first"]
     assert set(latest) == {"network", "ema", "optimizer", "lr_scheduler", "best_saver", "trainer"}
     assert latest["trainer"]["iteration"] == 8  # 8 latents with phenotypes, batch 2, 2 epochs
     assert latest["ema"]["n_averaged"].item() == 8
-    metrics = json.loads((runs["root"] / "out" / "metrics.json").read_text())
+    metrics = json.loads((mar_runs["root"] / "out" / "metrics.json").read_text())
     assert metrics["epoch"] == 3 and np.isfinite(metrics["val_loss"])
-    assert "1 of 9 cines have no phenotypes" in runs["first"].stderr + runs["first"].stdout
-
-
-def test_resume_continues_from_the_saved_epoch(runs: dict) -> None:
-    log = runs["second"].stdout + runs["second"].stderr
-    assert "at epoch 2 of 3" in log and "Epoch[3] Metrics" in log and "Epoch[1] Metrics" not in log
-    latest = torch.load(runs["models"] / "mar_latest.pt", weights_only=True)
-    assert latest["trainer"]["iteration"] == 12 and latest["ema"]["n_averaged"].item() == 12
-    assert latest["lr_scheduler"]["last_epoch"] == 12
+    assert "1 of 9 cines have no phenotypes" in mar_runs["first"].stderr + mar_runs["first"].stdout
 
 
 def test_validation_loss_is_seeded() -> None:
@@ -114,13 +78,13 @@ def test_validation_loss_is_seeded() -> None:
     assert mar_eval_step(engine, batch)["loss"] != first
 
 
-def test_wrong_profile_checkpoint_is_an_error_naming_the_file(runs: dict, tmp_path: Path) -> None:
+def test_wrong_profile_checkpoint_is_an_error_naming_the_file(mar_runs: dict, tmp_path: Path) -> None:
     models = tmp_path / "models"
     models.mkdir()
-    latest = runs["latest_first"]
+    latest = mar_runs["latest_first"]
     cpu = MAR(len(COLUMNS), **def_kwargs("mar_def", "cpu")).state_dict()
     torch.save({**latest, "network": cpu}, models / "mar_latest.pt")
-    done = _bundle("configs/train_mar.json", "--latent_dir", str(runs["latents"]), "--ckpt_dir", str(models),
+    done = _bundle("configs/train_mar.json", "--latent_dir", str(mar_runs["latents"]), "--ckpt_dir", str(models),
                    "--output_dir", str(tmp_path / "out"), expect_failure=True)
     log = done.stdout + done.stderr
     assert done.returncode != 0

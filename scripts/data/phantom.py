@@ -1,11 +1,5 @@
-"""Cardiac cine phantom: balanced-SSFP 4-chamber cines with exact label cines and known phenotypes.
-
-Each subject draws target phenotypes from its class (healthy, dilated, hypertrophic, restrictive cardiomyopathy),
-turns them into per-frame chamber geometry (`scripts.data.phantom_shapes`: half-ellipse ventricles, a crescent RV
-hugging the septum, atria as ellipses cut by the atrioventricular plane), renders 50 frames with thoracic anatomy, coil
-bias field and Rician noise (`scripts.data.phantom_render`), and is measured with `scripts.data.phenotypes`, the same
-code that measures real cines. This module draws subjects and writes the cohort.
-"""
+"""Cardiac cine phantom cohort (configs/make_phantom.json): draws subjects, builds their geometry (phantom_shapes),
+renders them (phantom_render), measures them as real cines (scripts.data.phenotypes) and writes the cohort."""
 
 from __future__ import annotations
 

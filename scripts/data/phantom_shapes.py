@@ -1,10 +1,5 @@
-"""Chamber shapes of the cardiac phantom: target phenotypes per class, volume curves, per-frame geometry and the
-phenotypes it intends.
-
-Shapes live in heart coordinates, in mm: `u` runs from the atrioventricular (AV) plane towards the apex along the
-long axis, `v` across it, positive towards the septum/RV. The epicardial apex is fixed; the AV plane descends in
-systole, so the atria lengthen while the ventricles eject.
-"""
+"""Chamber shapes of the cardiac phantom (class targets, volume curves, per-frame geometry, intended phenotypes) in
+heart coordinates, mm: `u` from the atrioventricular (AV) plane to the apex, `v` across it, + towards the septum/RV."""
 
 from __future__ import annotations
 
@@ -44,21 +39,17 @@ BOUNDS = {"lvef": (12, 82), "rvef": (20, 78), "laef": (10, 80), "raef": (10, 75)
 
 @dataclass(frozen=True)
 class ChamberShapes:
-    """Per-frame chamber geometry in mm (arrays over T); see the module docstring for coordinates.
+    """Per-frame chamber geometry in mm (arrays over T): LV cavity, LA and RA are ellipses cut by the AV plane (u = 0),
+    the epicardium the LV ellipse grown by the wall thicknesses, the RV a crescent on the septal epicardium."""
 
-    The LV cavity, LA and RA are ellipses cut by the AV plane (u = 0): semi-axes (along u, across) per frame in
-    `lv`, `la`, `ra`. The epicardium is the LV ellipse grown by `ta` at the apex and `ts` / `tl` across (septal /
-    lateral). The RV cavity is the crescent between the septal epicardium and a width profile `w_rv`, up to `a_rv`.
-    """
-
-    lv: np.ndarray  # (T, 2)
-    ta: np.ndarray
-    ts: np.ndarray
-    tl: np.ndarray
-    a_rv: np.ndarray
-    w_rv: np.ndarray
-    la: np.ndarray  # (T, 2)
-    ra: np.ndarray  # (T, 2)
+    lv: np.ndarray  # (T, 2) semi-axes (along u, across) of the LV cavity ellipse
+    ta: np.ndarray  # wall thickness at the apex
+    ts: np.ndarray  # septal wall thickness
+    tl: np.ndarray  # lateral wall thickness
+    a_rv: np.ndarray  # RV length along u
+    w_rv: np.ndarray  # RV crescent width (its profile narrows towards a_rv)
+    la: np.ndarray  # (T, 2) semi-axes of the LA ellipse
+    ra: np.ndarray  # (T, 2) semi-axes of the RA ellipse
     v_la: float  # LA centre across the long axis
     v_ra: float  # RA centre across the long axis
 
@@ -91,12 +82,8 @@ def _ramp(x: np.ndarray) -> np.ndarray:
 
 
 def volume_curves(p: dict[str, float], diagnosis: str, frames: int) -> dict[str, np.ndarray]:
-    """Per-frame chamber volumes (mL) over one R-R interval starting at end-diastole.
-
-    Ventricles eject until end-systole, refill early, rest in diastasis and top up with atrial contraction; the
-    atria fill while the ventricles eject (reservoir), empty passively in early filling (conduit) and then
-    contract (booster), so their minimum falls at end-diastole.
-    """
+    """Per-frame chamber volumes (mL) over one R-R interval from end-diastole: ventricles eject, refill, rest and top
+    up; atria fill in systole (reservoir), empty early (conduit), then contract (booster): minimum at end-diastole."""
     rr = 60.0 / p["hr"]
     t = np.arange(frames) / frames * rr  # seconds from end-diastole
     t_es = 0.33 * rr**0.4

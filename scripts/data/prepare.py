@@ -1,7 +1,5 @@
 """Preprocessing of 4-chamber cines into 1 x 50 x 96 x 96 clips (MONAI dictionary transforms) and the prepare job.
-
-Arrays are C x T x H x W with H, W the NIfTI X, Y axes (MONAI's array order; no transpose). Frame 0 is end-diastole.
-"""
+Arrays are C x T x H x W with H, W the NIfTI X, Y axes (MONAI's array order; no transpose). Frame 0 is end-diastole."""
 
 from __future__ import annotations
 
@@ -49,11 +47,8 @@ class Labeller(Protocol):
 
 # --------------------------------------------------------------------------------------------------------- transforms
 class LoadSubjectd(MapTransform):
-    """Load and validate a subject's image and label cines (scripts.data.cine_files.load_subject) as (X, Y, T) arrays.
-
-    With a `labeller` (scripts.segmentation.labeller.CineLabeller), a subject whose label file is missing is labelled by
-    it from the image ("labels": "segmenter"; otherwise "file"); without one, a missing label file is a CineError.
-    """
+    """Load and validate a subject's image and label cines (scripts.data.cine_files.load_subject) as (X, Y, T) arrays;
+    a missing label file is labelled by `labeller` ("labels": "segmenter", else "file"), or without one a CineError."""
 
     def __init__(self, labeller: Labeller | None = None) -> None:
         super().__init__(KEYS)
@@ -239,7 +234,7 @@ def _cell(text: str) -> int | float | str | None:
 
 
 def read_labels_table(path: Path) -> tuple[list[str], dict[str, dict]]:
-    """labels.csv (first column `eid`): (columns, {eid: {column: int, float, text or None}}); errors as read_eid_table."""
+    """labels.csv (first column eid): (columns, {eid: {column: int, float, text or None}}); errors: read_eid_table."""
     header, rows = read_eid_table(path)
     return header[1:], {eid: {c: _cell(v) for c, v in zip(header[1:], row[1:])} for _, eid, row in rows}
 
@@ -314,13 +309,8 @@ def prepare(dataset_dir: str | Path, output_dir: str | Path, phenotypes_csv: str
             splits: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0, margin: float = 0.15, num_workers: int = 2,
             image_name: str = "la_4ch.nii.gz", label_name: str = "seg4_la_4ch.nii.gz", log_every: int = 100,
             labeller: Labeller | None = None) -> dict:
-    """Prepare a cohort `<dataset_dir>/<subject>/{image_name,label_name}` into `output_dir`; returns the report.
-
-    Writes images/ and labels/ (.npy), datalist.json (MONAI decathlon form), phenotypes.csv, phenotype_stats.json
-    (fitted on the training split), report.json and report.md. Subjects failing with a CineError are skipped and
-    reported. With a `labeller` (configs/prepare.json builds scripts.segmentation.labeller.CineLabeller from
-    `segmenter_checkpoint`), subjects without a label file are labelled by it and listed in the report.
-    """
+    """Prepare a cohort `<dataset_dir>/<subject>/{image_name,label_name}` into `output_dir` (files: docs/README.md);
+    returns the report. Subjects failing with a CineError are skipped and reported; `labeller` labels missing labels."""
     if dataset_dir is None or not Path(dataset_dir).is_dir():
         raise ValueError(f"dataset_dir must be an existing folder (pass --dataset_dir <folder>), got {dataset_dir}")
     dataset_dir, output_dir = Path(dataset_dir), Path(output_dir)

@@ -15,6 +15,7 @@ import logging
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,15 +35,52 @@ logger = logging.getLogger(__name__)
 CLASSIFICATION_METRICS = (("val_acc", "ACC"), ("val_auc", "AUC"))
 
 
-def synthetic_needed(prepared_dir: str | Path, mae: Mapping, finetune: Mapping, seed: int,
-                     real_splits: Sequence[str], cv_splits: Sequence[str], stratify_key: str | None,
-                     mix_ratios: Sequence[float], mix_star_ratios: Sequence[float]) -> int:
+@dataclass(frozen=True)
+class Cohort:
+    """The cines of the table: the prepared and generated folders, the splits of MAE pretraining (`real_splits`) and
+    of cross-validation (`cv_splits`), the key folds are stratified by and the seed."""
+
+    prepared_dir: str
+    generated_dir: str
+    seed: int = 0
+    real_splits: Sequence[str] = ("training",)
+    cv_splits: Sequence[str] = ("validation", "test")
+    stratify_key: str | None = "diagnosis_index"
+
+
+@dataclass(frozen=True)
+class Mixing:
+    """The mixed rows of the table (the config's "downstream" section): MAE pretraining mix ratios, mix* ratios and
+    whether missing synthetic cines are generated."""
+
+    mix_ratios: Sequence[float] = (1, 2, 3, 4, 5)
+    mix_star_ratios: Sequence[float] = (1, 2, 3, 4, 5)
+    generate_missing: bool = True
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Where and how runs are made: `table_dir` (outputs), `bundle_root` (configs), the profile layered on every
+    run, the config's `stages` (its "generate" stage) and the sections forwarded into every run."""
+
+    table_dir: str
+    bundle_root: str
+    profile_file: str | None = None
+    stages: Sequence[dict] = ()
+    forward: Mapping | None = None
+
+
+def synthetic_needed(cohort: Cohort, mae: Mapping, finetune: Mapping, mix_ratios: Sequence[float],
+                     mix_star_ratios: Sequence[float]) -> int:
     """Synthetic cines the table draws at most: mix r pretrains on r x the real pretraining count; mix* r fine-tunes
     on r x the largest regression training fold."""
-    real = pretrain_datalist(prepared_dir, None, 0, real_splits, mae["real_count"], mae["val_count"], seed)["training"]
+    prepared_dir, seed = cohort.prepared_dir, cohort.seed
+    real = pretrain_datalist(prepared_dir, None, 0, cohort.real_splits, mae["real_count"], mae["val_count"],
+                             seed)["training"]
     need = [round(r * len(real)) for r in mix_ratios]
     if mix_star_ratios:
-        folds = cv_folds(task_items(prepared_dir, cv_splits, "regression"), finetune["num_folds"], seed, stratify_key)
+        folds = cv_folds(task_items(prepared_dir, cohort.cv_splits, "regression"), finetune["num_folds"], seed,
+                         cohort.stratify_key)
         largest = max(int((folds != k).sum()) for k in range(finetune["num_folds"]))
         need += [round(r * largest) for r in mix_star_ratios]
     return max(need, default=0)
@@ -55,9 +93,9 @@ def synthetic_available(generated_dir: str | Path) -> int:
     return len(usable([d for d in split_items(generated_dir, ["training"], absolute=True) if d.get("synthetic")]))
 
 
-def ensure_synthetic(need: int, generated_dir: str | Path, stages: Sequence[dict], table_dir: Path,
-                     profile_file: str | None, generate_missing: bool, forward: Mapping | None = None) -> float:
-    """Generate synthetic cines until `need` exist (the "generate" stage of `stages`, resumable); returns seconds."""
+def ensure_synthetic(need: int, generated_dir: str | Path, workspace: Workspace, generate_missing: bool) -> float:
+    """Generate synthetic cines until `need` exist (the "generate" stage of the workspace's stages, resumable);
+    returns seconds."""
     have = synthetic_available(generated_dir)
     if have >= need:
         logger.info("downstream: %d synthetic cines in %s, %d needed", have, generated_dir, need)
@@ -67,14 +105,14 @@ def ensure_synthetic(need: int, generated_dir: str | Path, stages: Sequence[dict
                          "with: python -m monai.bundle run --config_file \"['configs/generate.json','configs/profiles/"
                          f"<profile>.json']\" --output_dir {generated_dir} --num_samples {need}, or run this config "
                          "with --downstream#generate_missing True")
-    stage = next((s for s in stages if s["name"] == "generate"), None)
+    stage = next((s for s in workspace.stages if s["name"] == "generate"), None)
     if stage is None:
         raise ValueError("downstream_table.json: no 'generate' stage in `stages` to make the missing synthetic cines")
     logger.info("downstream: %d synthetic cines listed in %s, %d needed: generating the rest (samples already "
                 "written by an interrupted run are kept)", have, generated_dir, need)
     start = time.perf_counter()
-    run_stages([{**stage, "overrides": {**stage["overrides"], "num_samples": need}}], table_dir, None, forward,
-               profile_file)
+    run_stages([{**stage, "overrides": {**stage["overrides"], "num_samples": need}}], Path(workspace.table_dir), None,
+               workspace.forward, workspace.profile_file)
     return time.perf_counter() - start
 
 
@@ -89,15 +127,14 @@ def finished(metrics_path: Path, settings: Mapping) -> dict | None:
 
 
 class Runner:
-    """Runs bundle configs as stages (`run_stages`: the profile layered, `forward` edited in), skipping finished runs,
-    recording each run's wall and CPU seconds (CPU time of all threads: on a shared machine it tells the cost apart
-    from the waiting)."""
+    """Runs bundle configs as stages (`run_stages`: the workspace's profile layered, its `forward` edited in),
+    skipping finished runs, recording each run's wall and CPU seconds (CPU time of all threads: on a shared machine it
+    tells the cost apart from the waiting)."""
 
-    def __init__(self, table_dir: Path, bundle_root: str, profile_file: str | None,
-                 forward: Mapping | None = None) -> None:
-        self.table_dir, self.bundle_root = table_dir, bundle_root
-        self.profile_file, self.forward = profile_file, forward
-        self.times_path = table_dir / "times.json"
+    def __init__(self, workspace: Workspace) -> None:
+        self.bundle_root, self.profile_file = workspace.bundle_root, workspace.profile_file
+        self.forward = workspace.forward
+        self.times_path = Path(workspace.table_dir) / "times.json"
         self.times = json.loads(self.times_path.read_text()) if self.times_path.is_file() else {}
 
     def __call__(self, name: str, configs: Sequence[str], settings: dict, metrics_path: Path,
@@ -179,26 +216,24 @@ def render(results: Mapping, rows: Sequence[dict], tasks: Sequence[dict], phenot
     return "\n".join(md), "\n".join(csv_rows) + "\n"
 
 
-def run_table(prepared_dir: str, generated_dir: str, table_dir: str, bundle_root: str, profile_file: str | None,
-              mae: dict, finetune: dict, downstream: Mapping, tasks: Sequence[dict], stages: Sequence[dict],
-              seed: int = 0, real_splits: Sequence[str] = ("training",), cv_splits: Sequence[str] = ("validation", "test"),
-              stratify_key: str | None = "diagnosis_index", table_phenotypes: Sequence[str] = (),
-              forward: Mapping | None = None) -> dict:
+def run_table(cohort: Cohort, mixing: Mixing, workspace: Workspace, mae: dict, finetune: dict,
+              tasks: Sequence[dict], table_phenotypes: Sequence[str] = ()) -> dict:
     """Generate what is missing, pretrain one MAE per mix ratio, fine-tune every row x task x fold (every run with
-    the sections of `forward` edited in), write <table_dir>/table.md, table.csv and summary.json; returns the
-    summary."""
-    start, table = time.perf_counter(), Path(table_dir)
-    if not isinstance(downstream["generate_missing"], bool):  # fire passes `--x false` as the string 'false'
-        raise TypeError(f"downstream#generate_missing must be a boolean, got {downstream['generate_missing']!r} "
+    the workspace's forwarded sections edited in), write <table_dir>/table.md, table.csv and summary.json; returns
+    the summary."""
+    start, table, profile_file = time.perf_counter(), Path(workspace.table_dir), workspace.profile_file
+    prepared_dir, generated_dir, seed = cohort.prepared_dir, cohort.generated_dir, cohort.seed
+    real_splits, cv_splits, stratify_key = cohort.real_splits, cohort.cv_splits, cohort.stratify_key
+    if not isinstance(mixing.generate_missing, bool):  # fire passes `--x false` as the string 'false'
+        raise TypeError(f"downstream#generate_missing must be a boolean, got {mixing.generate_missing!r} "
                          "(on the command line: True or False)")
-    mix, mix_star = list(downstream["mix_ratios"]), list(downstream["mix_star_ratios"])
+    mix, mix_star = list(mixing.mix_ratios), list(mixing.mix_star_ratios)
     if set(mix_star) - set(mix):  # a mix* row fine-tunes the encoder of the same mix ratio
         raise ValueError(f"downstream#mix_star_ratios {sorted(set(mix_star) - set(mix))} need the same ratios in "
                          f"downstream#mix_ratios {mix}")
-    need = synthetic_needed(prepared_dir, mae, finetune, seed, real_splits, cv_splits, stratify_key, mix, mix_star)
-    gen_s = ensure_synthetic(need, generated_dir, stages, table, profile_file, downstream["generate_missing"],
-                             forward)
-    runner = Runner(table, bundle_root, profile_file, forward)
+    need = synthetic_needed(cohort, mae, finetune, mix, mix_star)
+    gen_s = ensure_synthetic(need, generated_dir, workspace, mixing.generate_missing)
+    runner = Runner(workspace)
     common = {"prepared_dir": prepared_dir, "generated_dir": generated_dir, "seed": seed, "mae": mae}
 
     encoders: dict[float, str] = {}

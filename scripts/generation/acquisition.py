@@ -1,10 +1,5 @@
-"""Acquisition geometry of generated cines: pixel size and frame interval predicted from the conditioning phenotypes.
-
-Prepared cines are heart crops resized to 96 x 96 (scripts/data/prepare.py), so their pixel size is the crop side / 96
-and grows with the heart; the frame interval is R-R / 50, i.e. 60 / (50 HR). `fit_acquisition` fits an
-`AcquisitionModel` on the prepared training split; generation writes its predictions into the NIfTI headers and the
-datalist (spacing_mm, frame_interval_s).
-"""
+"""Acquisition geometry of generated cines: pixel size and frame interval predicted from the conditioning phenotypes
+(fitted on the prepared training split; written to the NIfTI headers and datalist spacing_mm, frame_interval_s)."""
 
 from __future__ import annotations
 
@@ -22,12 +17,8 @@ MIN_ITEMS = 3  # training items per regression feature (about 2 per column) to f
 
 @dataclass(frozen=True)
 class AcquisitionModel:
-    """Pixel size (x, y) in mm and frame interval in s of a generated cine, from its conditioning phenotypes.
-
-    A ridge regression of their logarithms on the z-scored phenotypes and on the standardised logarithms of the
-    positive columns predicts both for a condition vector; predictions are clipped to the training range.
-    Unconditional samples, and cohorts with too few training items, get the training medians.
-    """
+    """Pixel size (x, y) in mm and frame interval in s of a generated cine: a ridge regression of their logarithms on
+    the phenotypes, clipped to the training range; training medians without weights (unconditional, small cohorts)."""
 
     median: np.ndarray  # (3,) log pixel x, log pixel y, log interval
     low: np.ndarray  # (3,) training minimum of the same

@@ -1,25 +1,5 @@
-"""Stage 2 network: a KL-regularised video autoencoder, cines (B, 1, T, 96, 96) <-> latents (B, 16, T/2, 12, 12).
-
-One class, `CineAutoencoderKL`, serves two designs through its constructor arguments (the configs' autoencoder_def
-holds the cpu one; configs/profiles/paper.json edits it into the paper one):
-
-- "paper": the authors' Stable-Diffusion VAE with 3D convolutions. Widths 128/256/512/512; pre-activation
-  GroupNorm + SiLU residual blocks, 2 per level in the encoder and 4 in the decoder; x8 space / x2 time from two
-  stride-2 1x3x3 convolutions and one stride-2 3x3x3 convolution (nearest upsampling + 3x3x3 convolution in the
-  decoder); middle block residual -> global self-attention -> residual. 277,734,097 parameters (authors: 277.7M).
-- "cpu": a lean (2+1)D design: per-frame 2D convolutions (kernels 1x3x3) after a 4x4 patchifying stem (stride 4),
-  widths 32/64, one further stride-2 spatial step (x8 in all), then time halved by a temporal (3x1x1) stride-2
-  convolution on the latent side; the decoder mirrors it and ends with a 1x4x4 transposed convolution to 16 channels
-  and a small full-resolution 3x3 refinement (conv-SiLU-conv), which removes the 4x4 block seams a bare transposed
-  convolution leaves. No attention.
-
-`monai.networks.nets.AutoencoderKL` is not used: it halves every axis at every level, so it cannot give x2 time with
-x8 space, and it silently turns 50 frames into 48.
-
-Time round-trips exactly for even frame counts (50 -> 25 -> 50, 20 -> 10 -> 20): stride-2 convolutions with kernel 3
-and padding 1 map 2n -> n and nearest upsampling maps n -> 2n. Inputs off the factors (e.g. 25 frames) are refused.
-The decoder output is linear (unbounded); losses and any clamping to [0, 1] belong to the training/inference code.
-"""
+"""Stage 2 network: a KL-regularised video autoencoder, cines (B, 1, T, 96, 96) <-> latents (B, 16, T/2, 12, 12),
+in the paper's 3D design or the lean (2+1)D cpu one (constructor arguments; both described in docs/README.md)."""
 
 from __future__ import annotations
 
@@ -62,11 +42,8 @@ class ResBlock(nn.Module):
 
 
 class GlobalSelfAttention(nn.Module):
-    """Single-head self-attention over all t*h*w positions, pre-GroupNorm, residual (the SD VAE's middle attention).
-
-    Written here because MONAI's `SpatialAttentionBlock`/`SABlock` need `einops`, which this bundle does not depend on;
-    the parameters match them (and SD): q, k, v and output projections with biases, 4c^2 + 6c in all.
-    """
+    """Single-head self-attention over all t*h*w positions, pre-GroupNorm, residual (the SD VAE's middle attention);
+    our own as MONAI's `SABlock` needs einops, with the same parameters (q, k, v, output projections with biases)."""
 
     def __init__(self, c: int, groups: int, eps: float) -> None:
         super().__init__()
@@ -83,23 +60,8 @@ class GlobalSelfAttention(nn.Module):
 
 
 class CineAutoencoderKL(nn.Module):
-    """KL video autoencoder (B, in_channels, T, H, W) -> mean, logvar (B, latent_channels, T/ft, H/fs, W/fs) -> recon.
-
-    Args:
-        in_channels, out_channels: image channels (1 for cines).
-        latent_channels: latent channels (16 in the paper).
-        channels: width of each level; the encoder goes left to right, the decoder right to left.
-        down_strides: (t, h, w) stride of the step after each level but the last (len(channels) - 1 entries); the
-            product with `stem_patch` gives the factors (2, 8, 8) for the cpu and paper designs.
-        encoder_res_blocks, decoder_res_blocks: residual blocks per level.
-        temporal_kernel: temporal kernel of the residual blocks: 3 for 3D convolutions, 1 for per-frame 2D ones.
-        stem_patch: (t, h, w) patch of the input stem: (1, 1, 1) for a 'same' convolution, e.g. (1, 4, 4) for a
-            patchifying stride-4 convolution (mirrored by a transposed convolution at the decoder output).
-        attention: global single-head self-attention in the middle blocks.
-        refine_channels: with a patchifying stem, > 0 makes the output transposed convolution give this many channels,
-            followed by conv 1x3x3 -> SiLU -> conv 1x3x3 at full resolution; 0 ends at the transposed convolution.
-        norm_num_groups, norm_eps: GroupNorm settings (the groups must divide every width).
-    """
+    """KL video autoencoder (B, in_channels, T, H, W) -> mean, logvar (B, latent_channels, T/ft, H/fs, W/fs) -> recon;
+    `channels`: width per level, `down_strides`: the (t, h, w) step after each level but the last. ValueError if bad."""
 
     def __init__(self, in_channels: int = 1, out_channels: int = 1, latent_channels: int = 16,
                  channels: Sequence[int] = (128, 256, 512, 512),
@@ -118,7 +80,7 @@ class CineAutoencoderKL(nn.Module):
                              f"temporal_kernel must be 1 or 3, got {temporal_kernel}")
         self.latent_channels = latent_channels
         self.factors: Triple = tuple(math.prod(axis) for axis in zip(patch, *strides))  # (ft, fs, fs)
-        kernel: Triple = (temporal_kernel, 3, 3)
+        kernel: Triple = (temporal_kernel, 3, 3)  # temporal_kernel 3: 3D convolutions, 1: per-frame 2D ones
         norm = {"groups": norm_num_groups, "eps": norm_eps}
         shared = {"latent": latent_channels, "channels": channels, "strides": strides, "kernel": kernel,
                   "patch": patch, "attention": attention, "norm": norm}
@@ -135,6 +97,7 @@ class CineAutoencoderKL(nn.Module):
     def _encoder(cls, cin: int, latent: int, channels: tuple[int, ...], strides: list[Triple], blocks: int,
                  kernel: Triple, patch: Triple, attention: bool, norm: dict) -> nn.Sequential:
         """(B, cin, T, H, W) -> (B, 2 * latent, T/ft, H/fs, W/fs): stem, levels with down steps, middle, head."""
+        # stem_patch (1, 1, 1): a 'same' convolution; else a patchifying one (stride = patch) undone by the decoder head
         stem = _conv(cin, channels[0], kernel) if patch == (1, 1, 1) else _conv(cin, channels[0], patch, patch, 0)
         layers: list[nn.Module] = [stem]
         c_in = channels[0]
@@ -151,10 +114,7 @@ class CineAutoencoderKL(nn.Module):
     @classmethod
     def _decoder(cls, cout: int, latent: int, channels: tuple[int, ...], strides: list[Triple], blocks: int,
                  kernel: Triple, patch: Triple, attention: bool, norm: dict, refine: int = 0) -> nn.Sequential:
-        """(B, latent, t, h, w) -> (B, cout, t * ft, h * fs, w * fs): the encoder's mirror with nearest upsampling.
-
-        Each upsampling convolution mixes along the upsampled axes and along those the residual blocks mix.
-        """
+        """(B, latent, t, h, w) -> (B, cout, t * ft, h * fs, w * fs): the encoder's mirror with nearest upsampling."""
         c_in = channels[-1]
         layers: list[nn.Module] = [_conv(latent, latent, (1, 1, 1)), _conv(latent, c_in, kernel),
                                    cls._middle(c_in, kernel, attention, norm)]
@@ -165,12 +125,12 @@ class CineAutoencoderKL(nn.Module):
                 c_in = c
             if level > 0:
                 s = strides[level - 1]
-                up_kernel = tuple(max(a, b) for a, b in zip(kernel, _axis_kernel(s)))
+                up_kernel = tuple(max(a, b) for a, b in zip(kernel, _axis_kernel(s)))  # upsampled and blocks' axes
                 layers.append(UpSample(3, c, c, scale_factor=s, mode="nontrainable", pre_conv=None,
                                        post_conv=_conv(c, c, up_kernel), interp_mode="nearest", align_corners=None))
         if patch == (1, 1, 1):
             head = [_conv(c_in, cout, kernel)]
-        elif refine:
+        elif refine:  # deconv to `refine` channels, then conv-SiLU-conv at full resolution (no patch seams)
             head = [UpSample(3, c_in, refine, scale_factor=patch, mode="deconv"), nn.SiLU(),
                     _conv(refine, refine, (1, 3, 3)), nn.SiLU(), _conv(refine, cout, (1, 3, 3))]
         else:
@@ -187,7 +147,7 @@ class CineAutoencoderKL(nn.Module):
         return mean, logvar.clamp(-30.0, 20.0)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, latent, t, h, w) -> (B, C, t * ft, h * fs, w * fs)."""
+        """(B, latent, t, h, w) -> (B, C, t * ft, h * fs, w * fs), linear (unbounded: clamping is the caller's)."""
         return self.decoder(z)
 
     @staticmethod
@@ -204,7 +164,7 @@ class CineAutoencoderKL(nn.Module):
         return gaussian_kl(mean, logvar)  # mean, logvar (B, latent, t, h, w)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, C, T, H, W) -> (recon (B, C, T, H, W), mean, logvar); training decodes a posterior draw, eval the mean."""
+        """(B, C, T, H, W) -> (recon of that shape, mean, logvar): training decodes a posterior draw, eval the mean."""
         mean, logvar = self.encode(x)
         z = self.sample(mean, logvar) if self.training else mean  # (B, latent, t, h, w)
         return self.decode(z), mean, logvar

@@ -14,6 +14,7 @@ import datetime
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -27,6 +28,22 @@ from scripts.runtime.timing import device_name, matmul_peak_gflops, peak_memory,
 
 logger = logging.getLogger(__name__)
 RANDOM_INIT = "random init (timing only: samples are meaningless)"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What is timed: `num_batches` sampled batches (CFG `cfg`, `num_iter` MAR passes, `num_inference_steps` head
+    steps; one untimed warm-up call first if `warmup`), then `decode_batch_size` (None: batch_size) decoded latents,
+    on `threads` CPU threads (None: torch's default)."""
+
+    batch_size: int = 16
+    num_batches: int = 1
+    decode_batch_size: int | None = None
+    warmup: bool = True
+    cfg: float = 3.0
+    num_iter: int = 16
+    num_inference_steps: int = 100
+    threads: int | None = None
 
 
 def _sdpa_flops(q: tuple, k: tuple, v: tuple, *args, out_shape: tuple | None = None, **kwargs) -> int:
@@ -83,17 +100,18 @@ def _phase(name: str, seconds: float, clips: int, flops: int, peak_gflops: float
             "memory_increase_bytes": mem["increase"], "memory_method": mem["method"]}
 
 
-def run(profile: str, mar: MAR, autoencoder: CineAutoencoderKL, device: torch.device | str, batch_size: int = 16,
-        num_batches: int = 1, warmup: bool = True, cfg: float = 3.0, num_iter: int = 16, num_inference_steps: int = 100,
-        mar_weights: str | None = None, autoencoder_weights: str | None = None, decode_batch_size: int | None = None,
-        threads: int | None = None, output_path: str = "outputs/benchmark/benchmark.json") -> dict:
-    """Benchmark sampling with `mar` (`num_batches` batches) and decoding with `autoencoder` (the first
-    `decode_batch_size` latents of the last batch); write the record to `output_path` (JSON) and return it.
-    `profile` names the networks in messages and the record."""
+def run(profile: str, mar: MAR, autoencoder: CineAutoencoderKL, device: torch.device | str,
+        workload: Workload = Workload(), mar_weights: str | None = None, autoencoder_weights: str | None = None,
+        output_path: str = "outputs/benchmark/benchmark.json") -> dict:
+    """Benchmark sampling with `mar` and decoding with `autoencoder` (the first decode_batch_size latents of the last
+    batch) as `workload` says; write the record to `output_path` (JSON) and return it. `profile` names the networks
+    in messages and the record."""
     device = torch.device(device)
-    if threads:
-        torch.set_num_threads(int(threads))
-    decode_batch_size = min(int(decode_batch_size or batch_size), batch_size)
+    if workload.threads:
+        torch.set_num_threads(int(workload.threads))
+    batch_size, num_batches, cfg = workload.batch_size, workload.num_batches, workload.cfg
+    num_iter, num_inference_steps = workload.num_iter, workload.num_inference_steps
+    decode_batch_size = min(int(workload.decode_batch_size or batch_size), batch_size)
     mar, ae, n_phenotypes = mar.to(device).eval(), autoencoder.to(device).eval(), mar.cond_proj.in_features
     weights = {"mar": load_or_random(mar, mar_weights, f"MAR profile {profile!r}"),
                "autoencoder": load_or_random(ae, autoencoder_weights, f"autoencoder profile {profile!r}")}
@@ -102,7 +120,7 @@ def run(profile: str, mar: MAR, autoencoder: CineAutoencoderKL, device: torch.de
     decode_flops = decode_flops_per_clip(ae, mar.latent_shape)
     gen = torch.Generator().manual_seed(0)
     phenotypes = [torch.randn(batch_size, n_phenotypes, generator=gen).to(device) for _ in range(num_batches)]
-    if warmup:  # one transformer pass and a 1-step head at full batch; a 1-latent-frame decode
+    if workload.warmup:  # one transformer pass and a 1-step head at full batch; a 1-latent-frame decode
         mar.sample_latents(phenotypes[0], seeds=range(batch_size), num_iter=1, cfg=cfg, num_inference_steps=1)
         with torch.no_grad():
             ae.decode(torch.zeros(1, mar.latent_shape[0], 1, *mar.latent_shape[2:], device=device))

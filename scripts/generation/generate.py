@@ -1,15 +1,5 @@
 """Phenotype-conditioned cine generation (`configs/generate.json`): conditions -> MAR latents -> decoded cines.
-
-Sample i is named G{i:06d} and depends only on its condition vector and its seed `sample_seed(seed, i)`, never on the
-batch it was generated in, the batch size or the rank: any sample can be regenerated alone. Outputs in `output_dir`:
-images/G000000.npy (float16, 1 x 50 x 96 x 96 in [0, 1], the prepared-cine layout), nifti/G000000.nii.gz, manifest.csv,
-datalist.json (decathlon form, like a prepared folder's), phenotype_stats.json (a copy, so the folder reads as a
-prepared one), conditions.csv (phenotype-VAE draws only, a record: the draws are used from memory), generation.json,
-montage.png and montage.gif. Pixel size and frame interval come from scripts.generation.acquisition.
-
-Decoded cines are clamped to [0, 1], the range of prepared cines (intensities percentile-normalised per subject,
-scripts/data/prepare.py), so that downstream configs mix them with real data through the same loader.
-"""
+Sample i (G{i:06d}) depends only on its condition and `sample_seed(seed, i)`; outputs are listed in docs/README.md."""
 
 from __future__ import annotations
 
@@ -86,10 +76,7 @@ def warn_far_out(source: str | Path, eids: list[str], values: np.ndarray, stats:
 
 def read_conditions(path: str | Path, stats: dict, num_samples: int) -> tuple[list[str], np.ndarray]:
     """(eids, (N, F) physical values) of the first `num_samples` rows of a phenotype CSV holding every stats column.
-
-    Missing columns, empty/NaN or non-numeric cells raise ValueError (PhenotypeTableError) naming file, row, eid and
-    column; far-out rows are logged (`warn_far_out`).
-    """
+    Bad columns or cells raise PhenotypeTableError (a ValueError); far-out rows are logged (`warn_far_out`)."""
     _, table = read_phenotype_table(path, stats["columns"])
     eids = list(table)[:num_samples]
     values = np.array([[table[e][c] for c in stats["columns"]] for e in eids], dtype=np.float64)  # (N, F)
@@ -113,7 +100,7 @@ def choose_conditions(stats: dict, output_dir: Path, num_samples: int, seed: int
 
 # ------------------------------------------------------------------------------------------------------------- output
 def save_nifti(path: Path, cine: np.ndarray, spacing: tuple[float, float], interval: float) -> None:
-    """(1, T, H, W) cine -> 4D NIfTI (X=H, Y=W, 1, T), as the prepared arrays map to NIfTI (scripts/data.py);
+    """(1, T, H, W) cine -> 4D NIfTI (X=H, Y=W, 1, T), as the prepared arrays map to NIfTI (scripts/data/prepare.py);
     affine diag(px, py, px, 1): the prepared folder records no slice thickness."""
     data = np.asarray(cine[0], np.float32).transpose(1, 2, 0)[:, :, None, :]  # (X, Y, 1, T)
     img = nib.Nifti1Image(data, np.diag([spacing[0], spacing[1], spacing[0], 1.0]))
@@ -135,13 +122,9 @@ def is_done(output_dir: Path, index: int) -> bool:
 
 def write_index(output_dir: Path, n: int, seed: int, columns: list[str], values: np.ndarray | None,
                 geometry: np.ndarray, montage_samples: int) -> int:
-    """Rewrite manifest.csv, datalist.json and the montages over the samples 0..n-1 on disk; returns how many.
-
-    Runs under an exclusive lock on <output_dir>/.index.lock: every rank calls it after writing all its samples, so
-    the last rank to take the lock sees every sample and leaves a complete index.
-    """
+    """Rewrite manifest.csv, datalist.json and the montages over the samples 0..n-1 on disk; returns how many."""
     with (output_dir / ".index.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # every rank calls this when done: the last one to lock sees every sample
         done = [i for i in range(n) if is_done(output_dir, i)]
         rows, items = [], []
         for i in done:

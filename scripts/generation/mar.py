@@ -1,13 +1,5 @@
-"""Masked autoregressive transformer (MAR) of CPGG: phenotype-conditioned generation of 3D-VAE cine latents.
-
-Latents (B, 16, 25, 12, 12) are cut into patches of 5 x 2 x 2 (time x space): 5 * 6 * 6 = 180 tokens of 320 values.
-An MAE-style encoder sees the visible tokens after `buffer_size` condition positions; the decoder sees all positions,
-masked ones as a learned mask token; its outputs z condition a per-token diffusion head (`DiffLoss`).
-
-The transformer blocks are written here on `torch.nn.functional.scaled_dot_product_attention`: MONAI's
-`TransformerBlock` needs einops (not a dependency of this bundle) and, with `use_flash_attention=True`, applies the
-attention dropout in eval mode too (two eval passes differ), which would break reproducible sampling.
-"""
+"""Masked autoregressive transformer (MAR) of CPGG: phenotype-conditioned generation of 3D-VAE cine latents
+(B, 16, 25, 12, 12) as 180 tokens of 5 x 2 x 2 patches, each sampled by a per-token diffusion head (`DiffLoss`)."""
 
 from __future__ import annotations
 
@@ -42,20 +34,16 @@ def unpatchify(tokens: torch.Tensor, patch: Sequence[int], shape: Sequence[int])
 
 def sample_mask_ratios(n: int, min_ratio: float = 0.7, std: float = 0.25,
                        generator: torch.Generator | None = None) -> torch.Tensor:
-    """(n,) draws of N(1, std^2) truncated to [min_ratio, 1] (mean 0.867 for 0.7, 0.25), by inverse CDF.
-
-    Same distribution as `scipy.stats.truncnorm((min_ratio - 1) / std, 0, loc=1, scale=std)`.
-    """
+    """(n,) draws of N(1, std^2) truncated to [min_ratio, 1] by inverse CDF, the distribution of
+    `scipy.stats.truncnorm((min_ratio - 1) / std, 0, loc=1, scale=std)`."""
     lo = torch.special.ndtr(torch.tensor((min_ratio - 1.0) / std, dtype=torch.float64))
     u = lo + (0.5 - lo) * torch.rand(n, dtype=torch.float64, generator=generator)  # uniform on [cdf(a), cdf(0)]
     return (1.0 + std * torch.special.ndtri(u)).clamp(min_ratio, 1.0)
 
 
 def masking_schedule(seq_len: int, num_iter: int) -> list[int]:
-    """Tokens still masked after each of `num_iter` decoding steps (cosine schedule, ends at 0).
-
-    Each step reveals at least one token and leaves at least one for every later step; the last step fills the rest.
-    """
+    """Tokens still masked after each of `num_iter` decoding steps (cosine schedule, ends at 0); each step reveals at
+    least one token and leaves at least one for every later step. ValueError unless 1 <= num_iter <= seq_len."""
     if not 1 <= num_iter <= seq_len:
         raise ValueError(f"num_iter must be in [1, {seq_len}], got {num_iter}")
     counts, remaining = [], seq_len
@@ -67,7 +55,8 @@ def masking_schedule(seq_len: int, num_iter: int) -> list[int]:
 
 
 class Block(nn.Module):
-    """Pre-norm ViT block (qkv bias, GELU MLP, LayerNorm eps 1e-6) on SDPA; dropout only in training."""
+    """Pre-norm ViT block (qkv bias, GELU MLP, LayerNorm eps 1e-6) on SDPA; dropout only in training. Not MONAI's
+    TransformerBlock: it needs einops and, with flash attention, drops out in eval mode too (irreproducible samples)."""
 
     def __init__(self, width: int, num_heads: int, mlp_ratio: float, dropout: float) -> None:
         super().__init__()
@@ -90,18 +79,8 @@ class Block(nn.Module):
 
 
 class MAR(nn.Module):
-    """Phenotype-conditioned MAR with diffusion loss; `forward` is the training loss, `sample_latents` generates.
-
-    Latents enter `forward` and leave `sample_latents` in the autoencoder's units; inside they are multiplied by the
-    `latent_scale` buffer (1 / std of the training latents, set before training and saved with the weights).
-
-    The phenotype vector (normalised, `n_phenotypes` values) is projected linearly to the width (as the authors do)
-    and fills the `buffer_size` leading positions; a learned null embedding replaces it with probability
-    `cond_drop_prob` in training and stands for "no condition" (classifier-free guidance, unconditional sampling).
-    Defaults are the paper's sizes, dropout 0.1 as the authors'; the configs' mar_def states every argument (the cpu
-    profile's sizes) and configs/profiles/*.json edit it. The head stays wider than a token (`token_dim` values):
-    narrower, it cannot carry x_t through and does not learn.
-    """
+    """Phenotype-conditioned MAR (defaults: the paper's sizes); `forward` is the training loss, `sample_latents`
+    generates. Latents are in the autoencoder's units; `latent_scale` (1 / their training std) is applied inside."""
 
     def __init__(self, n_phenotypes: int, latent_shape: Sequence[int] = (16, 25, 12, 12),
                  patch_size: Sequence[int] = (5, 2, 2), width: int = 768, encoder_depth: int = 12,
@@ -116,11 +95,11 @@ class MAR(nn.Module):
         self.seq_len = math.prod(s // p for s, p in zip(self.latent_shape[1:], self.patch_size))
         self.token_dim = self.latent_shape[0] * math.prod(self.patch_size)
         self.buffer_size, self.cond_drop_prob, self.mask_ratio_min = buffer_size, cond_drop_prob, mask_ratio_min
-        self.register_buffer("latent_scale", torch.tensor(float(latent_scale)))
+        self.register_buffer("latent_scale", torch.tensor(float(latent_scale)))  # saved with the weights
         positions = self.seq_len + buffer_size
 
-        self.cond_proj = nn.Linear(n_phenotypes, width)
-        self.null_cond = nn.Parameter(torch.zeros(1, width))
+        self.cond_proj = nn.Linear(n_phenotypes, width)  # fills the `buffer_size` leading positions
+        self.null_cond = nn.Parameter(torch.zeros(1, width))  # "no condition": dropout in training, CFG, unconditional
         self.z_proj = nn.Linear(self.token_dim, width)
         self.z_proj_norm = nn.LayerNorm(width, eps=1e-6)
         self.encoder_pos = nn.Parameter(torch.zeros(1, positions, width))
@@ -134,7 +113,7 @@ class MAR(nn.Module):
         self.diffusion_pos = nn.Parameter(torch.zeros(1, self.seq_len, width))
         self._init_weights()  # before the head, which has its own initialisation
         self.diffloss = DiffLoss(self.token_dim, width, head_depth, head_width, num_train_timesteps,
-                                 diffusion_batch_mul)
+                                 diffusion_batch_mul)  # head_width must exceed token_dim, see docs/README.md
 
     def _init_weights(self) -> None:
         for p in (self.null_cond, self.mask_token, self.encoder_pos, self.decoder_pos, self.diffusion_pos):
@@ -179,11 +158,8 @@ class MAR(nn.Module):
         return self.decoder_norm(x)[:, self.buffer_size:] + self.diffusion_pos
 
     def forward(self, latents: torch.Tensor, phenotypes: torch.Tensor | None = None) -> torch.Tensor:
-        """Training loss: latents (B, C, T, H, W), phenotypes (B, P) normalised or None -> scalar.
-
-        One mask ratio per batch (truncated normal on [mask_ratio_min, 1]), a random order per sample; the diffusion
-        loss is taken on the masked tokens.
-        """
+        """Training loss: latents (B, C, T, H, W), phenotypes (B, P) normalised or None -> scalar; one mask ratio per
+        batch, a random order per sample, the diffusion loss on the masked tokens."""
         tokens = patchify(latents * self.latent_scale, self.patch_size)  # (B, L, D)
         b = tokens.shape[0]
         n_masked = math.ceil(self.seq_len * sample_mask_ratios(1, self.mask_ratio_min).item())
@@ -198,14 +174,8 @@ class MAR(nn.Module):
                        num_samples: int | None = None, num_iter: int = 16, cfg: float = 3.0,
                        cfg_schedule: str = "linear", temperature: float = 1.0, num_inference_steps: int = 100,
                        generator: torch.Generator | None = None) -> torch.Tensor:
-        """Iterative decoding (in eval mode) -> latents (B, C, T, H, W).
-
-        phenotypes (B, P) normalised, or None for unconditional samples (then no guidance is run). B comes from
-        phenotypes, seeds or num_samples. Each sample draws its order and all its noise from its own CPU generator
-        seeded with seeds[i] (without seeds: seeds drawn from `generator` or the global RNG), so sample i of a batch
-        equals the same sample generated alone with the same seed. cfg >= 1 scales guidance on the predicted noise,
-        ramped from 1 with the share of revealed tokens ("linear", as MAR/Muse) or "constant".
-        """
+        """Iterative decoding (eval mode) -> latents (B, C, T, H, W); B from phenotypes (normalised; None:
+        unconditional, unguided), seeds or num_samples. cfg >= 1: "linear" ramp with revealed tokens, or "constant"."""
         if cfg_schedule not in ("linear", "constant"):
             raise ValueError(f"cfg_schedule must be 'linear' or 'constant', got {cfg_schedule!r}")
         if cfg < 1.0:
@@ -217,7 +187,7 @@ class MAR(nn.Module):
             seeds = torch.randint(0, 2**62, (b,), generator=generator).tolist()
         if len(seeds) != b:
             raise ValueError(f"{len(seeds)} seeds for a batch of {b}")
-        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]  # per sample: the same alone or in a batch
         device = self.mask_token.device
         ranks = torch.stack([torch.randperm(self.seq_len, generator=g) for g in gens]).argsort(dim=1).to(device)
 

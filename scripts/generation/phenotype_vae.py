@@ -1,9 +1,5 @@
-"""Networks of the CPGG bundle. Stage 1: the phenotype VAE (joint distribution of the phenotype vector).
-
-The encoder and decoder are stacks of `Linear` + MONAI `ADN` (BatchNorm1d, LeakyReLU, optional dropout).
-`monai.networks.nets.VarFullyConnectedNet` does not fit: it has no normalisation option, shares one activation block
-across layers, puts a ReLU on the decoder input and a sigmoid on the output (phenotypes here are z-scores).
-"""
+"""Stage 1 of CPGG: the phenotype VAE (joint distribution of the phenotype vector), its data, Ignite steps, validation
+metric and sampling. Linear + MONAI `ADN` stacks: docs/README.md says why not MONAI's VarFullyConnectedNet."""
 
 from __future__ import annotations
 
@@ -36,10 +32,8 @@ PHENOTYPES = "phenotypes"  # dataset key of the normalised phenotype vector
 
 
 def phenotype_vectors(prepared_dir: str | Path, split: str) -> tuple[list[str], torch.Tensor]:
-    """(subjects, (N, F) float32 normalised vectors) of the `split` items that have phenotypes.
-
-    Normalised with the folder's phenotype_stats.json (fitted on the training split by prepare; never refitted).
-    """
+    """(subjects, (N, F) float32 vectors normalised with the folder's phenotype_stats.json, never refitted) of the
+    `split` items that have phenotypes; ValueError on mismatched columns, missing values or fewer than 2 items."""
     folder = Path(prepared_dir)
     datalist = read_datalist(folder)
     stats = read_stats(folder / "phenotype_stats.json")
@@ -85,10 +79,8 @@ def eval_step(engine: Engine, batch: dict) -> dict[str, torch.Tensor]:
 
 
 class FrechetDistance(Metric):
-    """Frechet distance between the epoch's real vectors ("label") and as many vectors sampled from `network`.
-
-    Samples are drawn with a generator seeded by `seed` at every evaluation, so epochs are compared on the same z.
-    """
+    """Frechet distance between the epoch's real vectors ("label") and as many vectors sampled from `network`, with
+    the same `seed` at every evaluation, so epochs are compared on the same z."""
 
     required_output_keys = (CommonKeys.LABEL,)  # Ignite passes (output["label"],) to `update`
 
@@ -114,11 +106,8 @@ class FrechetDistance(Metric):
 
 # --------------------------------------------------------------------------------------------------------- sampling
 def draw_phenotypes(network: nn.Module, checkpoint: str | Path, stats: dict, n: int, seed: int) -> np.ndarray:
-    """(n, F) physical phenotype vectors (columns of `stats`) decoded from z ~ N(0, I) seeded with `seed`.
-
-    `checkpoint`: a network state dict (phenotype_vae.pt) or a latest checkpoint (its "network" entry), loaded with
-    weights_only and checked against the network's shapes.
-    """
+    """(n, F) physical phenotype vectors (columns of `stats`) decoded from z ~ N(0, I) seeded with `seed`;
+    `checkpoint`: phenotype_vae.pt or a latest checkpoint (its "network" entry), checked against the network."""
     if n < 1:
         raise ValueError(f"num_samples must be >= 1, got {n}")
     load_weights(network, checkpoint, trained_by="configs/train_phenotype_vae.json")
@@ -167,11 +156,8 @@ def _mlp(sizes: Sequence[int], negative_slope: float, dropout: float) -> nn.Sequ
 
 
 class PhenotypeVAE(nn.Module):
-    """MLP VAE over a normalised phenotype vector of `in_features` columns (82 in the paper, 21 in this bundle).
-
-    Encoder in_features -> hidden... -> (mu, logvar) of size `latent`; the decoder mirrors it:
-    latent -> reversed(hidden)... -> in_features (a plain linear output: the inputs are z-scores).
-    """
+    """MLP VAE over a normalised phenotype vector of `in_features` columns: in_features -> hidden... -> (mu, logvar)
+    of size `latent`; the decoder mirrors it and ends linear (the inputs are z-scores)."""
 
     def __init__(self, in_features: int, hidden: Sequence[int] = (128, 128, 128), latent: int = 32,
                  negative_slope: float = 0.01, dropout: float = 0.0) -> None:
@@ -197,20 +183,14 @@ class PhenotypeVAE(nn.Module):
         return self.decoder(z)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, in_features) -> (recon (B, in_features), mu (B, latent), logvar (B, latent)).
-
-        Training draws z = mu + eps * exp(logvar / 2) (reparameterisation); evaluation decodes z = mu.
-        """
+        """(B, in_features) -> (recon (B, in_features), mu (B, latent), logvar (B, latent)); training decodes
+        z = mu + eps * exp(logvar / 2), evaluation z = mu."""
         mu, logvar = self.encode(x)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu  # (B, latent)
         return self.decode(z), mu, logvar
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Decode z ~ N(0, I): (n, in_features) normalised vectors, in eval mode.
-
-        z is drawn on the CPU (with `generator`, a CPU generator) and moved to the network's device, so a seed gives
-        the same draws on any device.
-        """
-        z = torch.randn(n, self.latent, generator=generator)  # (n, latent)
+        """Decode z ~ N(0, I): (n, in_features) normalised vectors, in eval mode; `generator` is a CPU generator."""
+        z = torch.randn(n, self.latent, generator=generator)  # (n, latent) on the CPU: the same draws on any device
         with eval_mode(self):
             return self.decode(z.to(self.mu.weight.device))

@@ -1,6 +1,5 @@
-"""The labeller used by preprocessing: a trained segmenter labels raw full field-of-view cines that come without a
-label file (configs/prepare.json `segmenter_checkpoint`), and how well it stands in for label files on labelled cohorts.
-"""
+"""The labeller of preprocessing: a trained segmenter labels raw full-view cines without a label file
+(configs/prepare.json `segmenter_checkpoint`), and how well it stands in for label files on labelled cohorts."""
 
 from __future__ import annotations
 
@@ -20,18 +19,8 @@ from scripts.segmentation.segmenter import dice_per_label, load_prepared, load_s
 
 
 class CineLabeller:
-    """Labels a raw full field-of-view cine (X, Y, T) with a trained segmenter, for preprocessing without labels.
-
-    The segmenter knows heart crops, 96 x 96 pixels of the median prepared pixel size it was trained on
-    (segmenter.json), so the heart is first located with such windows: the view is resampled to that pixel size and
-    `search_frames` frames of every 96 x 96 window (stride `stride`) are segmented; the window with the most labels
-    present, then the most heart pixels, wins. Each of `refine` passes then crops the heart box of the labels so far as
-    preprocessing does (square in mm, `margin`; the first pass takes the window), resizes it to 96 x 96 and segments
-    it there; labels outside the box are 0. Every view is scaled to [0, 1] by its 0.5 / 99.5 percentiles as in
-    preprocessing and keeps only its largest connected heart component (labels 1..5 together, over the whole cine);
-    labels return to the input grid by nearest resampling. Own search: MONAI's SlidingWindowInferer blends windows
-    with one intensity scaling, where a heart crop needs its own.
-    """
+    """Labels a raw full field-of-view cine (X, Y, T) with a trained segmenter: a window search at the training pixel
+    size, then `refine` passes on the heart crop (the method and why not SlidingWindowInferer: docs/segmenter.md)."""
 
     def __init__(self, checkpoint: str | Path, network: nn.Module, device: torch.device | str = "cpu", refine: int = 2,
                  margin: float = 0.15, stride: int = 16, search_frames: int = 5) -> None:
@@ -100,12 +89,8 @@ def _largest_components_3d(mask: np.ndarray) -> np.ndarray:
 def crop_agreement(dataset_dir: str | Path, checkpoint: str | Path, network: nn.Module, subjects: Sequence[str],
                    margin: float = 0.15, image_name: str = "la_4ch.nii.gz",
                    label_name: str = "seg4_la_4ch.nii.gz") -> dict[str, dict]:
-    """How well the segmenter's full-view labels stand in for label files in preprocessing, on labelled subjects.
-
-    Per subject: "box_iou" of the heart crop from the segmenter's labels and the one from the label file (as
-    configs/prepare.json computes them), "heart_fraction" of the true heart voxels inside the segmenter's box, its
-    "side_ratio" to the true box side, and the full field-of-view Dice per label of the segmenter's labels.
-    """
+    """{subject: {"box_iou", "heart_fraction", "side_ratio", "dice"}}: the heart crop of the segmenter's full-view
+    labels against the label file's (IoU, true heart voxels inside, side ratio) and the full-view Dice per label."""
     labeller, out = CineLabeller(checkpoint, network), {}
     for subject in subjects:
         folder = Path(dataset_dir) / subject

@@ -1,10 +1,5 @@
-"""Cine segmenter: a per-frame 2D MONAI UNet for the 5 labels of 4-chamber cines (LV, Myo, RV, LA, RA).
-
-The independent instrument that measures generated cines (scripts.evaluation) and labels cines that come without a
-label file for preprocessing (scripts.segmentation.labeller). Trained by configs/train_segmenter.json on
-prepared cines (1 x 50 x 96 x 96 heart crops); next to the best weights (`segmenter.pt`) it writes `segmenter.json`
-with the profile and the prepared pixel sizes it was trained on, so full field-of-view cines can be resampled to them.
-"""
+"""Cine segmenter (configs/train_segmenter.json): a per-frame 2D MONAI UNet for the 5 labels of 4-chamber cines
+(LV, Myo, RV, LA, RA), the instrument of the evaluation and of the labeller; writes segmenter.pt and segmenter.json."""
 
 from __future__ import annotations
 
@@ -60,11 +55,8 @@ def keep_largest_components(labels: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def segment_cines(network: nn.Module, cines: torch.Tensor, frame_batch: int = 64,
                   largest_component: bool = True) -> torch.Tensor:
-    """(B, 1, T, H, W) float cines in [0, 1] -> (B, T, H, W) uint8 labels 0..5 on the CPU.
-
-    Frames are segmented `frame_batch` at a time on the network's device (zero-padded at the end to a multiple of 16
-    pixels, any size); with `largest_component` only the largest component of each label per frame is kept.
-    """
+    """(B, 1, T, H, W) float cines in [0, 1], any H, W -> (B, T, H, W) uint8 labels 0..5 on the CPU, `frame_batch`
+    frames at a time; with `largest_component` only the largest component of each label per frame is kept."""
     b, _, t, h, w = cines.shape
     device = next(network.parameters()).device
     frames = DivisiblePad(k=16, method="end")(cines.transpose(1, 2).reshape(b * t, h, w))  # (B*T, H', W')

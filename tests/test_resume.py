@@ -1,0 +1,43 @@
+"""Resume of each trained stage: the rerun with more epochs continues from the epoch its first run saved."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import pytest
+import torch
+
+
+def _phenotype_metrics_reach_the_last_epoch(runs: dict, latest: dict) -> None:
+    assert json.loads((runs["root"] / "out4" / "metrics.json").read_text())["epoch"] == 4
+
+
+def _mar_ema_and_schedule_count_every_step(runs: dict, latest: dict) -> None:
+    assert latest["ema"]["n_averaged"].item() == 12 and latest["lr_scheduler"]["last_epoch"] == 12
+
+
+# fixture of tests/stage_runs.py, latest checkpoint, epochs resumed from and to, its keys, trainer iterations, extra
+STAGES = [
+    pytest.param("phenotype_vae_runs", "phenotype_vae_latest.pt", 2, 4, {"network", "optimizer", "best_saver",
+                 "trainer"}, 4, _phenotype_metrics_reach_the_last_epoch, id="phenotype_vae"),  # 1 step per epoch
+    pytest.param("autoencoder_runs", "autoencoder_latest.pt", 2, 3, {"network", "discriminator", "optimizer",
+                 "d_optimizer", "best_saver", "trainer"}, 6, None, id="autoencoder"),  # 3 epochs of 2 steps
+    pytest.param("mar_runs", "mar_latest.pt", 2, 3, {"network", "ema", "optimizer", "lr_scheduler", "best_saver",
+                 "trainer"}, 12, _mar_ema_and_schedule_count_every_step, id="mar"),  # 3 epochs of 4 steps
+    pytest.param("segmenter_runs", "segmenter_latest.pt", 2, 3, {"network", "optimizer", "lr_scheduler", "best_saver",
+                 "trainer"}, 9, None, id="segmenter"),  # 3 epochs of 3 steps
+]
+
+
+@pytest.mark.parametrize(("runs_fixture", "latest_name", "start", "end", "keys", "iterations", "extra"), STAGES)
+def test_rerun_continues_from_the_saved_epoch(request: pytest.FixtureRequest, runs_fixture: str, latest_name: str,
+                                              start: int, end: int, keys: set[str], iterations: int,
+                                              extra: Callable[[dict, dict], None] | None) -> None:
+    runs = request.getfixturevalue(runs_fixture)
+    log = runs["second"].stdout
+    assert f"at epoch {start} of {end}" in log and f"Epoch[{start + 1}] Metrics" in log and "Epoch[1] Metrics" not in log
+    latest = torch.load(runs["root"] / "models" / latest_name, weights_only=True)
+    assert set(latest) == keys and latest["trainer"]["iteration"] == iterations
+    if extra is not None:
+        extra(runs, latest)
