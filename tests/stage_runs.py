@@ -92,8 +92,12 @@ def segmenter_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def segmenter_prepared(segmenter_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """segmenter_cohort prepared (6 / 1 / 1 subjects)."""
-    out = tmp_path_factory.mktemp("segprepared")
-    prepare(segmenter_cohort, out, num_workers=0)
+    return prepared_folder(segmenter_cohort, tmp_path_factory.mktemp("segprepared"))
+
+
+def prepared_folder(cohort: Path, out: Path) -> Path:
+    """`cohort` prepared into `out` in this process (no workers); returns `out`."""
+    prepare(cohort, out, num_workers=0)
     return out
 
 

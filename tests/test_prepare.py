@@ -15,6 +15,7 @@ from test_io import synthetic_cine, write_nifti
 from scripts.data.phenotypes import PhenotypeTableError
 from scripts.data.prepare import prepare, split_counts, split_subjects
 from tests.conftest import run_bundle
+from tests.stage_runs import prepared_folder
 
 REPO = Path(__file__).resolve().parents[1]
 COLUMNS = ["LVEDV (mL)", "LVEF (%)"]
@@ -50,9 +51,7 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def prepared(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("prepared")
-    prepare(cohort, out, num_workers=0)
-    return out
+    return prepared_folder(cohort, tmp_path_factory.mktemp("prepared"))
 
 
 def _report(out: Path) -> dict:
