@@ -1,12 +1,5 @@
-"""The downstream comparison of `configs/downstream_table.json`: ViT from scratch, MAE pretrained on real cines, and MAE
-pretrained on real plus 1..5x synthetic cines, each fine-tuned with k-fold cross-validation for every task, gathered
-into a table in the layout of the paper's Table 2 (markdown and CSV) with per-run metrics JSON.
-
-Every run is a stage of `scripts.runtime.stages.run_stages` (a bundle config run in this process, the profile layered
-after it, the config's forwarded sections edited in); a run whose metrics JSON exists, is complete and records the same
-settings is not run again, so a killed table resumes. Missing synthetic cines are generated first (the config's
-`generate` stage).
-"""
+"""The downstream Table 2 of `configs/downstream_table.json`: scratch / MAE real / MAE real+synthetic ViTs, k-fold
+fine-tuned per task; finished runs are skipped, so a killed table resumes (protocol: docs/downstream.md)."""
 
 from __future__ import annotations
 
@@ -127,9 +120,7 @@ def finished(metrics_path: Path, settings: Mapping) -> dict | None:
 
 
 class Runner:
-    """Runs bundle configs as stages (`run_stages`: the workspace's profile layered, its `forward` edited in),
-    skipping finished runs, recording each run's wall and CPU seconds (CPU time of all threads: on a shared machine it
-    tells the cost apart from the waiting)."""
+    """Runs bundle configs as stages (`run_stages`), skipping finished runs and recording wall and CPU seconds."""
 
     def __init__(self, workspace: Workspace) -> None:
         self.bundle_root, self.profile_file = workspace.bundle_root, workspace.profile_file
@@ -218,9 +209,8 @@ def render(results: Mapping, rows: Sequence[dict], tasks: Sequence[dict], phenot
 
 def run_table(cohort: Cohort, mixing: Mixing, workspace: Workspace, mae: dict, finetune: dict,
               tasks: Sequence[dict], table_phenotypes: Sequence[str] = ()) -> dict:
-    """Generate what is missing, pretrain one MAE per mix ratio, fine-tune every row x task x fold (every run with
-    the workspace's forwarded sections edited in), write <table_dir>/table.md, table.csv and summary.json; returns
-    the summary."""
+    """Generate missing cines, pretrain an MAE per mix ratio, fine-tune every row x task x fold; write table.md,
+    table.csv and summary.json into the table folder and return the summary."""
     start, table, profile_file = time.perf_counter(), Path(workspace.table_dir), workspace.profile_file
     prepared_dir, generated_dir, seed = cohort.prepared_dir, cohort.generated_dir, cohort.seed
     real_splits, cv_splits, stratify_key = cohort.real_splits, cohort.cv_splits, cohort.stratify_key

@@ -1,6 +1,5 @@
-"""Phenotype adherence of generated cines: segment them (the trained segmenter), measure their phenotypes
-(scripts.data.phenotypes) and compare with the values they were conditioned on, beside the real held-out floors
-(segmenter + measurement, and measurement of the true labels, against the held-out phenotype table)."""
+"""Phenotype adherence: segment generated cines, measure their phenotypes and compare with the requested ones,
+beside the real held-out floors (protocol: docs/evaluation.md)."""
 
 from __future__ import annotations
 
@@ -98,10 +97,8 @@ def ed_aligned_share(frames: np.ndarray, num_frames: int, tolerance: int = ED_TO
 
 def set_adherence(labels: np.ndarray, items: Sequence[dict], target: np.ndarray | None,
                   columns: Sequence[str]) -> tuple[dict, np.ndarray]:
-    """(summarise() of (N, T, H, W) label cines measured with each item's geometry, with "median_geometry": the
-    phenotype statistics when every item has the set's median pixel size and frame interval, i.e. what the image
-    alone carries, and "ed_aligned_share" (ed_aligned_share of ed_frames); the measured (N, len(PHENOTYPE_COLUMNS))
-    values)."""
+    """(summarise() of (N, T, H, W) label cines with "median_geometry" (every item at the set's median pixel size and
+    frame interval) and "ed_aligned_share" entries, the measured (N, len(PHENOTYPE_COLUMNS)) values)."""
     measured, failures = measure_labels(labels, items)
     entry = summarise(measured, failures, target, columns)
     entry["ed_aligned_share"] = ed_aligned_share(ed_frames(labels), labels.shape[1])

@@ -1,14 +1,5 @@
-"""Evaluation of generated cines (`configs/evaluate_generation.json`): fidelity, phenotype adherence, privacy, speed.
-
-Every generated set (by default the CFG cines of `generate.json` and its `--unconditional true` cines) is compared with
-real held-out cines of the prepared cohort (scripts.evaluation.protocol loads them), and every number is reported
-beside a floor computed the same way on real data: real-vs-real Frechet distances (scripts.evaluation.fidelity), the
-segmenter's own error on real held-out cines (scripts.evaluation.adherence), held-out-to-training similarity (copies)
-and chance (membership inference, scripts.evaluation.privacy).
-Outputs in `evaluation_dir`: metrics.json, report.md, adherence_<set>.png, closest_pairs_<set>.png and
-<set>_datalist_private.json (the set without the cines flagged as copies). Seeded throughout: a rerun gives the same
-numbers on the same inputs.
-"""
+"""Evaluation of generated cines (`configs/evaluate_generation.json`): fidelity, adherence, privacy and speed, each
+beside its real-vs-real floor, seeded; outputs and protocol in docs/evaluation.md."""
 
 from __future__ import annotations
 

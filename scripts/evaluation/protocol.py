@@ -1,6 +1,5 @@
-"""What an evaluation reads and how (`configs/evaluate_generation.json`): the folders and sets evaluated (`Inputs`),
-the networks (`Networks`), the protocol sizes (`Protocol`, the config's "evaluation" section) and the cohort and
-generated cines loaded once for every section (`Loaded`, `load`)."""
+"""What an evaluation reads: folders and sets (`Inputs`), networks (`Networks`), protocol sizes (`Protocol`) and the
+cines loaded once for every section (`Loaded`, `load`)."""
 
 from __future__ import annotations
 
@@ -66,9 +65,8 @@ class Networks:
 
 @dataclass(frozen=True)
 class Loaded:
-    """The cohort and generated cines every section reads: training and (subset) held-out items, every set as
-    read_sets gives it, the held-out cines, the cines of the usable sets, the latent means of all of them (the
-    held-out ones under HELDOUT) and the phenotype stats."""
+    """The cohort and generated cines every section reads, their latent means (held-out ones under HELDOUT) and the
+    phenotype stats."""
 
     prepared: Path
     training: list[dict]

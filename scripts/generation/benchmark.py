@@ -1,11 +1,5 @@
-"""Speed benchmark of generation: MAR latent sampling and cine decoding per clip, beside their FLOP-bound limits.
-
-For the given networks (a config's mar_def and autoencoder_def) and batch size it measures the wall time of
-`MAR.sample_latents` (CFG on) and of `CineAutoencoderKL.decode`, the peak memory of each phase, the matmul-type FLOPs per clip of each phase
-(`torch.utils.flop_counter`: mm/addmm/bmm, attention and convolutions, 2 FLOPs per multiply-add; element-wise
-ops are not counted) and this device's fp32 matmul peak; the FLOP limit is FLOPs / peak, efficiency = limit /
-measured. Without checkpoints the networks are randomly initialised: the timings hold, the samples mean nothing.
-"""
+"""Speed benchmark of generation: seconds, peak memory and matmul FLOPs per clip of MAR sampling and decoding, beside
+the FLOP-bound limit at this device's fp32 matmul peak (method: docs/README.md, Speed and memory)."""
 
 from __future__ import annotations
 
@@ -32,9 +26,8 @@ RANDOM_INIT = "random init (timing only: samples are meaningless)"
 
 @dataclass(frozen=True)
 class Workload:
-    """What is timed: `num_batches` sampled batches (CFG `cfg`, `num_iter` MAR passes, `num_inference_steps` head
-    steps; one untimed warm-up call first if `warmup`), then `decode_batch_size` (None: batch_size) decoded latents,
-    on `threads` CPU threads (None: torch's default)."""
+    """What is timed: `num_batches` sampled batches (after one untimed warm-up if `warmup`), then
+    `decode_batch_size` (None: batch_size) decoded latents, on `threads` CPU threads (None: torch's default)."""
 
     batch_size: int = 16
     num_batches: int = 1
@@ -60,12 +53,8 @@ def count_flops(fn: Callable[[], object]) -> int:
 
 
 def mar_flops_per_clip(mar: MAR, n_phenotypes: int, num_iter: int, cfg: float, steps: int) -> dict[str, int]:
-    """FLOPs of sampling one clip: transformer (all `num_iter` passes, both CFG halves) and head (all `steps`).
-
-    Exact, from two reduced calls: a batch-1 `sample_latents` with a 1-step head (F1), and a 1-step
-    `DiffLoss.sample` over all tokens of a clip (H: every token is predicted once over the iterations, and head
-    FLOPs are linear in tokens and in steps). transformer = F1 - H, head = steps x H.
-    """
+    """FLOPs of sampling one clip: transformer (all passes, both CFG halves) and head (all `steps`).
+    Exact from two reduced calls: transformer = F1 - H (batch-1 sample, 1-step head), head = steps x H (1-step head)."""
     device = mar.mask_token.device
     phenotypes = torch.zeros(1, n_phenotypes, device=device)
     f1 = count_flops(lambda: mar.sample_latents(phenotypes, seeds=[0], num_iter=num_iter, cfg=cfg,
@@ -103,9 +92,8 @@ def _phase(name: str, seconds: float, clips: int, flops: int, peak_gflops: float
 def run(profile: str, mar: MAR, autoencoder: CineAutoencoderKL, device: torch.device | str,
         workload: Workload = Workload(), mar_weights: str | None = None, autoencoder_weights: str | None = None,
         output_path: str = "outputs/benchmark/benchmark.json") -> dict:
-    """Benchmark sampling with `mar` and decoding with `autoencoder` (the first decode_batch_size latents of the last
-    batch) as `workload` says; write the record to `output_path` (JSON) and return it. `profile` names the networks
-    in messages and the record."""
+    """Benchmark sampling with `mar` and decoding with `autoencoder` as `workload` says; write the record to
+    `output_path` (JSON) and return it (`profile` names the networks)."""
     device = torch.device(device)
     if workload.threads:
         torch.set_num_threads(int(workload.threads))
