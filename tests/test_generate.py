@@ -15,6 +15,7 @@ import torch
 from monai.data import load_decathlon_datalist
 
 from scripts.data.cine_files import load_cine
+from scripts.data.cohort import read_stats
 from scripts.data.phenotypes import PhenotypeTableError, normalise
 from scripts.generation.acquisition import fit_acquisition
 from scripts.generation.autoencoder import CineAutoencoderKL
@@ -32,7 +33,8 @@ FAST = {"profile": "tiny", "sampling": Sampling(num_iter=2, num_inference_steps=
 
 
 def _networks() -> dict:
-    return {"phenotype_vae": PhenotypeVAE(len(COLUMNS)), "autoencoder": CineAutoencoderKL(**def_kwargs("autoencoder_def", "tiny")),
+    return {"phenotype_vae": PhenotypeVAE(len(COLUMNS)),
+            "autoencoder": CineAutoencoderKL(**def_kwargs("autoencoder_def", "tiny")),
             "mar": MAR(len(COLUMNS), **def_kwargs("mar_def", "tiny"))}
 
 
@@ -63,7 +65,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _run(setup: Path, out: Path, ckpt_dir: Path | None = None, **kwargs) -> dict:
     args = {"ckpt_dir": str(ckpt_dir or setup / "models"), "output_dir": str(out),
-            "prepared_dir": str(setup / "prepared"), "num_samples": 4, "batch_size": 4,
+            "prepared_dir": str(setup / "prepared"), "stats": read_stats(setup / "prepared" / "phenotype_stats.json"),
+            "num_samples": 4, "batch_size": 4,
             **FAST, **kwargs}
     return generate(**_networks(), **args)
 

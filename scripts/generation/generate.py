@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from scripts.data.cohort import read_stats
 from scripts.data.phenotypes import normalise, read_phenotype_table
 from scripts.data.shapes import IMAGE_SIZE, NUM_FRAMES
 from scripts.generation.acquisition import fit_acquisition
@@ -247,15 +246,14 @@ def finish_index(output_dir: Path, n: int, seed: int, columns: list[str], values
 
 
 def generate(phenotype_vae: nn.Module, autoencoder: nn.Module, mar: nn.Module, ckpt_dir: str, output_dir: str,
-             prepared_dir: str, profile: str, num_samples: int = 64, seed: int = 0, batch_size: int = 8,
+             prepared_dir: str, stats: dict, profile: str, num_samples: int = 64, seed: int = 0, batch_size: int = 8,
              conditions_csv: str | None = None, unconditional: bool = False, sampling: Sampling = Sampling(),
              montage_samples: int = 8) -> dict:
-    """Generate this rank's missing samples of 0..N-1 (i % world == rank), then rebuild the index; returns the
-    generation.json record. Conditions: none if `unconditional`, else `conditions_csv`, else phenotype-VAE draws."""
+    """Generate this rank's missing samples of 0..N-1 (i % world == rank) with `stats` (read once by the config),
+    then rebuild the index; returns the generation.json record (conditions: none, `conditions_csv` or VAE draws)."""
     start, output_dir = time.perf_counter(), Path(output_dir)
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    stats = read_stats(Path(prepared_dir) / "phenotype_stats.json")
     ckpts = required_checkpoints(ckpt_dir, not (unconditional or conditions_csv))
     acquisition = fit_acquisition(prepared_dir, stats)
     source = "unconditional" if unconditional else str(conditions_csv) if conditions_csv else "phenotype_vae"
