@@ -1,17 +1,22 @@
-"""The speed benchmark (configs/benchmark.json): a tiny run end to end, and its FLOP counts against hand estimates."""
+"""The speed benchmark (configs/benchmark.json): a tiny run end to end in fp32 and bf16, its FLOP counts against hand
+estimates, and the precisions setting (defaults per profile, forced bf16 without fast bf16)."""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
+import pytest
 import torch
+from monai.bundle import ConfigParser
 from torch import nn
 
+from scripts.generation import benchmark
 from scripts.generation.benchmark import count_flops, decode_flops_per_clip
 from scripts.generation.mar import MAR, masking_schedule
 from tests.conftest import ONE_THREAD, run_bundle
-from tests.networks import build, def_kwargs
+from tests.networks import build, def_kwargs, layered
 
 N_PHENOTYPES, BATCH, NUM_ITER, STEPS, CFG = 21, 2, 2, 2, 3.0
 
@@ -37,22 +42,34 @@ def _hand_estimate(mar: MAR, num_iter: int, steps: int, rows: int = 2) -> tuple[
 
 
 def test_benchmark_tiny_run(tmp_path: Path) -> None:
+    """fp32 and bf16 side by side: one row each, named, with positive times, each against its own matmul peak."""
     out = tmp_path / "bench.json"
     configs = str(["configs/benchmark.json", "configs/profiles/tiny.json"])
     args = ["--batch_size", str(BATCH), "--num_iter", str(NUM_ITER), "--num_inference_steps", str(STEPS),
-            "--n_phenotypes", str(N_PHENOTYPES), "--output_path", str(out)]
+            "--n_phenotypes", str(N_PHENOTYPES), "--output_path", str(out), "--precisions", "['fp32','bf16']"]
     done = run_bundle(configs, *args, env=ONE_THREAD, timeout=300)
-    assert "FLOP limit" in done.stdout + done.stderr
+    log = done.stdout + done.stderr
+    assert "FLOP limit" in log and "bf16 autocast sampling" in log and "fp32 decoding" in log
     rec = json.loads(out.read_text())
     assert rec["profile"] == "tiny" and rec["batch_size"] == BATCH and rec["threads"] == 1
     assert rec["weights"]["mar"].startswith("random init") and rec["matmul_peak_gflops"] > 0
+    assert rec["bf16_matmul_peak_gflops"] > 0 and len(rec["bf16_matmul_gflops_before_after"]) == 2
     assert rec["output_shape"] == [BATCH, 1, 50, 96, 96]
-    for phase in ("sampling", "decoding"):
-        r = rec[phase]
-        for key in ("seconds_per_clip", "flops_per_clip", "flop_limit_seconds_per_clip", "efficiency",
-                    "peak_memory_bytes"):
-            assert r[key] > 0, (phase, key, r[key])
-        assert abs(r["flop_limit_seconds_per_clip"] - r["flops_per_clip"] / rec["matmul_peak_gflops"] / 1e9) < 1e-9
+    assert rec["precisions"] == ["fp32", "bf16"] and rec["auto_precision"] in ("fp32", "bf16 autocast")
+    runs = rec["runs"]
+    assert [(r["setting"], r["precision"], r["amp"]) for r in runs] == [("fp32", "fp32", False),
+                                                                         ("bf16", "bf16 autocast", True)]
+    assert runs[0]["matmul_peak_gflops"] == rec["matmul_peak_gflops"]
+    assert runs[1]["matmul_peak_gflops"] == rec["bf16_matmul_peak_gflops"]
+    for row in runs:
+        for phase in ("sampling", "decoding"):
+            r = row[phase]
+            for key in ("seconds_per_clip", "flops_per_clip", "flop_limit_seconds_per_clip", "efficiency",
+                        "peak_memory_bytes"):
+                assert r[key] > 0, (row["precision"], phase, key, r[key])
+            assert abs(r["flop_limit_seconds_per_clip"] - r["flops_per_clip"] / row["matmul_peak_gflops"] / 1e9) < 1e-9
+    # the top-level phases (the pre-precision layout) repeat the first row
+    assert rec["precision"] == "fp32" and rec["sampling"] == runs[0]["sampling"] and rec["decoding"] == runs[0]["decoding"]
     assert all(v > 0 for v in rec["params"].values())
 
     mar = MAR(N_PHENOTYPES, **def_kwargs("mar_def", "tiny"))
@@ -74,3 +91,23 @@ def test_decode_flops_match_a_convolution_hand_count() -> None:
     one = decode_flops_per_clip(tiny, (16, 25, 12, 12))
     two = decode_flops_per_clip(tiny, (16, 50, 12, 12))  # no attention in tiny: linear in frames
     assert one > 0 and two == 2 * one
+
+
+@pytest.mark.parametrize(("profile", "expected"), [("tiny", ["auto"]), ("cpu", ["auto"]), ("paper", ["fp32", "bf16"])])
+def test_default_precisions_per_profile(profile: str, expected: list[str]) -> None:
+    parser = ConfigParser(layered("benchmark.json", profile))
+    assert parser.get_parsed_content("precisions") == expected
+
+
+def test_forced_bf16_without_fast_bf16_runs_with_a_warning(monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """A CPU whose probe prefers fp32: 'auto' gives fp32, a forced 'bf16' still runs bf16 and says it is slow."""
+    monkeypatch.setattr(benchmark.precision, "use_bf16", lambda device, setting="auto": False)
+    cpu = torch.device("cpu")
+    with caplog.at_level(logging.WARNING, logger=benchmark.__name__):
+        assert benchmark.resolve_precision("auto", cpu) is False and not caplog.records
+        assert benchmark.resolve_precision("fp32", cpu) is False and not caplog.records
+        assert benchmark.resolve_precision("bf16", cpu) is True
+    assert "bf16 forced" in caplog.text and "slower than fp32" in caplog.text
+    with pytest.raises(ValueError, match="precisions entries"):
+        benchmark.resolve_precision("fp16", cpu)

@@ -79,8 +79,8 @@ def test_recon_loss_pieces_and_perceptual_term() -> None:
     x = torch.rand(2, 1, 4, 16, 16)
     zeros = torch.zeros(2, 16, 2, 2, 2)
     out = CineReconLoss(kl_weight=0.5)(x + 0.25, x, zeros + 1, zeros)
-    assert out["l1"].item() == pytest.approx(0.25) and out["kl"].item() == pytest.approx(0.5 * 128)
-    assert out["loss"].item() == pytest.approx(0.25 + 0.5 * 64) and out["perceptual"] == 0
+    assert out["l1"].item() == pytest.approx(0.25) and out["kl"].item() == pytest.approx(0.5)  # per latent element
+    assert out["loss"].item() == pytest.approx(0.25 + 0.5 * 0.5) and out["perceptual"] == 0
     features = torch.nn.Conv2d(1, 3, 3)
     with_perceptual = CineReconLoss(feature_network=features, perceptual_weight=0.1)(x + 0.25, x, zeros, zeros)
     assert with_perceptual["perceptual"] > 0
@@ -111,10 +111,10 @@ def test_cli_training_writes_checkpoints_metrics_and_montage(autoencoder_runs: d
     root, metrics = autoencoder_runs["root"], autoencoder_runs["metrics_first"]
     state = torch.load(root / "models" / "autoencoder.pt", weights_only=True)
     assert set(state) == set(CineAutoencoderKL(**def_kwargs("autoencoder_def", "tiny")).state_dict())  # network only
-    assert metrics["epoch"] == 2 and set(metrics) == {"epoch", "val_psnr", "val_ssim"}
+    assert metrics["epoch"] == 2 and set(metrics) == {"epoch", "val_psnr", "val_ssim", "precision"}
     assert np.isfinite(metrics["val_psnr"]) and np.isfinite(metrics["val_ssim"]) and -1 <= metrics["val_ssim"] <= 1
     latest = autoencoder_runs["latest_first"]
-    assert set(latest) == {"network", "discriminator", "optimizer", "d_optimizer", "best_saver", "trainer"}
+    assert set(latest) == {"network", "discriminator", "optimizer", "d_optimizer", "lr_scheduler", "best_saver", "trainer"}
     assert latest["trainer"]["iteration"] == 4  # 4 cines, batch 2
     assert "d_weight" in autoencoder_runs["first"].stdout  # the GAN started at step 3 (tiny profile)
     with Image.open(root / "out" / "reconstruction.png") as png:  # 2 rows x (2 cines x 2 frames) of 96 px, x2

@@ -25,6 +25,7 @@ from scripts.generation.phenotype_vae import draw_eids, draw_phenotypes, write_d
 from scripts.runtime.checkpoints import load_weights
 from scripts.runtime.files import atomic_write, save_npy, write_json
 from scripts.runtime.montage import save_cine_gif, save_montage
+from scripts.runtime.precision import autocast, precision_name
 from scripts.runtime.timing import sync
 
 logger = logging.getLogger(__name__)
@@ -207,21 +208,22 @@ def write_sample(output_dir: Path, index: int, cine: np.ndarray, geometry: np.nd
 
 
 def generate_batches(mar: nn.Module, autoencoder: nn.Module, todo: list[int], cond: torch.Tensor | None, seed: int,
-                     sampling: Sampling, batch_size: int,
-                     write: Callable[[int, np.ndarray], None]) -> tuple[float, float]:
-    """Sample and decode the `todo` samples in batches, passing each cine to write(index, cine); returns the
-    (sampling, decoding) seconds. `cond`: (N, F) normalised conditions of all samples, or None."""
+                     sampling: Sampling, batch_size: int, write: Callable[[int, np.ndarray], None],
+                     amp: bool = False) -> tuple[float, float]:
+    """Sample and decode the `todo` samples in batches (bf16 autocast if `amp`), passing each cine to
+    write(index, cine); returns the (sampling, decoding) seconds. `cond`: (N, F) normalised conditions, or None."""
     device = next(mar.parameters()).device
     t_sample = t_decode = 0.0
     for b in range(0, len(todo), batch_size):
         batch = todo[b:b + batch_size]
         t0 = time.perf_counter()
-        latents = mar.sample_latents(None if cond is None else cond[batch].to(device),
-                                     seeds=[sample_seed(seed, i) for i in batch], **asdict(sampling))
+        with autocast(device, amp):
+            latents = mar.sample_latents(None if cond is None else cond[batch].to(device),
+                                         seeds=[sample_seed(seed, i) for i in batch], **asdict(sampling)).float()
         sync(device)  # (B, 16, 25, 12, 12) latents
         t1 = time.perf_counter()
-        with torch.no_grad():
-            cines = autoencoder.decode(latents).clamp(0.0, 1.0).cpu().numpy().astype(np.float16)  # (B, 1, 50, 96, 96)
+        with torch.no_grad(), autocast(device, amp):
+            cines = autoencoder.decode(latents).float().clamp(0.0, 1.0).cpu().numpy().astype(np.float16)
         t_sample, t_decode = t_sample + t1 - t0, t_decode + time.perf_counter() - t1
         for i, cine in zip(batch, cines):
             write(i, cine)
@@ -248,9 +250,10 @@ def finish_index(output_dir: Path, n: int, seed: int, columns: list[str], values
 def generate(phenotype_vae: nn.Module, autoencoder: nn.Module, mar: nn.Module, ckpt_dir: str, output_dir: str,
              prepared_dir: str, stats: dict, profile: str, num_samples: int = 64, seed: int = 0, batch_size: int = 8,
              conditions_csv: str | None = None, unconditional: bool = False, sampling: Sampling = Sampling(),
-             montage_samples: int = 8) -> dict:
+             montage_samples: int = 8, amp: bool = False) -> dict:
     """Generate this rank's missing samples of 0..N-1 (i % world == rank) with `stats` (read once by the config),
-    then rebuild the index; returns the generation.json record (conditions: none, `conditions_csv` or VAE draws)."""
+    then rebuild the index (bf16 autocast if `amp`); returns the generation.json record (conditions: none,
+    `conditions_csv` or VAE draws)."""
     start, output_dir = time.perf_counter(), Path(output_dir)
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -258,7 +261,7 @@ def generate(phenotype_vae: nn.Module, autoencoder: nn.Module, mar: nn.Module, c
     acquisition = fit_acquisition(prepared_dir, stats)
     source = "unconditional" if unconditional else str(conditions_csv) if conditions_csv else "phenotype_vae"
     settings = {"profile": profile, "seed": seed, "seed_formula": f"seed * {SEED_STRIDE} + index", **asdict(sampling),
-                "conditions": source}
+                "conditions": source, "precision": precision_name(amp)}
     check_settings(output_dir, settings)
     values = choose_conditions(stats, output_dir, num_samples, seed, unconditional, conditions_csv, phenotype_vae,
                                Path(ckpt_dir) / "phenotype_vae.pt")  # (N, F) physical, or None
@@ -271,7 +274,7 @@ def generate(phenotype_vae: nn.Module, autoencoder: nn.Module, mar: nn.Module, c
     rank, world, todo = shard(output_dir, n)
     cond = None if values is None else torch.as_tensor(normalise(values, stats), dtype=torch.float32)  # (N, F)
     t_sample, t_decode = generate_batches(mar, autoencoder, todo, cond, seed, sampling, batch_size,
-                                          lambda i, cine: write_sample(output_dir, i, cine, geometry[i]))
+                                          lambda i, cine: write_sample(output_dir, i, cine, geometry[i]), amp)
     finish_index(output_dir, n, seed, stats["columns"], values, geometry, montage_samples)
     made = max(len(todo), 1)
     record = {"settings": settings, "num_samples": n, "rank": rank, "world_size": world,

@@ -55,6 +55,15 @@ def scale_factor(mean: torch.Tensor, logvar: torch.Tensor) -> float:
     return float(1.0 / total_var.sqrt())
 
 
+def channel_report(mean: torch.Tensor, logvar: torch.Tensor, used_kl: float = 0.01) -> dict:
+    """Per latent channel of (N, C, ...) posteriors: std of the posterior means, mean KL per element (nats) and how many
+    channels carry information (mean KL per element > `used_kl`; an unused channel's posterior is N(0, 1), KL 0)."""
+    mean, logvar = mean.double().transpose(0, 1).flatten(1), logvar.double().transpose(0, 1).flatten(1)  # (C, N*...)
+    kl = (0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)).mean(1)  # (C,)
+    return {"mean_std": [round(float(v), 4) for v in mean.std(1)], "kl_per_element": [round(float(v), 4) for v in kl],
+            "channels_used": int((kl > used_kl).sum()), "used_kl_threshold": used_kl}
+
+
 def encode_cohort(network: nn.Module, prepared_dir: str | Path, latent_dir: str | Path, checkpoint: str | Path,
                   profile: str, splits: Sequence[str] = ("training", "validation"), batch_size: int = 8,
                   device: torch.device | str = "cpu") -> dict:
@@ -69,12 +78,14 @@ def encode_cohort(network: nn.Module, prepared_dir: str | Path, latent_dir: str 
         if split == "training":
             stats = {"scale_factor": scale_factor(cache["mean"], cache["logvar"]), "n_training": len(cache["subjects"]),
                      "latent_shape": list(cache["mean"].shape[1:]), "columns": cache["columns"],
-                     "autoencoder": str(checkpoint), "profile": profile}
+                     "autoencoder": str(checkpoint), "profile": profile,
+                     "channels": channel_report(cache["mean"], cache["logvar"])}
         with atomic_write(out / f"{split}.pt") as tmp:
             torch.save(cache, tmp)
     write_json(out / STATS, stats)
-    logger.info("latent cache in %s: scale factor %.4f over %d training cines", out, stats["scale_factor"],
-                stats["n_training"])
+    logger.info("latent cache in %s: scale factor %.4f over %d training cines; %d of %d channels in use (KL per "
+                "element %s)", out, stats["scale_factor"], stats["n_training"], stats["channels"]["channels_used"],
+                len(stats["channels"]["kl_per_element"]), stats["channels"]["kl_per_element"])
     return stats
 
 

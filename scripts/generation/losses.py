@@ -27,7 +27,8 @@ class VAELoss(nn.Module):
 
 
 class CineReconLoss(nn.Module):
-    """L1 + perceptual_weight x per-frame feature L1 (only with a `feature_network`) + kl_weight x KL.
+    """L1 (mean per voxel) + perceptual_weight x per-frame feature L1 (only with a `feature_network`) + kl_weight x KL
+    (mean per latent element: the weight does not change with the cine or latent size).
     Returns {"loss", "nll" (L1 + perceptual: the term the adaptive GAN weight balances), "l1", "perceptual", "kl"}."""
 
     def __init__(self, kl_weight: float = 1e-6, feature_network: nn.Module | None = None,
@@ -44,7 +45,7 @@ class CineReconLoss(nn.Module):
             fake, real = frames_as_images({CommonKeys.PRED: recon, CommonKeys.LABEL: target})
             perceptual = (self.feature_network(fake) - self.feature_network(real)).abs().mean()
         nll = l1 + self.perceptual_weight * perceptual
-        kl = gaussian_kl(mean, logvar)
+        kl = gaussian_kl(mean, logvar) / mean[0].numel()  # per latent element
         return {"loss": nll + self.kl_weight * kl, "nll": nll, "l1": l1, "perceptual": perceptual, "kl": kl}
 
 

@@ -150,8 +150,9 @@ class MAR(nn.Module):
         """Encoder output (B, buffer + visible, width), mask (B, L) -> z (B, L, width) for the diffusion head."""
         b, _, w = x.shape
         keep = F.pad(~mask, (self.buffer_size, 0), value=True)  # (B, buf + L)
-        full = self.mask_token.expand(b, keep.shape[1], w).clone()
-        full[keep] = self.decoder_embed(x).reshape(-1, w)
+        visible = self.decoder_embed(x).reshape(-1, w)  # bf16 under autocast
+        full = self.mask_token.to(visible.dtype).expand(b, keep.shape[1], w).clone()
+        full[keep] = visible
         x = full + self.decoder_pos
         for block in self.decoder_blocks:
             x = block(x)

@@ -10,22 +10,24 @@ import torch
 from ignite.engine import Engine, Events
 from monai.utils import CommonKeys
 
+from scripts.runtime import precision
 from scripts.runtime.files import write_json
 from scripts.runtime.montage import save_montage
 
 
 # --------------------------------------------------------------------------------------------------------- handlers
 class MetricsJSON:
-    """After each evaluation, write {"epoch", metric: value...} of the evaluator to `path` (atomically)."""
+    """After each evaluation, write {"epoch", metric: value..., **info} of the evaluator to `path` (atomically)."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | Path, info: Mapping[str, object] | None = None) -> None:
+        self.path, self.info = Path(path), dict(info or {})
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        write_json(self.path, {"epoch": engine.state.epoch, **{k: float(v) for k, v in engine.state.metrics.items()}})
+        metrics = {k: float(v) for k, v in engine.state.metrics.items()}
+        write_json(self.path, {"epoch": engine.state.epoch, **metrics, **self.info})
 
 
 @contextmanager
@@ -42,8 +44,8 @@ def frames_as_images(output: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, 
 
 
 def autocast(engine: Engine) -> torch.autocast:
-    """bf16 autocast where the engine runs with AMP (CUDA only); a no-op context elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bool(engine.amp))
+    """bf16 autocast on the engine's device (CUDA or CPU) where it runs with AMP; a no-op context elsewhere."""
+    return precision.autocast(engine.state.device, engine.amp)
 
 
 class ReconstructionMontage:

@@ -26,9 +26,10 @@ def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object
     return time.perf_counter() - start, out
 
 
-def matmul_peak_gflops(device: torch.device, n: int = 2048, reps: int = 5) -> float:
-    """Best of `reps` fp32 n x n matmuls (2 n^3 FLOPs each) after one warm-up, in GFLOP/s."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_peak_gflops(device: torch.device, n: int = 2048, reps: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """Best of `reps` n x n matmuls in `dtype` (fp32 by default; torch.bfloat16 for the bf16 autocast peak; 2 n^3
+    FLOPs each) after one warm-up, in GFLOP/s."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     a @ b
     return 2 * n**3 / min(timed(lambda: a @ b, device)[0] for _ in range(reps)) / 1e9
 

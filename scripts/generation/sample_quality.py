@@ -1,0 +1,249 @@
+"""Sample quality of MAR during training: the Frechet Joint Distance (FJD) of seeded samples against the validation
+latent cache selects mar.pt and the CFG scale (<ckpt_dir>/mar_sampling.json, read by generate.json's cfg "auto")."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import ignite.distributed as idist
+import torch
+import torch.nn.functional as F
+from ignite.engine import Engine, Events
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
+
+from scripts.runtime.checkpoints import load_weights
+from scripts.runtime.distributed import unwrap
+from scripts.runtime.features import frechet_distance
+from scripts.runtime.files import atomic_write, file_digest, write_json
+from scripts.runtime.handlers import autocast
+from scripts.runtime.precision import precision_name
+
+logger = logging.getLogger(__name__)
+
+SAMPLING_FILE = "mar_sampling.json"  # the CFG scale chosen at the end of training, beside mar.pt
+CRITERION = "FJD on validation"
+DEFAULT_CFG = 3.0
+
+
+# --------------------------------------------------------------------------------------------------------- features
+def pooled_features(latents: torch.Tensor, grid: Sequence[int] = (5, 3, 3)) -> torch.Tensor:
+    """(N, C, T, H, W) latents -> (N, C * prod(grid)) channel means over an adaptive grid, float64 on the CPU."""
+    return F.adaptive_avg_pool3d(latents.float(), tuple(grid)).flatten(1).double().cpu()
+
+
+def dataset_arrays(data: Sequence[dict], grid: Sequence[int], count: int | None = None,
+                   chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cache items {"mean" (C, T, H, W), "phenotypes" (P,)} -> pooled posterior means (N, D) and phenotypes (N, P),
+    float64; `count`: the first `count` items, cycled where there are fewer."""
+    index = list(range(len(data))) if count is None else [i % len(data) for i in range(count)]
+    features = [pooled_features(torch.stack([data[i]["mean"] for i in index[s:s + chunk]]), grid)
+                for s in range(0, len(index), chunk)]
+    return torch.cat(features), torch.stack([torch.as_tensor(data[i]["phenotypes"]) for i in index]).double()
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Standardisation, whitened PCA basis and ridge regression of pooled latent features (the training cache)."""
+
+    mean: torch.Tensor  # (D,)
+    std: torch.Tensor  # (D,)
+    basis: torch.Tensor  # (D, k): principal axes over their standard deviations (unit variance on the training set)
+    weights: torch.Tensor  # (D, P): ridge coefficients of standardised features -> phenotypes
+    bias: torch.Tensor  # (P,)
+
+    @classmethod
+    def fit(cls, features: torch.Tensor, phenotypes: torch.Tensor, components: int = 16,
+            alpha: float = 0.1) -> Reference:
+        """Fit on (N, D) features and (N, P) phenotypes: top min(components, N - 1) axes; ridge penalty alpha * N."""
+        if len(features) < 2:
+            raise ValueError(f"the sample-quality reference needs >= 2 training latents, got {len(features)}")
+        mean, std = features.mean(0), features.std(0).clamp_min(1e-8)
+        x = (features - mean) / std  # (N, D)
+        k = min(components, len(x) - 1, x.shape[1])
+        _, s, vh = torch.linalg.svd(x, full_matrices=False)  # vh (min(N, D), D)
+        basis = vh[:k].T / (s[:k] / math.sqrt(len(x) - 1)).clamp_min(1e-8)  # (D, k)
+        gram = x.T @ x + alpha * len(x) * torch.eye(x.shape[1], dtype=x.dtype)  # (D, D)
+        weights = torch.linalg.solve(gram, x.T @ (phenotypes - phenotypes.mean(0)))  # (D, P)
+        return cls(mean, std, basis, weights, phenotypes.mean(0))
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, D) pooled features -> (N, k) whitened principal components."""
+        return (features - self.mean) / self.std @ self.basis
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, D) pooled features -> (N, P) ridge prediction of the normalised phenotypes."""
+        return (features - self.mean) / self.std @ self.weights + self.bias
+
+
+def mean_pearson(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Mean over columns of Pearson r between (N, P) predictions and targets (constant columns left out; NaN if all)."""
+    p, t = pred - pred.mean(0), target - target.mean(0)
+    denom = p.norm(dim=0) * t.norm(dim=0)  # (P,)
+    ok = denom > 1e-12
+    return float(((p * t).sum(0)[ok] / denom[ok]).mean()) if ok.any() else math.nan
+
+
+def quality(reference: Reference, real: torch.Tensor, generated: torch.Tensor,
+            phenotypes: torch.Tensor) -> dict[str, float]:
+    """FJD of [components, phenotypes] and FD of components between real and generated (N, D) pooled features
+    paired with the same (N, P) phenotypes; adherence: mean Pearson r of the ridge prediction from `generated`."""
+    if not torch.isfinite(generated).all():
+        return {"fjd": math.inf, "fd": math.inf, "adherence": math.nan}
+    zr, zg = reference.project(real), reference.project(generated)  # (N, k) each
+    return {"fjd": frechet_distance(torch.cat([zr, phenotypes], 1), torch.cat([zg, phenotypes], 1)),
+            "fd": frechet_distance(zr, zg), "adherence": mean_pearson(reference.predict(generated), phenotypes)}
+
+
+# ---------------------------------------------------------------------------------------------------------- sampling
+@torch.no_grad()
+def sample_latents(network: nn.Module, phenotypes: torch.Tensor, batch_size: int = 64, **sampling) -> torch.Tensor:
+    """Latents (N, C, T, H, W) float32 on the CPU from MAR conditioned on (N, P) normalised phenotypes, sample i with
+    seed i (the same noise at every call); `sampling`: keywords of MAR.sample_latents."""
+    device, out = next(network.parameters()).device, []
+    for start in range(0, len(phenotypes), batch_size):
+        cond = phenotypes[start:start + batch_size].float().to(device)  # (b, P); eval mode inside sample_latents
+        out.append(network.sample_latents(cond, seeds=range(start, start + len(cond)), **sampling).float().cpu())
+    return torch.cat(out)
+
+
+def sampling_cfg(cfg: float | str, ckpt_dir: str | Path, checkpoint: str = "mar.pt") -> float:
+    """generate.json's cfg: a number forces it; "auto" reads <ckpt_dir>/mar_sampling.json, whose choice must belong
+    to the current <ckpt_dir>/<checkpoint>; else 3.0 with a warning."""
+    if not isinstance(cfg, str) or cfg.strip() != "auto":
+        return float(cfg)
+    path, ckpt = Path(ckpt_dir) / SAMPLING_FILE, Path(ckpt_dir) / checkpoint
+    record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if "cfg" not in record:
+        logger.warning("cfg 'auto': no %s (train_mar.json writes it), using cfg %.1f", path, DEFAULT_CFG)
+        return DEFAULT_CFG
+    if ckpt.is_file() and record.get("checkpoint_sha256") not in (None, file_digest(ckpt)):
+        logger.warning("cfg 'auto': %s was chosen for another %s, using cfg %.1f", path, ckpt, DEFAULT_CFG)
+        return DEFAULT_CFG
+    logger.info("cfg 'auto': %.2f from %s (%s)", record["cfg"], path, record.get("criterion", CRITERION))
+    return float(record["cfg"])
+
+
+def _json_number(value: float) -> float | None:
+    return value if math.isfinite(value) else None  # JSON has no inf or NaN
+
+
+# ----------------------------------------------------------------------------------------------------------- handler
+@dataclass(frozen=True)
+class ValidationSet:
+    """The fitted reference and the real side of the comparison: validation posterior means and their phenotypes."""
+
+    reference: Reference
+    real: torch.Tensor  # (N, D) pooled validation posterior means
+    phenotypes: torch.Tensor  # (N, P) their normalised phenotypes: the conditions of the samples
+    adherence_real: float  # mean Pearson r of the ridge prediction from the real validation latents
+
+
+class SampleQuality:
+    """Ignite handler of the MAR trainer: every `interval` epochs and at the last, FJD, FD and latent adherence of
+    `num_samples` seeded EMA samples on the validation conditions (rank 0); saves <ckpt_dir>/<filename> when FJD
+    improves and, when training completes, writes the CFG scale of lowest FJD to <ckpt_dir>/mar_sampling.json."""
+
+    def __init__(self, ema: AveragedModel, train_data: Sequence[dict], val_data: Sequence[dict],
+                 ckpt_dir: str | Path, output_dir: str | Path, interval: int = 10, num_samples: int = 50,
+                 num_iter: int = 8, num_inference_steps: int = 25, cfg: float = 3.0, temperature: float = 1.0,
+                 cfg_schedule: str = "linear", cfg_candidates: Sequence[float] = (1.0, 1.5, 2.0, 3.0, 4.0),
+                 batch_size: int = 64, grid: Sequence[int] = (5, 3, 3), components: int = 16,
+                 ridge_alpha: float = 0.1, filename: str = "mar.pt") -> None:
+        self.ema, self.train_data, self.val_data = ema, train_data, val_data
+        self.ckpt, self.record_path = Path(ckpt_dir) / filename, Path(output_dir) / "sample_quality.json"
+        self.interval, self.num_samples, self.batch_size = max(1, interval), num_samples, batch_size
+        self.sampling = {"num_iter": num_iter, "num_inference_steps": num_inference_steps,
+                         "temperature": temperature, "cfg_schedule": cfg_schedule}
+        self.cfg, self.cfg_candidates = float(cfg), [float(c) for c in cfg_candidates]
+        self.fit_args = {"grid": list(grid), "components": components, "alpha": ridge_alpha}
+        self.history, self.best, self.best_epoch = [], math.inf, 0  # evaluations; FJD of mar.pt and its epoch
+        self.validation: ValidationSet | None = None  # fitted at the first evaluation
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.evaluate)
+        engine.add_event_handler(Events.COMPLETED, self.choose_cfg)
+
+    def state_dict(self) -> dict:
+        return {"history": copy.deepcopy(self.history), "best": self.best, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "history" not in state:  # a checkpoint from before FJD selection: its best_saver held the val-loss record
+            logger.warning("no sample-quality record in the checkpoint: FJD selection starts afresh")
+            return
+        self.history, self.best, self.best_epoch = list(state["history"]), float(state["best"]), state["best_epoch"]
+
+    def settings(self, amp: bool) -> dict:
+        """How the samples are drawn (recorded beside every result)."""
+        return {"num_samples": self.num_samples, "seeds": f"0..{self.num_samples - 1}", **self.sampling,
+                "precision": precision_name(amp), **self.fit_args}
+
+    def fit(self) -> ValidationSet:
+        """Reference from the training cache, real features of the first `num_samples` validation items (once)."""
+        if self.validation is None:
+            grid, components, alpha = self.fit_args.values()
+            reference = Reference.fit(*dataset_arrays(self.train_data, grid), components, alpha)
+            real, phenotypes = dataset_arrays(self.val_data, grid, self.num_samples)
+            self.validation = ValidationSet(reference, real, phenotypes,
+                                            mean_pearson(reference.predict(real), phenotypes))
+        return self.validation
+
+    def measure(self, engine: Engine, network: nn.Module, cfg: float) -> dict[str, float]:
+        """FJD, FD and adherence of `network`'s seeded samples at `cfg` (autocast as the trainer runs)."""
+        val = self.fit()
+        with autocast(engine):
+            latents = sample_latents(network, val.phenotypes, self.batch_size, cfg=cfg, **self.sampling)
+        return quality(val.reference, val.real, pooled_features(latents, self.fit_args["grid"]), val.phenotypes)
+
+    def evaluate(self, engine: Engine) -> None:
+        """Every `interval` epochs and at the last (rank 0): measure, save the EMA network on improvement, record."""
+        epoch = engine.state.epoch
+        if idist.get_rank() != 0 or (epoch % self.interval and epoch != engine.state.max_epochs):
+            return
+        network, real_r = unwrap(self.ema.module), self.fit().adherence_real
+        scores = self.measure(engine, network, self.cfg)
+        improved = scores["fjd"] < self.best
+        if improved:
+            with atomic_write(self.ckpt) as tmp:
+                torch.save(network.state_dict(), tmp)  # a plain MAR state dict, as load_weights reads it
+            self.best, self.best_epoch = scores["fjd"], epoch
+        self.history.append({"epoch": epoch, **scores, "saved": improved})
+        logger.info("sample quality epoch %d: FJD %.4g, FD %.4g, latent adherence r %.3f (real validation %.3f)%s",
+                    epoch, scores["fjd"], scores["fd"], scores["adherence"], real_r,
+                    f"; saved {self.ckpt}" if improved else f"; best FJD {self.best:.4g} at epoch {self.best_epoch}")
+        history = [{k: _json_number(v) if isinstance(v, float) else v for k, v in r.items()} for r in self.history]
+        record = {"criterion": CRITERION, "settings": {"cfg": self.cfg, **self.settings(engine.amp)},
+                  "adherence_real": _json_number(real_r), "best_epoch": self.best_epoch}
+        write_json(self.record_path, record | {"best_fjd": _json_number(self.best), "history": history})
+
+    def choose_cfg(self, engine: Engine) -> None:
+        """At the end of training (rank 0): FJD of the best EMA weights at each candidate cfg -> mar_sampling.json."""
+        if idist.get_rank() != 0 or not self.cfg_candidates:
+            return
+        if not self.ckpt.is_file():
+            logger.warning("no %s: no CFG scale chosen (generate.json's cfg 'auto' will use 3.0)", self.ckpt)
+            return
+        path, digest = self.ckpt.parent / SAMPLING_FILE, file_digest(self.ckpt)
+        settings = {**self.settings(engine.amp), "cfg_candidates": self.cfg_candidates}
+        old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        if old.get("checkpoint_sha256") == digest and old.get("settings") == settings:
+            logger.info("%s already holds the CFG choice for %s: cfg %s", path, self.ckpt, old["cfg"])
+            return
+        network = load_weights(copy.deepcopy(unwrap(self.ema.module)), self.ckpt)
+        scores = {c: self.measure(engine, network, c) for c in self.cfg_candidates}
+        finite = [c for c in self.cfg_candidates if math.isfinite(scores[c]["fjd"])]
+        if not finite:
+            logger.warning("no finite FJD at any cfg in %s: no CFG scale chosen", self.cfg_candidates)
+            return
+        best = min(finite, key=lambda c: scores[c]["fjd"])  # ties: the first listed
+        by = {f"{key}_by_cfg": {str(c): _json_number(scores[c][key]) for c in self.cfg_candidates}
+              for key in ("fjd", "fd", "adherence")}
+        write_json(path, {"cfg": best, "criterion": CRITERION, **by, "settings": settings,
+                          "best_epoch": self.best_epoch, "checkpoint": str(self.ckpt), "checkpoint_sha256": digest})
+        logger.info("CFG scale %s chosen (%s): FJD by cfg %s; written to %s", best, CRITERION, by["fjd_by_cfg"], path)

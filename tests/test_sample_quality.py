@@ -1,0 +1,160 @@
+"""Sample-quality tracking of MAR training: FJD on toy sets, the handler's records, checkpoint selection and resume,
+the CFG choice and generate.json's cfg "auto"."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from ignite.engine import Engine, Events
+from monai.bundle import ConfigParser
+from torch.optim.swa_utils import AveragedModel
+
+from scripts.generation.sample_quality import (
+    DEFAULT_CFG,
+    SAMPLING_FILE,
+    Reference,
+    SampleQuality,
+    pooled_features,
+    quality,
+    sampling_cfg,
+)
+from scripts.runtime.checkpoints import load_weights
+from scripts.runtime.files import file_digest
+from tests.networks import build
+
+torch.set_num_threads(1)
+SHAPE = (4, 5, 4, 4)  # a small latent: 4 tokens of 5 x 2 x 2 patches
+
+
+def toy_latents(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, 4, 5, 6, 6) latents whose spatial patterns follow (n, 3) phenotypes, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    patterns = torch.randn(3, 4, 5, 6, 6, generator=torch.Generator().manual_seed(99))
+    phenotypes = torch.randn(n, 3, generator=g)
+    latents = torch.einsum("np,pcthw->ncthw", phenotypes, patterns) + 0.5 * torch.randn(n, 4, 5, 6, 6, generator=g)
+    return latents, phenotypes.double()
+
+
+def test_fjd_is_zero_for_the_same_set_and_grows_with_shuffled_features_or_pairing() -> None:
+    reference = Reference.fit(pooled_features(toy_latents(300, 0)[0]), toy_latents(300, 0)[1], components=8)
+    latents, phenotypes = toy_latents(120, 1)
+    real = pooled_features(latents)
+    same = quality(reference, real, real, phenotypes)
+    assert abs(same["fjd"]) < 1e-6 and abs(same["fd"]) < 1e-6 and same["adherence"] > 0.9
+    pairing = quality(reference, real, real[torch.randperm(120, generator=torch.Generator().manual_seed(2))],
+                      phenotypes)  # the same latents, given to other conditions
+    assert pairing["fd"] == pytest.approx(same["fd"], abs=1e-6) and pairing["fjd"] > 1.0
+    assert abs(pairing["adherence"]) < 0.3
+    shuffled = real[:, torch.randperm(real.shape[1], generator=torch.Generator().manual_seed(3))]  # other features
+    features = quality(reference, real, shuffled, phenotypes)
+    assert features["fd"] > 1.0 and features["fjd"] > 1.0
+
+
+def _items(n: int, seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"mean": torch.randn(SHAPE, generator=g), "phenotypes": torch.randn(3, generator=g)} for _ in range(n)]
+
+
+def _trainer(ema: AveragedModel, step: float = 0.0) -> Engine:
+    """A stand-in trainer: one iteration per epoch that shifts the EMA network's null embedding by `step`."""
+    def update(engine: Engine, batch: object) -> None:
+        with torch.no_grad():
+            ema.module.null_cond.add_(step)
+
+    engine = Engine(update)
+    engine.amp = False
+    engine.add_event_handler(Events.STARTED, lambda e: setattr(e.state, "device", torch.device("cpu")))
+    return engine
+
+
+def _handler(tmp_path: Path, ema: AveragedModel, **kwargs) -> SampleQuality:
+    args = {"interval": 1, "num_samples": 4, "num_iter": 2, "num_inference_steps": 3, "cfg_candidates": [1.0, 2.0]}
+    return SampleQuality(ema, _items(8, 0), _items(3, 1), tmp_path / "models", tmp_path / "out", **(args | kwargs))
+
+
+def _ema() -> AveragedModel:
+    """A tiny MAR's EMA, its zero-initialised weights made small random ones (else the condition has no effect)."""
+    torch.manual_seed(0)
+    network = build("mar_def", "tiny", n_phenotypes=3, latent_shape=SHAPE, latent_scale=1.0)
+    with torch.no_grad():
+        for p in (p for p in network.parameters() if not p.any()):
+            p.normal_(std=0.02)
+    return AveragedModel(network)
+
+
+def test_handler_saves_on_improvement_only_and_resumes_its_record(tmp_path: Path, monkeypatch, caplog) -> None:
+    ema = _ema()
+    handler = _handler(tmp_path, ema, cfg_candidates=[])
+    scripted = iter([5.0, 7.0, 3.0, 4.0])
+    monkeypatch.setattr(SampleQuality, "measure",
+                        lambda self, engine, network, cfg: {"fjd": next(scripted), "fd": 1.0, "adherence": 0.5})
+    trainer, saved = _trainer(ema, step=1.0), []
+    handler.attach(trainer)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: saved.append(
+        torch.load(tmp_path / "models" / "mar.pt", weights_only=True)["null_cond"][0, 0].item()))
+    start = ema.module.null_cond[0, 0].item()
+    trainer.run([0], max_epochs=3)
+    assert [round(v - start) for v in saved] == [1, 1, 3]  # epochs 1 and 3 improved FJD; epoch 2 kept epoch 1's
+    record = json.loads((tmp_path / "out" / "sample_quality.json").read_text())
+    assert [r["saved"] for r in record["history"]] == [True, False, True]
+    assert record["best_epoch"] == 3 and record["best_fjd"] == 3.0 and record["criterion"] == "FJD on validation"
+
+    torch.save({"best_saver": handler.state_dict()}, tmp_path / "latest.pt")
+    resumed = _handler(tmp_path, ema, cfg_candidates=[])
+    resumed.load_state_dict(torch.load(tmp_path / "latest.pt", weights_only=True)["best_saver"])
+    assert resumed.history == handler.history and (resumed.best, resumed.best_epoch) == (3.0, 3)
+    trainer = _trainer(ema, step=1.0)
+    resumed.attach(trainer)
+    trainer.run([0], max_epochs=1)  # FJD 4.0 > 3.0: mar.pt stays
+    assert torch.load(tmp_path / "models" / "mar.pt", weights_only=True)["null_cond"][0, 0].item() == saved[-1]
+    assert len(json.loads((tmp_path / "out" / "sample_quality.json").read_text())["history"]) == 4
+
+    with caplog.at_level(logging.WARNING):
+        resumed.load_state_dict({"saved": [(0.1, "mar.pt")]})  # a best_saver record from before FJD selection
+    assert "starts afresh" in caplog.text and len(resumed.history) == 4
+
+
+def test_handler_samples_scores_saves_and_chooses_cfg(tmp_path: Path) -> None:
+    ema = _ema()
+    handler = _handler(tmp_path, ema)
+    trainer = _trainer(ema)
+    handler.attach(trainer)
+    trainer.run([0], max_epochs=2)
+    history = json.loads((tmp_path / "out" / "sample_quality.json").read_text())["history"]
+    assert [r["epoch"] for r in history] == [1, 2] and history[0]["fjd"] == history[1]["fjd"]  # same weights, seeds
+    assert history[0]["fjd"] > 0 and [r["saved"] for r in history] == [True, False]
+    ckpt = tmp_path / "models" / "mar.pt"
+    load_weights(build("mar_def", "tiny", n_phenotypes=3, latent_shape=SHAPE, latent_scale=1.0), ckpt)
+    choice = json.loads((tmp_path / "models" / SAMPLING_FILE).read_text())
+    assert choice["cfg"] in (1.0, 2.0) and set(choice["fjd_by_cfg"]) == {"1.0", "2.0"}
+    assert choice["fjd_by_cfg"]["1.0"] != choice["fjd_by_cfg"]["2.0"]
+    assert choice["cfg"] == min((float(c) for c in choice["fjd_by_cfg"]), key=lambda c: choice["fjd_by_cfg"][str(c)])
+    assert choice["criterion"] == "FJD on validation" and choice["settings"]["num_samples"] == 4
+    assert choice["checkpoint_sha256"] == file_digest(ckpt)
+    assert sampling_cfg("auto", tmp_path / "models") == choice["cfg"]
+
+
+def test_cfg_auto_reads_the_choice_and_falls_back_to_3(tmp_path: Path, caplog) -> None:
+    assert sampling_cfg(2, tmp_path) == 2.0 and sampling_cfg("1.5", tmp_path) == 1.5
+    with caplog.at_level(logging.WARNING):
+        assert sampling_cfg("auto", tmp_path) == DEFAULT_CFG == 3.0
+    assert "no " in caplog.text and SAMPLING_FILE in caplog.text
+    (tmp_path / "mar.pt").write_bytes(b"weights")
+    record = {"cfg": 1.5, "criterion": "FJD on validation", "checkpoint_sha256": file_digest(tmp_path / "mar.pt")}
+    (tmp_path / SAMPLING_FILE).write_text(json.dumps(record))
+    assert sampling_cfg("auto", tmp_path) == 1.5
+    parser = ConfigParser()
+    parser.read_config(Path(__file__).resolve().parents[1] / "configs" / "generate.json")
+    parser.update({"ckpt_dir": str(tmp_path)})
+    assert parser.get_parsed_content("generator#sampling#cfg") == 1.5  # generate.json's default cfg is "auto"
+    parser.update({"cfg": 4.0})
+    assert parser.get_parsed_content("generator#sampling#cfg", lazy=False) == 4.0
+    (tmp_path / "mar.pt").write_bytes(b"other weights")  # mar.pt retrained: the recorded choice no longer applies
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert sampling_cfg("auto", tmp_path) == 3.0
+    assert "another" in caplog.text
