@@ -6,7 +6,8 @@ import json
 import time
 from pathlib import Path
 
-from ignite.engine import Engine
+import torch
+from ignite.engine import Engine, Events
 
 from scripts.runtime.budget import EpochBudget
 
@@ -37,6 +38,11 @@ def test_budget_never_below_min_epochs_nor_above_max(tmp_path: Path) -> None:
     fast.attach(engine)
     engine.run([0, 1], max_epochs=4)
     assert engine.state.epoch == 4
+    rounded = EpochBudget(0.5, tmp_path / "rounded.json", measure_epochs=1, round_to=4)
+    engine = _engine(0.1)  # about 5 epochs fit: 4, a multiple of the validation interval
+    rounded.attach(engine)
+    engine.run([0, 1], max_epochs=50)
+    assert engine.state.epoch == 4
 
 
 def test_resumed_budget_keeps_its_decision_and_none_is_off(tmp_path: Path) -> None:
@@ -51,3 +57,17 @@ def test_resumed_budget_keeps_its_decision_and_none_is_off(tmp_path: Path) -> No
     off.attach(engine)
     engine.run([0, 1], max_epochs=5)
     assert engine.state.epoch == 5 and off.state_dict() == {"derived": -1}
+
+
+def test_budget_stretches_a_cosine_schedule_to_the_derived_length(tmp_path: Path) -> None:
+    """A cosine learning rate ends at its minimum at the derived last iteration, not at the configured one."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=2 * 50, eta_min=0.0)
+    budget = EpochBudget(1e6, tmp_path / "b.json", scheduler=cosine)
+    budget.load_state_dict({"derived": 4})  # as a resumed run: 4 epochs of 2 iterations
+    engine = _engine(0.0)
+    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: (optimizer.step(), cosine.step()))
+    budget.attach(engine)
+    engine.run([0, 1], max_epochs=50)
+    assert engine.state.epoch == 4 and cosine.T_max == 8
+    assert optimizer.param_groups[0]["lr"] < 1e-9  # the schedule's end, reached with the run's

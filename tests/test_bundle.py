@@ -56,6 +56,15 @@ def test_unknown_keys_parsing() -> None:
         cli.check_overrides(["/x/monai/bundle/__main__.py", "run", *argv])
 
 
+@pytest.mark.parametrize("value, python", [("false", "False"), ("true", "True"), ("null", "None")])
+def test_json_literals_on_the_command_line_are_refused(value: str, python: str) -> None:
+    """python-fire passes `--resume false` on as the text 'false' (true in Python): refused, naming the spelling."""
+    argv = ["/x/monai/bundle/__main__.py", "run", "--config_file", "configs/train_mar.json", "--resume", value]
+    with pytest.raises(ValueError, match=rf"--resume {value} \(write --resume {python}\)"):
+        cli.check_overrides(argv)
+    cli.check_overrides(argv[:-1] + [python])  # the Python spelling passes
+
+
 def test_tiny_pipeline_runs_the_whole_chain_in_minutes(tmp_path) -> None:
     """phantom -> prepare -> phenotype VAE, autoencoder, latents, MAR -> generate, tiny profile, under 5 minutes."""
     start = time.perf_counter()

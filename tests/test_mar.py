@@ -75,12 +75,13 @@ def test_forward_gradients() -> None:
     assert reached == {n for n, _ in model.named_parameters()}
 
 
-def test_overfits_one_batch() -> None:
-    model = _tiny(dropout=0.0, diffusion_batch_mul=1).train()
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_overfits_one_batch(prediction_type: str) -> None:
+    model = _tiny(dropout=0.0, diffusion_batch_mul=1, prediction_type=prediction_type).train()
     x, ph = torch.randn(2, *LATENT), torch.randn(2, N_PHEN)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(100):
+    for _ in range(300):
         opt.zero_grad()
         loss = model(x, ph)
         loss.backward()
@@ -171,3 +172,42 @@ def test_sampling_clamps_x0_so_an_imperfect_head_cannot_explode() -> None:
     assert torch.isfinite(clipped).all() and clipped.abs().max() <= 5.0
     raw = DiffLoss(8, 16, depth=1, width=32, x0_clip=None).sample(z, generator=torch.Generator().manual_seed(1))
     assert raw.abs().max() > 100.0
+
+
+def _gaussian_oracle(head: DiffLoss, sd: float, shrink: float = 0.0):
+    """The exact output (noise or velocity) for x0 ~ N(0, sd^2) per value, times 1 - `shrink`; variance value -1."""
+    def oracle(x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        acp = head.alphas_cumprod[t][:, None]
+        den = acp * sd**2 + 1 - acp
+        eps, x0 = (1 - acp).sqrt() * x / den, acp.sqrt() * sd**2 * x / den  # E[eps | x_t], E[x0 | x_t]
+        out = acp.sqrt() * eps - (1 - acp).sqrt() * x0 if head.prediction_type == "v_prediction" else eps
+        return torch.cat([out * (1 - shrink), torch.full_like(out, -1.0)], dim=1)
+    return oracle
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_velocity_prediction_tolerates_an_output_error_that_widens_noise_prediction(prediction_type: str) -> None:
+    """An output 10% too small: with noise prediction x0 = (x - sqrt(1 - acp) eps) / sqrt(acp) errs by 0.1 x / sqrt(acp)
+    (2e3 x at t = 999, clamped at 5) and the samples come out wider; with velocity prediction x0 barely moves."""
+    head = DiffLoss(4, 8, depth=1, width=8, prediction_type=prediction_type)
+    stds = {}
+    for shrink in (0.0, 0.1):
+        head.net.forward = _gaussian_oracle(head, 1.0, shrink)
+        x = head.sample(torch.zeros(4000, 8), generator=torch.Generator().manual_seed(0), num_inference_steps=25)
+        stds[shrink] = x.std().item()
+    assert abs(stds[0.0] - 0.92) < 0.03  # 25 respaced steps at the posterior variance (v = -1): a little narrow
+    if prediction_type == "v_prediction":
+        assert abs(stds[0.1] - stds[0.0]) < 0.005
+    else:
+        assert stds[0.1] - stds[0.0] > 0.08
+
+
+def test_a_checkpoint_is_never_sampled_with_the_other_parameterisation() -> None:
+    eps_head, v_head = DiffLoss(4, 8, depth=1, width=8), DiffLoss(4, 8, depth=1, width=8, prediction_type="v_prediction")
+    v_head.load_state_dict(DiffLoss(4, 8, depth=1, width=8, prediction_type="v_prediction").state_dict())
+    with pytest.raises(ValueError, match="trained with prediction_type 'epsilon'"):
+        v_head.load_state_dict(eps_head.state_dict())
+    with pytest.raises(ValueError, match="prediction_type must be one of"):
+        DiffLoss(4, 8, prediction_type="x0")
+    target, z = torch.randn(6, 4), torch.randn(6, 8)
+    assert torch.isfinite(v_head.loss(target, z)) and torch.isfinite(eps_head.loss(target, z))

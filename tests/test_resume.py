@@ -22,7 +22,7 @@ STAGES = [
     pytest.param("phenotype_vae_runs", "phenotype_vae_latest.pt", 2, 4, {"network", "optimizer", "best_saver",
                  "trainer"}, 4, _phenotype_metrics_reach_the_last_epoch, id="phenotype_vae"),  # 1 step per epoch
     pytest.param("autoencoder_runs", "autoencoder_latest.pt", 2, 3, {"network", "discriminator", "optimizer",
-                 "d_optimizer", "lr_scheduler", "best_saver", "trainer"}, 6, None, id="autoencoder"),  # 3 epochs of 2 steps
+                 "d_optimizer", "lr_scheduler", "best_saver", "budget", "trainer"}, 6, None, id="autoencoder"),  # 3 epochs of 2 steps
     pytest.param("mar_runs", "mar_latest.pt", 2, 3, {"network", "ema", "optimizer", "lr_scheduler", "best_saver",
                  "budget", "trainer"}, 12, _mar_ema_and_schedule_count_every_step, id="mar"),  # 3 epochs of 4 steps
     pytest.param("segmenter_runs", "segmenter_latest.pt", 2, 3, {"network", "optimizer", "lr_scheduler", "best_saver",

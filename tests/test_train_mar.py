@@ -14,7 +14,7 @@ import torch
 from scripts.generation.autoencoder import CineAutoencoderKL
 from scripts.generation.latents import latent_dataset, read_latent_stats, scale_factor
 from scripts.generation.mar import MAR
-from scripts.generation.mar_training import mar_eval_step
+from scripts.generation.mar_training import ema_decay, ema_model, mar_eval_step
 from tests.conftest import ONE_THREAD, run_bundle
 from tests.networks import def_kwargs
 from tests.stage_runs import COLUMNS, TINY
@@ -96,3 +96,18 @@ def test_encode_without_autoencoder_names_the_training_config(tmp_path: Path) ->
     assert done.returncode != 0
     assert f"{tmp_path / 'autoencoder.pt'}: checkpoint not found; train it with configs/train_autoencoder.json" in (
         done.stdout + done.stderr)
+
+
+def test_ema_warms_up_and_forgets_the_initial_weights() -> None:
+    """The EMA decay ramps (1 + n) / (10 + n) up to its setting: after 300 steps at decay 0.995 a fixed-decay average
+    would still hold 0.995 ** 300 = 22% of the first weights; the warmed-up one holds under 1%."""
+    assert ema_decay(0.995, 0) == pytest.approx(0.1) and ema_decay(0.995, 10_000) == 0.995
+    network = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(network.weight)
+    ema = ema_model(network, 0.995)
+    ema.update_parameters(network)  # the first update copies the (zero) weights
+    with torch.no_grad():
+        network.weight.fill_(1.0)
+    for _ in range(300):
+        ema.update_parameters(network)
+    assert 0.99 < ema.module.weight.item() < 1.0

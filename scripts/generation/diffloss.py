@@ -101,23 +101,49 @@ def _randn(rows: int, dim: int, generator: Generators, like: torch.Tensor) -> to
     return noise.to(like)
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def _x0(out: torch.Tensor, x_t: torch.Tensor, acp_t: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """x0 from the network output: eps (x0 = (x_t - sqrt(1 - acp) eps) / sqrt(acp), an eps error grows by
+    1 / sqrt(acp) near t = T) or v (x0 = sqrt(acp) x_t - sqrt(1 - acp) v, Salimans & Ho 2022: bounded)."""
+    if prediction_type == "v_prediction":
+        return acp_t.sqrt() * x_t - (1 - acp_t).sqrt() * out
+    return (x_t - (1 - acp_t).sqrt() * out) / acp_t.sqrt()
+
+
 class DiffLoss(nn.Module):
-    """Diffusion loss and sampler for tokens of size `token_dim` given z of size `z_dim`; training reuses each z for
+    """Diffusion loss and sampler for tokens of size `token_dim` given z of size `z_dim`; the network predicts the
+    noise ("epsilon", as the authors) or the velocity ("v_prediction"); training reuses each z for
     `diffusion_batch_mul` noise draws; sampling clamps the predicted x0 to +-`x0_clip` (None: no clamp)."""
 
     def __init__(self, token_dim: int, z_dim: int, depth: int = 3, width: int = 1024,
-                 num_train_timesteps: int = 1000, diffusion_batch_mul: int = 4, x0_clip: float | None = 5.0) -> None:
+                 num_train_timesteps: int = 1000, diffusion_batch_mul: int = 4, x0_clip: float | None = 5.0,
+                 prediction_type: str = "epsilon") -> None:
         super().__init__()
-        self.token_dim, self.diffusion_batch_mul = token_dim, diffusion_batch_mul
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        self.token_dim, self.diffusion_batch_mul, self.prediction_type = token_dim, diffusion_batch_mul, prediction_type
         self.net = AdaLNMLP(token_dim, z_dim, width, depth)
         # x0 clamp = DDPM's clip_denoised; tokens have unit variance, so 5 is a no-op for a good predictor
         self.scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, schedule="cosine",
                                        variance_type="learned_range", clip_sample=x0_clip is not None,
                                        clip_sample_min=-(x0_clip or 0.0), clip_sample_max=x0_clip or 0.0)
         self.register_buffer("alphas_cumprod", self.scheduler.alphas_cumprod.clone(), persistent=False)
+        # saved with the weights, so a checkpoint is never sampled with the other parameterisation (float: EMA-safe)
+        self.register_buffer("v_prediction", torch.tensor(float(prediction_type == "v_prediction")))
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
+        """ValueError where the checkpoint's parameterisation differs from this head's."""
+        saved = state_dict.get(prefix + "v_prediction")
+        if saved is not None and bool(saved) != bool(self.v_prediction):
+            trained = PREDICTION_TYPES[int(bool(saved))]
+            raise ValueError(f"the MAR checkpoint was trained with prediction_type {trained!r}, the network is configured "
+                             f"with {self.prediction_type!r}: set mar_def#prediction_type to {trained!r}")
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def loss(self, target: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean over masked tokens of MSE(noise) + variational bound of the learned variance (bits per value).
+        """Mean over masked tokens of MSE(noise or velocity) + variational bound of the learned variance (bits per value).
         target (N, token_dim), z (N, z_dim), mask (N,) true/1 where the token is masked (None: all tokens)."""
         if mask is not None:
             target, z = target[mask.bool()], z[mask.bool()]  # only masked tokens carry a loss
@@ -126,35 +152,36 @@ class DiffLoss(nn.Module):
         t = torch.randint(0, self.scheduler.num_train_timesteps, (x0.shape[0],), device=x0.device)
         noise = torch.randn_like(x0)
         x_t = self.scheduler.add_noise(x0, noise, t)
-        eps, v = self.net(x_t, t, z).chunk(2, dim=1)
-        mse = (noise - eps).pow(2).mean(dim=1)
-        return (mse + self._variance_bound(x0, x_t, t, eps.detach(), v)).mean()
+        out, v = self.net(x_t, t, z).chunk(2, dim=1)
+        goal = self.scheduler.get_velocity(x0, noise, t) if self.prediction_type == "v_prediction" else noise
+        mse = (goal - out).pow(2).mean(dim=1)
+        return (mse + self._variance_bound(x0, x_t, t, out.detach(), v)).mean()
 
-    def _variance_bound(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+    def _variance_bound(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor,
                         v: torch.Tensor) -> torch.Tensor:
-        """KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) / log 2 per token (N,), trains only v (eps is detached)."""
+        """KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) / log 2 per token (N,), trains only v (out is detached)."""
         # no term at t = 0: the sampler adds no noise at its last step (the authors' discretised-pixel likelihood
         # there assumes 8-bit images, not continuous latents)
         acp_t = self.alphas_cumprod[t][:, None]  # (N, 1)
         acp_prev = torch.where(t > 0, self.alphas_cumprod[(t - 1).clamp(min=0)], 1.0)[:, None]
         true_mean, beta, post_var = _posterior(x0, x_t, acp_t, acp_prev)
         post_var = post_var.clamp(min=1e-20)  # t = 0 has variance 0; keeps the masked-out branch finite
-        x0_pred = (x_t - (1 - acp_t).sqrt() * eps) / acp_t.sqrt()
-        mean, _, _ = _posterior(x0_pred, x_t, acp_t, acp_prev)
+        mean, _, _ = _posterior(_x0(out, x_t, acp_t, self.prediction_type), x_t, acp_t, acp_prev)
         log_var, true_log_var = _learned_log_variance(v, beta, post_var), post_var.log()
         kl = 0.5 * (-1 + log_var - true_log_var + (true_log_var - log_var).exp()
                     + (true_mean - mean).pow(2) * (-log_var).exp())
         return torch.where(t > 0, kl.mean(dim=1) / math.log(2), 0.0)
 
     def _predict(self, x: torch.Tensor, t: int, z: torch.Tensor, cfg: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (n, D), z (n or 2n, Dz) -> eps, v (n, D); with cfg > 1, z = [cond; uncond] and eps is guided."""
+        """x (n, D), z (n or 2n, Dz) -> output (eps or velocity), v (n, D); with cfg > 1, z = [cond; uncond] and the
+        output is guided (linear in either parameterisation)."""
         guided = cfg > 1.0
         xx = torch.cat([x, x]) if guided else x
-        eps, v = self.net(xx, torch.full((xx.shape[0],), t, device=x.device), z).chunk(2, dim=1)
+        out, v = self.net(xx, torch.full((xx.shape[0],), t, device=x.device), z).chunk(2, dim=1)
         if guided:
-            eps_cond, eps_uncond = eps.chunk(2)
-            return eps_uncond + cfg * (eps_cond - eps_uncond), v[: x.shape[0]]
-        return eps, v
+            out_cond, out_uncond = out.chunk(2)
+            return out_uncond + cfg * (out_cond - out_uncond), v[: x.shape[0]]
+        return out, v
 
     @torch.no_grad()
     def sample(self, z: torch.Tensor, temperature: float = 1.0, cfg: float = 1.0, generator: Generators = None,
@@ -168,11 +195,11 @@ class DiffLoss(nn.Module):
         steps = self.scheduler.timesteps.tolist()  # descending, e.g. 999, 989, ..., 0
         x = _randn(n, self.token_dim, generator, z)
         for t, prev in zip(steps, steps[1:] + [None]):
-            eps, v = self._predict(x, t, z, cfg)
+            out, v = self._predict(x, t, z, cfg)
             acp_t = self.alphas_cumprod[t]
             acp_prev = self.alphas_cumprod[prev] if prev is not None else torch.ones_like(acp_t)
-            x0 = (x - (1 - acp_t).sqrt() * eps) / acp_t.sqrt()
-            if self.scheduler.clip_sample:  # 1 / sqrt(acp) is 2e4 at t = 999: a small eps error would explode
+            x0 = _x0(out, x, acp_t, self.prediction_type)
+            if self.scheduler.clip_sample:  # with eps, 1 / sqrt(acp) is 2e4 at t = 999: a small error would explode
                 x0 = x0.clamp(*self.scheduler.clip_sample_values)
             x, beta, post_var = _posterior(x0, x, acp_t, acp_prev)
             if prev is not None:

@@ -87,7 +87,7 @@ class MAR(nn.Module):
                  decoder_depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, dropout: float = 0.1,
                  buffer_size: int = 64, cond_drop_prob: float = 0.1, mask_ratio_min: float = 0.7,
                  head_depth: int = 3, head_width: int = 1024, num_train_timesteps: int = 1000,
-                 diffusion_batch_mul: int = 4, latent_scale: float = 1.0) -> None:
+                 diffusion_batch_mul: int = 4, latent_scale: float = 1.0, prediction_type: str = "epsilon") -> None:
         super().__init__()
         self.latent_shape, self.patch_size = tuple(latent_shape), tuple(patch_size)
         if any(s % p for s, p in zip(self.latent_shape[1:], self.patch_size)):
@@ -113,7 +113,7 @@ class MAR(nn.Module):
         self.diffusion_pos = nn.Parameter(torch.zeros(1, self.seq_len, width))
         self._init_weights()  # before the head, which has its own initialisation
         self.diffloss = DiffLoss(self.token_dim, width, head_depth, head_width, num_train_timesteps,
-                                 diffusion_batch_mul)  # head_width must exceed token_dim, see docs/README.md
+                                 diffusion_batch_mul, prediction_type=prediction_type)  # head_width > token_dim
 
     def _init_weights(self) -> None:
         for p in (self.null_cond, self.mask_token, self.encoder_pos, self.decoder_pos, self.diffusion_pos):

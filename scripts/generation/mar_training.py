@@ -6,7 +6,7 @@ import torch
 from ignite.engine import Engine
 from monai.networks import eval_mode
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from scripts.generation.autoencoder import CineAutoencoderKL
 from scripts.runtime.distributed import unwrap
@@ -14,9 +14,20 @@ from scripts.runtime.handlers import autocast, seeded
 
 
 # ---------------------------------------------------------------------------------------------------- MAR (stage 3)
+def ema_decay(decay: float, num_averaged: int) -> float:
+    """The decay of the EMA update after `num_averaged` updates: min(decay, (1 + n) / (10 + n)), so the average
+    forgets the initial weights within the first hundreds of steps however close `decay` is to 1."""
+    return min(decay, (1 + num_averaged) / (10 + num_averaged))
+
+
 def ema_model(network: nn.Module, decay: float) -> AveragedModel:
-    """Exponential moving average of `network`'s parameters and buffers (torch's AveragedModel), decay per step."""
-    return AveragedModel(unwrap(network), multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    """Exponential moving average of `network`'s parameters and buffers (torch's AveragedModel) with a warm-up of the
+    decay per step (`ema_decay`; torch's get_ema_multi_avg_fn has a fixed decay)."""
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        weight = 1.0 - ema_decay(decay, int(num_averaged))
+        for a, c in zip(averaged, current):
+            a.lerp_(c, weight)
+    return AveragedModel(unwrap(network), multi_avg_fn=update, use_buffers=True)
 
 
 class MARStep:

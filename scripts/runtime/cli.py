@@ -1,4 +1,5 @@
-"""Command-line guard for `python -m monai.bundle run`: reject override keys that no config defines."""
+"""Command-line guard for `python -m monai.bundle run`: reject override keys that no config defines and JSON
+spellings (`true`, `false`, `null`) that the command line would pass on as text."""
 
 # MONAI silently adds an unknown `--key value` pair as a new config entry, so a typo such as `--num_subject 5`
 # would run with the default; this check turns it into a clear error.
@@ -59,12 +60,35 @@ def unknown_keys(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return [k for k in pairs if k not in known and k.split("#")[0] not in forward], sorted(known)
 
 
+def as_bool(value: object, key: str) -> bool:
+    """A true/false setting: a bool, or the text `true`/`false` (any case) that `--key true` on the command line gives;
+    ValueError naming the key for anything else."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError(f"--{key} must be true or false, got {value!r}")
+
+
+# The command line (python-fire) reads Python literals: `--resume false` would arrive as the text 'false', which is
+# true, and `--mar#time_budget_s null` as the text 'null'.
+JSON_LITERALS = {"true": "True", "false": "False", "null": "None"}
+
+
+def json_literal_values(argv: Sequence[str]) -> list[str]:
+    """`--key value` pairs whose value is a JSON literal, each with the Python spelling to use instead."""
+    return [f"--{k} {v} (write --{k} {JSON_LITERALS[v]})" for k, v in _cli_pairs(argv).items() if v in JSON_LITERALS]
+
+
 def check_overrides(argv: Sequence[str] | None = None) -> None:
-    """Raise `ValueError` naming each unknown `--key` (with a close match, if any).
+    """Raise `ValueError` naming each unknown `--key` (with a close match, if any) or JSON-literal value.
     Only acts when the process is `python -m monai.bundle run ...`; inside other programs it does nothing."""
     argv = list(sys.argv if argv is None else argv)
     if not (argv and argv[0].replace("\\", "/").endswith("monai/bundle/__main__.py") and "run" in argv[1:2]):
         return
+    literals = json_literal_values(argv[2:])
+    if literals:
+        raise ValueError(f"the command line takes Python literals: {', '.join(literals)}")
     bad, known = unknown_keys(argv[2:])
     if bad:
         hints = [f"--{k}" + "".join(f" (did you mean --{c}?)" for c in difflib.get_close_matches(k, known, n=1)) for k in bad]
