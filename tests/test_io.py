@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from scripts.data.cine_files import CineError, load_cine, load_subject
-from scripts.runtime.files import atomic_write
+from scripts.runtime.files import atomic_write, check_disjoint
 
 SHAPE = (120, 100)  # X, Y
 
@@ -58,9 +58,10 @@ def write_nifti(path: Path, array: np.ndarray, spacing: tuple[float, float] = (1
 
 
 def write_dicom_series(folder: Path, cine: np.ndarray, spacing: tuple[float, float], instance: list[int],
-                       timing: dict[str, float]) -> None:
-    """One MR file per frame of an (X, Y, T) cine; `timing` holds TriggerTime step (ms) or NominalInterval/HeartRate."""
-    folder.mkdir(parents=True)
+                       timing: dict[str, float], series_number: int = 1, prefix: str = "IM") -> None:
+    """One MR file per frame of an (X, Y, T) cine, named `<prefix>NNNN.dcm`, as a new series (SeriesInstanceUID) in
+    `folder`; `timing` holds TriggerTime step (ms) or NominalInterval/HeartRate."""
+    folder.mkdir(parents=True, exist_ok=True)
     series = generate_uid()
     for t in range(cine.shape[2]):
         ds = Dataset()
@@ -69,7 +70,7 @@ def write_dicom_series(folder: Path, cine: np.ndarray, spacing: tuple[float, flo
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.SOPClassUID, ds.SeriesInstanceUID, ds.Modality = MRImageStorage, series, "MR"
-        ds.InstanceNumber = instance[t]
+        ds.InstanceNumber, ds.SeriesNumber = instance[t], series_number
         for key, value in timing.items():
             setattr(ds, key, t * value if key == "TriggerTime" else value)
         ds.ImagePositionPatient, ds.ImageOrientationPatient = [0, 0, 0], [1, 0, 0, 0, 1, 0]
@@ -79,7 +80,7 @@ def write_dicom_series(folder: Path, cine: np.ndarray, spacing: tuple[float, flo
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
         ds.PixelData = frame.tobytes()
-        ds.save_as(folder / f"IM{(7 * t) % cine.shape[2]:04d}.dcm", enforce_file_format=True)  # names out of order
+        ds.save_as(folder / f"{prefix}{(7 * t) % cine.shape[2]:04d}.dcm", enforce_file_format=True)  # names out of order
 
 
 @pytest.fixture
@@ -199,3 +200,109 @@ def test_atomic_write(tmp_path: Path) -> None:
         tmp.write_bytes(b"half")
         raise RuntimeError("writer failed")
     assert np.array_equal(np.load(target), np.arange(3)) and [p.name for p in target.parent.iterdir()] == ["a.npy"]
+
+
+# ------------------------------------------------------------------------- corrupt files and series (issue 14)
+def _edit_dicom(path: Path, **tags: object) -> None:
+    ds = pydicom.dcmread(path)
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    ds.save_as(path)
+
+
+def _series(tmp_path: Path, frames: int = 25, **kwargs: object) -> Path:
+    folder = tmp_path / "series"
+    write_dicom_series(folder, synthetic_cine(frames)[0], (1.5, 1.5), list(range(1, frames + 1)), {"TriggerTime": 30},
+                       **kwargs)
+    return folder
+
+
+def _patched_nifti(tmp_path: Path, offset: int, values: list[int]) -> Path:
+    """An uncompressed NIfTI cine with int16 `values` written into its header at byte `offset`."""
+    path = write_nifti(tmp_path / "patched.nii", synthetic_cine()[0])
+    raw = bytearray(path.read_bytes())
+    raw[offset:offset + 2 * len(values)] = np.asarray(values, "<i2").tobytes()
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_invalid_nifti_datatype_code(tmp_path: Path) -> None:
+    path = _patched_nifti(tmp_path, 70, [1234])  # datatype (bytes 70-71): no such code, nibabel's HeaderDataError
+    _raises(path, str(path), "cannot read the image")
+
+
+def test_header_claiming_a_huge_image_is_refused_before_reading(tmp_path: Path) -> None:
+    path = _patched_nifti(tmp_path, 40, [4, 30000, 30000, 1, 30000])  # dim: 2.7e13 voxels in a 1.2 MB file
+    _raises(path, str(path), "(30000, 30000, 1, 30000) voxels", "more than the file can hold")
+
+
+def test_dicom_non_numeric_pixel_spacing(tmp_path: Path) -> None:
+    folder = _series(tmp_path)
+    for path in folder.iterdir():
+        raw = path.read_bytes()
+        assert raw.count(b"1.5\\1.5") == 1
+        path.write_bytes(raw.replace(b"1.5\\1.5", b"abc\\1.5"))
+    _raises(folder, str(folder), "PixelSpacing is not 2 numbers in every file", "abc")
+
+
+def test_dicom_compressed_without_decoder(tmp_path: Path) -> None:
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGLSLossless
+
+    folder = _series(tmp_path)
+    for path in folder.iterdir():
+        ds = pydicom.dcmread(path)
+        ds.file_meta.TransferSyntaxUID = JPEGLSLossless
+        ds.PixelData = encapsulate([b"\xff\xd8 not a JPEG-LS stream \xff\xd9"])
+        ds["PixelData"].VR = "OB"
+        ds.save_as(path, enforce_file_format=True)
+    _raises(folder, str(folder), "unsupported compressed transfer syntax JPEG-LS Lossless Image Compression")
+
+
+def test_dicom_folder_with_two_series_reads_one(tmp_path: Path) -> None:
+    """Two 25-frame series (30 ms steps) in one folder were merged into one 50-frame cine; now series 2 is read."""
+    first = np.rint(synthetic_cine(seed=1)[0]).clip(0).astype(np.float32)
+    second = np.rint(synthetic_cine(seed=2)[0]).clip(0).astype(np.float32)
+    folder = tmp_path / "series"
+    write_dicom_series(folder, first, (1.5, 1.5), list(range(1, 26)), {"TriggerTime": 30}, series_number=1, prefix="A")
+    write_dicom_series(folder, second, (1.5, 1.5), list(range(1, 26)), {"TriggerTime": 30}, series_number=2,
+                       prefix="B")
+    cine = load_cine(folder, "s1")
+    assert cine.array.shape[2] == 25 and np.array_equal(cine.array, second)
+    assert cine.frame_interval_s == pytest.approx(0.030)
+    assert "2 DICOM series in the folder: read series 2" in cine.note and "ignored series 1" in cine.note
+
+
+def test_dicom_folder_with_a_localiser_reads_the_cine(tmp_path: Path) -> None:
+    folder = _series(tmp_path, series_number=5)
+    write_dicom_series(folder, synthetic_cine(frames=3)[0], (1.5, 1.5), [1, 2, 3], {"TriggerTime": 0},
+                       series_number=9, prefix="LOC")
+    cine = load_cine(folder, "s1")
+    assert cine.array.shape[2] == 25 and "read series 5" in cine.note and "only 3 frame(s)" in cine.note
+
+
+def test_dicom_orientation_change_within_a_series(tmp_path: Path) -> None:
+    folder = _series(tmp_path)
+    _edit_dicom(folder / "IM0007.dcm", ImageOrientationPatient=[0, 1, 0, 0, 0, -1])
+    _raises(folder, str(folder), "ImageOrientationPatient changes between frames")
+
+
+def test_dicom_repeated_trigger_time(tmp_path: Path) -> None:
+    folder = _series(tmp_path)
+    _edit_dicom(folder / "IM0007.dcm", TriggerTime=60.0)  # IM0007 is frame 1 (30 ms): now equal to frame 2
+    _raises(folder, str(folder), "1 frame(s) repeat a TriggerTime")
+
+
+def test_dicom_missing_frame_is_noted(tmp_path: Path) -> None:
+    folder = _series(tmp_path)
+    (folder / "IM0007.dcm").unlink()  # frame 1 of 25
+    cine = load_cine(folder, "s1")
+    assert cine.array.shape[2] == 24 and "uneven TriggerTime steps (30 to 60 ms)" in cine.note
+
+
+def test_check_disjoint(tmp_path: Path) -> None:
+    src = tmp_path / "cohort"
+    check_disjoint({"--dataset_dir": src, "--phenotypes_csv": None}, {"--output_dir": tmp_path / "prepared"})
+    for out, how in ((src, "is"), (src / "prepared", "lies inside"), (tmp_path, "contains")):
+        with pytest.raises(ValueError, match=f"--output_dir {out} {how} --dataset_dir {src}"):
+            check_disjoint({"--dataset_dir": src}, {"--output_dir": out})

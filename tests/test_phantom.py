@@ -131,3 +131,19 @@ def test_speed_500_subjects_under_3_minutes(tmp_path) -> None:
     start = time.perf_counter()
     phantom.make_cohort(tmp_path / "ph", 500, seed=0, num_workers=2)
     assert time.perf_counter() - start < 180
+
+
+def test_refuses_a_non_empty_folder_it_did_not_make(tmp_path) -> None:
+    """make_phantom overwrote the phenotypes.csv and labels.csv of any folder it was pointed at."""
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "phenotypes.csv").write_text("eid,LVEF\n1,60\n")
+    with pytest.raises(ValueError, match=f"--output_dir {out} is not empty and not a phantom cohort"):
+        phantom.make_cohort(out, 1, seed=1, num_workers=1, montage_subjects=0)
+    assert (out / "phenotypes.csv").read_text() == "eid,LVEF\n1,60\n"
+    phantom.make_cohort(out, 1, seed=1, num_workers=1, montage_subjects=0, overwrite=True)
+    phantom.make_cohort(out, 1, seed=1, num_workers=1, montage_subjects=0)  # a rerun of the same settings
+    with pytest.raises(ValueError, match="a phantom cohort of other settings"):
+        phantom.make_cohort(out, 1, seed=2, num_workers=1, montage_subjects=0)
+    with pytest.raises(ValueError, match="--overwrite must be true or false, got 'yes'"):
+        phantom.make_cohort(out, 1, seed=2, num_workers=1, montage_subjects=0, overwrite="yes")

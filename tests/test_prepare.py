@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -14,6 +16,7 @@ from test_io import synthetic_cine, write_nifti
 
 from scripts.data.phenotypes import PhenotypeTableError
 from scripts.data.prepare import prepare, split_counts, split_subjects
+from scripts.runtime.files import file_digest
 from tests.conftest import run_bundle
 from tests.stage_runs import prepared_folder
 
@@ -176,3 +179,72 @@ def test_real_demo_subject(ukbb_demo: Path, tmp_path: Path) -> None:
     assert np.argmax(_lv_area(np.load(tmp_path / "labels" / "1.npy"))) == 0
     assert _heart_fraction(ukbb_demo / "1" / "seg4_la_4ch.nii.gz", record["crop_box"]) >= 0.99
     assert record["original_shape"] == [208, 180, 50] and record["frame_interval_s"] == pytest.approx(0.01752)
+
+
+# ---------------------------------------------------------------------------------- reliability (issue 14)
+def _small_cohort(cohort: Path, root: Path, names: tuple[str, ...] = ("s1", "s2")) -> Path:
+    """Links to `names` of the module cohort (no tables) in a new folder."""
+    for name in names:
+        (root / name).mkdir(parents=True)
+        for file in ("la_4ch.nii.gz", "seg4_la_4ch.nii.gz"):
+            (root / name / file).symlink_to(cohort / name / file)
+    return root
+
+
+def test_any_subject_error_skips_only_that_subject(cohort: Path, tmp_path: Path) -> None:
+    """An invalid NIfTI datatype code (nibabel's HeaderDataError, once re-raised, stopping the run) and a DICOM folder
+    without a decodable series are skipped, with subject, file and reason in report.json and report.md."""
+    root = _small_cohort(cohort, tmp_path / "cohort")
+    raw = bytearray(gzip.decompress((cohort / "s3" / "la_4ch.nii.gz").read_bytes()))
+    raw[70:72] = np.int16(1234).tobytes()  # NIfTI datatype code: no such type
+    (root / "bad_type").mkdir()
+    (root / "bad_type" / "la_4ch.nii.gz").write_bytes(gzip.compress(bytes(raw)))
+    (root / "bad_type" / "seg4_la_4ch.nii.gz").symlink_to(cohort / "s3" / "seg4_la_4ch.nii.gz")
+    (root / "empty_dicom" / "la_4ch.nii.gz").mkdir(parents=True)  # a folder: read as a DICOM series, none there
+    (root / "no_image").mkdir()
+    report = prepare(root, tmp_path / "out", num_workers=0)
+    assert report["prepared"] == 2 and report["skipped_by_error"] == {"CineError": 2}
+    assert report["folders_without_image"] == ["no_image"]
+    skipped = {s["subject"]: s for s in _report(tmp_path / "out")["skipped"]}
+    assert skipped["bad_type"]["file"] == str(root / "bad_type" / "la_4ch.nii.gz")
+    assert "cannot read the image" in skipped["bad_type"]["reason"]
+    assert "no DICOM file in the folder" in skipped["empty_dicom"]["reason"]
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert all(f"`{s}` ({skipped[s]['file']})" in text for s in skipped)
+
+
+def test_unexpected_errors_are_subject_errors_too(cohort: Path, tmp_path: Path, monkeypatch) -> None:
+    """An error of any type inside the transforms skips the subject (named with its file and the error type); running
+    out of memory stops the run."""
+    def fail(*args: object) -> float:
+        raise ZeroDivisionError("boom")
+
+    monkeypatch.setattr("scripts.data.prepare.box_fraction", fail)
+    root = _small_cohort(cohort, tmp_path / "cohort")
+    with pytest.raises(ValueError, match="no subject could be prepared"):
+        prepare(root, tmp_path / "out", num_workers=0)
+    report = _report(tmp_path / "out")
+    assert report["skipped_by_error"] == {"ZeroDivisionError": 2}
+    assert report["skipped"][0]["reason"] == (f"subject 's1': {root / 's1' / 'la_4ch.nii.gz'}: preprocessing failed "
+                                              "(ZeroDivisionError: boom)")
+    assert "ZeroDivisionError: boom" in (tmp_path / "out" / "report.md").read_text()
+
+    def out_of_memory(*args: object) -> float:
+        raise MemoryError
+
+    monkeypatch.setattr("scripts.data.prepare.box_fraction", out_of_memory)
+    with pytest.raises(RuntimeError) as error:
+        prepare(root, tmp_path / "out2", num_workers=0)
+    assert isinstance(error.value.__cause__, MemoryError)
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "containing"])
+def test_output_overlapping_the_dataset_is_refused(cohort: Path, tmp_path: Path, where: str) -> None:
+    """prepare with --output_dir = --dataset_dir rewrote the source phenotypes.csv, exit 0."""
+    root = tmp_path / "data" / "cohort"
+    shutil.copytree(cohort, root, symlinks=True)
+    before = {p: file_digest(p) for p in root.rglob("*") if p.is_file()}
+    out = {"same": root, "inside": root / "prepared", "containing": tmp_path / "data"}[where]
+    with pytest.raises(ValueError, match=f"--output_dir {out} .* --dataset_dir {root}"):
+        prepare(root, out, num_workers=0)
+    assert {p: file_digest(p) for p in root.rglob("*") if p.is_file()} == before

@@ -3,7 +3,10 @@ A cine is (X, Y, T) in NIfTI index order (X = DICOM columns, Y = rows), spacing 
 
 from __future__ import annotations
 
-import zlib
+import math
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -11,26 +14,53 @@ import nibabel as nib
 import numpy as np
 import pydicom
 from monai.data import PydicomReader
-from nibabel.filebasedimages import ImageFileError
+from pydicom.pixels import get_decoder
 
 MIN_FRAMES = 10
 MAX_LABEL = 5  # labels 0 background, 1 LV, 2 Myo, 3 RV, 4 LA, 5 RA
 LV_LABEL = 1
 EXPECTED = "a 2D cine X x Y x 1 x T"
+GEOMETRY_TAGS = {"ImagePositionPatient": [0, 0, 0], "ImageOrientationPatient": [1, 0, 0, 0, 1, 0],
+                 "PixelSpacing": [1, 1]}  # DICOM geometry tags and the value assumed where a file has none
+UNEVEN_STEP = 2.0  # a TriggerTime step this many times the median one: a missing frame (two steps in one)
+DEFLATE_MAX_RATIO = 1032  # the most a deflate (gzip) stream can expand: a format limit (RFC 1951), not a measurement
 
 
 class CineError(ValueError):
-    """A cine or label cine that cannot be used; the message names the file (and subject) and the problem."""
+    """A cine or label cine that cannot be used; the message names the file (and subject) and the problem, `path` the
+    file (`load_cine` sets it where the raiser did not)."""
+
+    def __init__(self, message: str, path: str | Path | None = None) -> None:
+        super().__init__(message)
+        self.path = str(path) if path else None
 
 
 @dataclass(frozen=True)
 class Cine:
-    """One 2D+time cine: `array` (X, Y, T) (float32; uint8 for label cines from `load_subject`)."""
+    """One 2D+time cine: `array` (X, Y, T) (float32; uint8 for label cines from `load_subject`); `note`: what the
+    reader chose or found odd but usable (e.g. which of several DICOM series it read), "" if nothing."""
 
     array: np.ndarray
     spacing_mm: tuple[float, float]
     frame_interval_s: float
     affine: np.ndarray
+    note: str = ""
+
+
+def one_line(error: BaseException) -> str:
+    """`<type>: <message>` of an exception on one line."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+
+@contextmanager
+def reading(where: str, what: str) -> Iterator[None]:
+    """Turn any error in the block (a CineError or MemoryError aside) into a CineError `<where>: <what> (<error>)`."""
+    try:
+        yield
+    except (CineError, MemoryError):
+        raise
+    except Exception as e:  # a corrupt file can raise anything inside nibabel or pydicom
+        raise CineError(f"{where}: {what} ({one_line(e)})") from e
 
 
 # ------------------------------------------------------------------------------------------------------------ reading
@@ -47,26 +77,38 @@ def frame_interval_from_header(header: nib.Nifti1Header) -> float:
     return value / 1e6 if unit == "usec" else value
 
 
-def _as_xyt(data: np.ndarray, where: str) -> np.ndarray:
-    """(X, Y, 1, T[, 1...]) -> (X, Y, T); CineError naming the shape found for anything else."""
-    shape = data.shape
-    while data.ndim > 4 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim == 4 and data.shape[2] == 1:
-        return data[:, :, 0]
+def _xyt(shape: tuple[int, ...], where: str) -> tuple[int, int, int]:
+    """(X, Y, T) of an (X, Y, 1, T[, 1...]) image shape; CineError naming the shape found for anything else."""
+    dims = list(shape)
+    while len(dims) > 4 and dims[-1] == 1:
+        dims.pop()
+    if len(dims) == 4 and dims[2] == 1:
+        return dims[0], dims[1], dims[3]
     kind = {2: "a single 2D frame", 3: "a 3D volume with no time axis"}.get(
-        data.ndim, f"{data.shape[2]} slices over time (a 3D volume)" if data.ndim == 4 else f"a {data.ndim}D image")
-    raise CineError(f"{where}: found shape {shape}, {kind}; expected {EXPECTED}")
+        len(dims), f"{dims[2]} slices over time (a 3D volume)" if len(dims) == 4 else f"a {len(dims)}D image")
+    raise CineError(f"{where}: found shape {tuple(shape)}, {kind}; expected {EXPECTED}")
+
+
+def _check_data_size(path: Path, image: nib.Nifti1Image, where: str) -> None:
+    """CineError where the header claims more voxel bytes than the file can hold (corrupt header, truncated file),
+    checked before any voxel is read."""
+    need = math.prod(image.shape) * image.header.get_data_dtype().itemsize
+    room = path.stat().st_size - int(image.header.get("vox_offset", 0))
+    if path.suffix == ".gz":
+        room *= DEFLATE_MAX_RATIO
+    if need > room:
+        raise CineError(f"{where}: the header claims {image.shape} voxels of {image.header.get_data_dtype()} "
+                        f"({need} bytes), more than the file can hold; header corrupt or file truncated")
 
 
 def _read_nifti(path: Path, where: str) -> Cine:
-    try:
-        img = nib.load(path)
-        data = img.get_fdata(dtype=np.float32)
-    except (OSError, EOFError, zlib.error, ValueError, ImageFileError) as e:
-        raise CineError(f"{where}: cannot read the image, file truncated or corrupt ({type(e).__name__}: {e})") from e
-    spacing = tuple(float(v) for v in img.header["pixdim"][1:3])
-    return Cine(_as_xyt(data, where), spacing, frame_interval_from_header(img.header), np.asarray(img.affine))
+    with reading(where, "cannot read the image, file truncated or corrupt"):
+        image = nib.load(path)
+        shape = _xyt(image.shape, where)
+        _check_data_size(path, image, where)
+        data = image.get_fdata(dtype=np.float32).reshape(shape)
+        spacing = tuple(float(v) for v in image.header["pixdim"][1:3])
+        return Cine(data, spacing, frame_interval_from_header(image.header), np.asarray(image.affine))
 
 
 def _dicom_frame_interval(headers: list[pydicom.Dataset], where: str) -> float:
@@ -83,40 +125,138 @@ def _dicom_frame_interval(headers: list[pydicom.Dataset], where: str) -> float:
     raise CineError(f"{where}: no TriggerTime, NominalInterval or HeartRate: cannot tell the frame interval")
 
 
+def _dicom_headers(folder: Path, where: str) -> dict[Path, pydicom.Dataset]:
+    """Headers (no pixel data) of the DICOM files of a folder, by path, sorted by name."""
+    headers = {}
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and pydicom.misc.is_dicom(p)):
+        with reading(where, f"{path.name}: cannot read the DICOM header, file truncated or corrupt"):
+            headers[path] = pydicom.dcmread(path, stop_before_pixels=True)
+    if not headers:
+        raise CineError(f"{where}: no DICOM file in the folder; expected one file per frame of {EXPECTED}")
+    return headers
+
+
+def _distinct(headers: list[pydicom.Dataset], key: str) -> int:
+    """How many different values (numbers rounded to 0.01) the GEOMETRY_TAGS `key` takes over the headers."""
+    return len({tuple(np.round(np.asarray(h.get(key, GEOMETRY_TAGS[key]), float), 2)) for h in headers})
+
+
+def _series_problem(headers: list[pydicom.Dataset]) -> str:
+    """Why the headers of one series are not a single-slice cine, one file per frame ("" if they are)."""
+    for key, default in GEOMETRY_TAGS.items():
+        try:
+            np.asarray([h.get(key, default) for h in headers], float)
+        except (ValueError, TypeError):
+            values = sorted({str(h.get(key, default)) for h in headers})
+            return f"{key} is not {len(default)} numbers in every file (values {', '.join(values[:3])})"
+    instance = [h.get("InstanceNumber") for h in headers]
+    problems = [
+        (len(headers) < MIN_FRAMES, f"only {len(headers)} frame(s); a cine needs at least {MIN_FRAMES}"),
+        (None in instance, f"{instance.count(None)} file(s) without InstanceNumber"),
+        (len(set(instance)) < len(instance), "duplicate InstanceNumber"),
+        (_distinct(headers, "ImagePositionPatient") > 1,
+         f"{_distinct(headers, 'ImagePositionPatient')} slice positions (a 3D volume)"),
+        (_distinct(headers, "ImageOrientationPatient") > 1, "ImageOrientationPatient changes between frames"),
+        (_distinct(headers, "PixelSpacing") > 1, "PixelSpacing changes between frames"),
+        (len({(h.get("Rows"), h.get("Columns")) for h in headers}) > 1, "frames of different sizes (Rows, Columns)"),
+    ]
+    return next((text for bad, text in problems if bad), "")
+
+
+def _series_key(headers: list[pydicom.Dataset]) -> tuple[bool, int]:
+    """Preference among cine series: original (not derived) images first, then the latest (highest SeriesNumber)."""
+    return "DERIVED" not in str(headers[0].get("ImageType", "")), int(headers[0].get("SeriesNumber") or 0)
+
+
+def _choose_series(headers: dict[Path, pydicom.Dataset], where: str) -> tuple[list[Path], str]:
+    """Files of the series to read (grouped by SeriesInstanceUID) and a note naming the others ("" for one series):
+    of the series that are single-slice cines, the one `_series_key` prefers; CineError where none is."""
+    groups: dict[str, list[Path]] = {}
+    for path, header in headers.items():
+        groups.setdefault(str(header.get("SeriesInstanceUID", "")), []).append(path)
+    series = {uid: [headers[p] for p in files] for uid, files in groups.items()}
+    problems = {uid: _series_problem(hs) for uid, hs in series.items()}
+    if len(groups) == 1 and problems[next(iter(groups))]:
+        raise CineError(f"{where}: {problems[next(iter(groups))]}; expected {EXPECTED}")
+
+    def name(uid: str) -> str:
+        number = series[uid][0].get("SeriesNumber", "without number")
+        return f"series {number} ({len(groups[uid])} files, SeriesInstanceUID {uid or 'missing'})"
+
+    fits = sorted((uid for uid in groups if not problems[uid]), key=lambda uid: (_series_key(series[uid]), uid))
+    if not fits:
+        raise CineError(f"{where}: none of the {len(groups)} DICOM series in the folder is {EXPECTED}: "
+                        + "; ".join(f"{name(uid)}: {problems[uid]}" for uid in groups))
+    others = [f"{name(uid)}" + (f" ({problems[uid]})" if problems[uid] else "") for uid in groups if uid != fits[-1]]
+    note = f"{len(groups)} DICOM series in the folder: read {name(fits[-1])}; ignored {'; '.join(others)}"
+    return groups[fits[-1]], note if others else ""
+
+
+def _check_decodable(headers: dict[Path, pydicom.Dataset], where: str) -> None:
+    """CineError naming the transfer syntax of a compressed file that no installed pydicom decoder reads."""
+    for path, header in headers.items():
+        uid = header.file_meta.get("TransferSyntaxUID") if "file_meta" in dir(header) else None
+        with reading(where, f"{path.name}: unknown transfer syntax {uid}"):
+            if uid is None or not uid.is_compressed:
+                continue
+            try:
+                available = get_decoder(uid).is_available
+            except NotImplementedError:  # pydicom has no decoder for this syntax at all
+                available = False
+        if not available:
+            raise CineError(f"{where}: {path.name}: unsupported compressed transfer syntax {uid.name} ({uid}): no "
+                            f"installed pixel data decoder reads it (pydicom plugins: pylibjpeg, gdcm)")
+
+
+def _frame_order(headers: list[pydicom.Dataset], where: str) -> tuple[np.ndarray, str]:
+    """Frame order (TriggerTime, InstanceNumber breaking ties) and a note on odd timing ("" if none); CineError where
+    TriggerTime is in some files only, or frames repeat one (two acquisitions mixed)."""
+    instance = np.array([int(h.InstanceNumber) for h in headers])
+    present = sum("TriggerTime" in h for h in headers)
+    if 0 < present < len(headers):
+        raise CineError(f"{where}: TriggerTime in {present} of {len(headers)} files; expected in all or none")
+    trigger = np.array([float(h.get("TriggerTime", 0.0)) for h in headers])
+    order = np.lexsort((instance, trigger))
+    times = trigger[order]
+    if np.ptp(times) == 0:  # no timing: InstanceNumber order
+        return order, ""
+    repeats = len(times) - len(np.unique(times))
+    if repeats:
+        raise CineError(f"{where}: {repeats} frame(s) repeat a TriggerTime; expected one frame per cardiac phase")
+    steps, notes = np.diff(times), []
+    if not np.array_equal(order, np.argsort(instance)):
+        notes.append("InstanceNumber order differs from TriggerTime order: frames ordered by TriggerTime")
+    if steps.max() >= UNEVEN_STEP * np.median(steps):
+        notes.append(f"uneven TriggerTime steps ({steps.min():g} to {steps.max():g} ms): a frame may be missing")
+    return order, "; ".join(notes)
+
+
 def _read_dicom_series(folder: Path, where: str) -> Cine:
-    """One slice over time, one file per frame, via MONAI's PydicomReader; frames by TriggerTime then InstanceNumber."""
-    files = sorted(p for p in folder.iterdir() if p.is_file() and pydicom.misc.is_dicom(p))
-    if len(files) < 2:
-        raise CineError(f"{where}: found {len(files)} DICOM file(s) in the folder; expected one file per frame of "
-                        f"{EXPECTED}")
-    try:
-        headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in files]
-        instance = [int(h.InstanceNumber) for h in headers]
-        reader = PydicomReader()
+    """One slice over time, one file per frame, via MONAI's PydicomReader: one series of the folder
+    (`_choose_series`), its frames by TriggerTime then InstanceNumber."""
+    all_headers = _dicom_headers(folder, where)
+    with reading(where, "malformed DICOM header"):
+        files, series_note = _choose_series(all_headers, where)
+        headers = [all_headers[p] for p in files]
+        order, timing_note = _frame_order(headers, where)
+        stacked = np.argsort(np.argsort([int(h.InstanceNumber) for h in headers]))[order]  # reader: InstanceNumber
+        orientation = np.asarray(headers[0].get("ImageOrientationPatient", GEOMETRY_TAGS["ImageOrientationPatient"]),
+                                 float)
+        thickness = float(headers[0].get("SliceThickness", 1.0) or 1.0)
+        if "PixelSpacing" not in headers[0]:
+            raise CineError(f"{where}: no PixelSpacing in {files[0].name}")
+        dy, dx = (float(v) for v in headers[0].PixelSpacing)  # (between rows, between columns) = (along Y, along X)
+        interval = _dicom_frame_interval([headers[i] for i in order], where)
+    _check_decodable({p: all_headers[p] for p in files}, where)
+    with reading(where, "cannot read the DICOM pixel data, a file truncated or corrupt"):
+        reader = PydicomReader(fname_regex="(?:" + "|".join(re.escape(str(p)) for p in files) + r")\Z")
         data, meta = reader.get_data(reader.read(folder))  # stacked by InstanceNumber, (columns, rows, files)
-    except (OSError, EOFError, ValueError, AttributeError, pydicom.errors.InvalidDicomError) as e:
-        raise CineError(f"{where}: cannot read the DICOM series, a file truncated or corrupt or missing "
-                        f"InstanceNumber ({type(e).__name__}: {e})") from e
-    if len(set(instance)) < len(instance):
-        raise CineError(f"{where}: duplicate InstanceNumber in the folder; expected a single series")
-    positions = {tuple(np.round(np.asarray(h.get("ImagePositionPatient", [0, 0, 0]), float), 2)) for h in headers}
-    if len(positions) > 1:
-        raise CineError(f"{where}: the series holds {len(positions)} slice positions (a 3D volume); "
-                        f"expected {EXPECTED}")
-    if "PixelSpacing" not in headers[0]:
-        raise CineError(f"{where}: no PixelSpacing in {files[0].name}")
-    headers = [headers[i] for i in np.argsort(instance, kind="stable")]
-    trigger = [float(h.get("TriggerTime", 0.0)) for h in headers]
-    order = np.lexsort((np.arange(len(headers)), trigger))  # stable: InstanceNumber breaks TriggerTime ties
-    headers = [headers[i] for i in order]
+        array = np.asarray(data, dtype=np.float32)[:, :, stacked]
     affine = np.array(meta["affine"], dtype=np.float64)  # RAS, with a zero slice column: all frames at one position
-    orientation = np.asarray(headers[0].get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), float)
     normal_lps = np.cross(orientation[:3], orientation[3:])
-    affine[:3, 2] = normal_lps * [-1, -1, 1] * float(headers[0].get("SliceThickness", 1.0) or 1.0)
-    dy, dx = (float(v) for v in headers[0].PixelSpacing)  # (between rows, between columns) = (along Y, along X)
-    spacing = (dx, dy)
-    array = np.asarray(data, dtype=np.float32)[:, :, order]
-    return Cine(array, spacing, _dicom_frame_interval(headers, where), affine)
+    affine[:3, 2] = normal_lps * [-1, -1, 1] * thickness
+    note = "; ".join(n for n in (series_note, timing_note) if n)
+    return Cine(array, (dx, dy), interval, affine, note)
 
 
 def _validate(cine: Cine, where: str) -> None:
@@ -136,10 +276,15 @@ def load_cine(path: str | Path, subject: str = "") -> Cine:
     """Load and validate a cine: a NIfTI file (X x Y x 1 x T) or a DICOM series folder (one file per frame)."""
     path = Path(path)
     where = _where(path, subject)
-    if not path.exists():
-        raise CineError(f"{where}: file not found")
-    cine = _read_dicom_series(path, where) if path.is_dir() else _read_nifti(path, where)
-    _validate(cine, where)
+    try:
+        if not path.exists():
+            raise CineError(f"{where}: file not found")
+        with reading(where, "cannot read the cine"):
+            cine = _read_dicom_series(path, where) if path.is_dir() else _read_nifti(path, where)
+            _validate(cine, where)
+    except CineError as error:
+        error.path = error.path or str(path)
+        raise
     return cine
 
 
@@ -149,17 +294,17 @@ def load_subject(image_path: str | Path, label_path: str | Path, subject: str) -
     where = _where(Path(label_path), subject)
     if image.array.shape != label.array.shape:
         raise CineError(f"subject {subject!r}: image {image_path} has shape {image.array.shape} (X, Y, T) but label "
-                        f"{label_path} has shape {label.array.shape}")
+                        f"{label_path} has shape {label.array.shape}", label_path)
     values = label.array
     fractional = values[values != np.rint(values)]
     if fractional.size:
         raise CineError(f"{where}: {fractional.size} non-integer label value(s), e.g. {fractional[0]}; "
-                        f"expected integer labels 0..{MAX_LABEL}")
+                        f"expected integer labels 0..{MAX_LABEL}", label_path)
     outside = np.unique(values[(values < 0) | (values > MAX_LABEL)])
     if outside.size:
-        raise CineError(f"{where}: label values outside 0..{MAX_LABEL}: {outside.astype(int).tolist()}")
+        raise CineError(f"{where}: label values outside 0..{MAX_LABEL}: {outside.astype(int).tolist()}", label_path)
     if not values.any():
-        raise CineError(f"{where}: label cine is empty (no foreground in any frame)")
+        raise CineError(f"{where}: label cine is empty (no foreground in any frame)", label_path)
     if not (values == LV_LABEL).any():
-        raise CineError(f"{where}: label cine has no LV (label {LV_LABEL}) in any frame")
+        raise CineError(f"{where}: label cine has no LV (label {LV_LABEL}) in any frame", label_path)
     return image, replace(label, array=values.astype(np.uint8))

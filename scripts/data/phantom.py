@@ -4,6 +4,7 @@ renders them (phantom_render), measures them as real cines (scripts.data.phenoty
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -16,6 +17,7 @@ import numpy as np
 from scripts.data.phantom_render import Scan, render, sample_scan
 from scripts.data.phantom_shapes import ChamberShapes, chamber_geometry, sample_targets, volume_curves
 from scripts.data.phenotypes import PHENOTYPE_COLUMNS, measure_cine, write_phenotype_table
+from scripts.runtime.cli import as_bool
 from scripts.runtime.files import atomic_write, write_json
 from scripts.runtime.montage import save_montage
 
@@ -94,13 +96,17 @@ def make_cohort(
     class_weights: tuple[float, ...] = (0.4, 0.2, 0.25, 0.15),
     num_workers: int = 2,
     montage_subjects: int = 8,
+    overwrite: bool | str = False,
 ) -> dict:
-    """Write a phantom cohort in UK Biobank layout plus phenotypes.csv, labels.csv, cohort.json and montage.png."""
+    """Write a phantom cohort in UK Biobank layout plus phenotypes.csv, labels.csv, cohort.json and montage.png; into
+    a non-empty folder only where it is a cohort of the same settings (a rerun) or with `overwrite`."""
     if num_subjects < 1:
         raise ValueError(f"num_subjects must be >= 1, got {num_subjects}")
     if len(class_weights) != len(CLASSES) or min(class_weights) < 0 or sum(class_weights) <= 0:
         raise ValueError(f"class_weights must be {len(CLASSES)} non-negative numbers for {CLASSES}, got {class_weights}")
     out = Path(output_dir)
+    settings = {"num_subjects": num_subjects, "seed": seed, "class_weights": list(class_weights)}
+    check_output_dir(out, settings, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     args = [(out, seed, i, tuple(class_weights), i < montage_subjects) for i in range(num_subjects)]
@@ -132,6 +138,22 @@ def make_cohort(
     write_json(out / "cohort.json", summary)
     logger.info("phantom cohort written to %s: %s", out, summary)
     return summary
+
+
+def check_output_dir(out: Path, settings: dict, overwrite: bool | str) -> None:
+    """ValueError for a non-empty `out` that is not a phantom cohort of `settings` (its cohort.json), unless
+    `overwrite` (true: same-named files are replaced, nothing is deleted)."""
+    if as_bool(overwrite, "overwrite") or not out.is_dir() or not any(out.iterdir()):
+        return
+    try:
+        made = json.loads((out / "cohort.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        made = None
+    if isinstance(made, dict) and all(made.get(k) == v for k, v in settings.items()):
+        return
+    found = "a phantom cohort of other settings" if isinstance(made, dict) else "not a phantom cohort (no cohort.json)"
+    raise ValueError(f"--output_dir {out} is not empty and {found}: writing would overwrite its files (phenotypes.csv, "
+                     f"labels.csv, subject folders); give a new or empty --output_dir, or --overwrite True")
 
 
 def _write_labels(path: Path, results: list[dict]) -> None:

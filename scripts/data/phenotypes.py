@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from scripts.data.cine_files import load_cine
+from scripts.data.cine_files import load_cine, one_line
 from scripts.runtime.files import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -287,8 +287,11 @@ def read_eid_table(path: str | Path) -> tuple[list[str], list[tuple[int, str, li
     path = Path(path)
     if not path.is_file():
         raise PhenotypeTableError(f"{path}: table not found")
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        rows = [(n, r) for n, r in enumerate(csv.reader(f), 1) if r]
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            rows = [(n, r) for n, r in enumerate(csv.reader(f), 1) if r]
+    except (UnicodeDecodeError, csv.Error) as error:  # binary bytes, NUL characters
+        raise PhenotypeTableError(f"{path}: cannot be read as a UTF-8 CSV table ({one_line(error)})") from error
     if not rows:
         raise PhenotypeTableError(f"{path}: empty file (no header)")
     header = [h.strip() for h in rows[0][1]]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -24,10 +25,10 @@ from monai.transforms import (
 )
 from torch.utils.data import DataLoader, Dataset
 
-from scripts.data.cine_files import LV_LABEL, CineError, load_cine, load_subject
+from scripts.data.cine_files import LV_LABEL, CineError, load_cine, load_subject, one_line
 from scripts.data.phenotypes import LABELS, fit_normaliser, read_eid_table, read_phenotype_table, write_phenotype_table
 from scripts.data.shapes import IMAGE_SIZE, NUM_FRAMES
-from scripts.runtime.files import save_npy, write_json, write_text
+from scripts.runtime.files import check_disjoint, save_npy, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +63,11 @@ class LoadSubjectd(MapTransform):
             label = self.labeller(image.array, image.spacing_mm)  # (X, Y, T) uint8
             if not (label == LV_LABEL).any():
                 raise CineError(f"subject {subject!r}: {d['image']}: no label file, and the segmenter finds no LV "
-                                f"(label {LV_LABEL}) in any frame")
-            d["labels"] = "segmenter"
+                                f"(label {LV_LABEL}) in any frame", d["image"])
+            d["labels"], d["note"] = "segmenter", image.note
         else:
             image, label = load_subject(d["image"], d["label"], subject)
+            d["note"] = "; ".join(f"{path}: {c.note}" for path, c in ((d["image"], image), (d["label"], label)) if c.note)
             label, d["labels"] = label.array, "file"
         d["image"], d["label"] = image.array, label
         d["original_shape"] = list(image.array.shape)
@@ -158,16 +160,30 @@ def preprocessing(margin: float = 0.15, labeller: Labeller | None = None) -> Com
     ])
 
 
-def _cine_error(exc: BaseException | None) -> CineError | None:
-    """The CineError behind an exception (MONAI's Compose wraps transform errors in RuntimeError), if any."""
-    while exc is not None and not isinstance(exc, CineError):
-        exc = exc.__cause__
-    return exc
+def _causes(error: BaseException) -> list[BaseException]:
+    """An exception and the chain of exceptions behind it (MONAI's Compose wraps transform errors in RuntimeError)."""
+    chain = [error]
+    while chain[-1].__cause__ is not None and chain[-1].__cause__ not in chain:
+        chain.append(chain[-1].__cause__)
+    return chain
+
+
+def _skip_record(item: dict, error: Exception) -> dict:
+    """{"subject", "file", "reason", "error"} of a subject whose reading or preprocessing raised `error`: a CineError's
+    message and file, else the innermost error (the image file named, as the file behind it is unknown)."""
+    chain = _causes(error)
+    cine = next((e for e in chain if isinstance(e, CineError)), None)
+    if cine is not None:
+        return {"subject": item["subject"], "file": cine.path or item["image"], "reason": str(cine),
+                "error": "CineError"}
+    root = chain[-1]
+    return {"subject": item["subject"], "file": item["image"], "error": type(root).__name__,
+            "reason": f"subject {item['subject']!r}: {item['image']}: preprocessing failed ({one_line(root)})"}
 
 
 def _record(d: dict) -> dict:
     """What the report keeps of a preprocessed subject; output spacing = box side (mm) / 96, interval = T * dt / 50."""
-    keys = ("subject", "labels", "original_shape", "ed_shift", "crop_box", "heart_fraction")
+    keys = ("subject", "labels", "note", "original_shape", "ed_shift", "crop_box", "heart_fraction")
     return {**{k: d[k] for k in keys}, "original_spacing_mm": d["spacing_mm"],
             "original_frame_interval_s": d["frame_interval_s"],
             "spacing_mm": [(b - a) * s / IMAGE_SIZE for (a, b), s in zip(d["crop_box"], d["spacing_mm"])],
@@ -187,10 +203,10 @@ class _PrepareSubjects(Dataset):
         item = self.items[i]
         try:
             d = self.transform(item)
-        except Exception as e:  # only CineErrors are subject errors; anything else is re-raised
-            if (err := _cine_error(e)) is None:
+        except Exception as e:  # any error of one subject skips it; running out of memory stops the run
+            if any(isinstance(c, MemoryError) for c in _causes(e)):
                 raise
-            return {"subject": item["subject"], "error": str(err)}
+            return _skip_record(item, e)
         save_npy(self.output_dir / "images" / f"{item['subject']}.npy", d["image"])
         save_npy(self.output_dir / "labels" / f"{item['subject']}.npy", d["label"])
         return _record(d)
@@ -299,9 +315,13 @@ def _report_md(report: dict) -> str:
     lines = [f"# Prepared {report['prepared']} of {report['found']} subjects", "",
              "| split | subjects |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in report["split_sizes"].items()],
              "", f"Subjects without a phenotype row: {len(report['without_phenotypes'])}", "",
+             f"Folders without {report['image_name']} (not subjects): {', '.join(report['folders_without_image']) or 'none'}",
+             "",
              *_segmenter_lines(report),
              f"## Skipped ({len(report['skipped'])})", ""]
-    lines += [f"- `{s['subject']}`: {s['reason']}" for s in report["skipped"]] or ["none"]
+    lines += [f"- `{s['subject']}` ({s['file']}): {s['reason']}" for s in report["skipped"]] or ["none"]
+    lines += ["", f"## Notes ({len(report['notes'])})", ""]
+    lines += [f"- `{subject}`: {note}" for subject, note in report["notes"].items()] or ["none"]
     return "\n".join(lines) + "\n"
 
 
@@ -310,10 +330,13 @@ def prepare(dataset_dir: str | Path, output_dir: str | Path, phenotypes_csv: str
             image_name: str = "la_4ch.nii.gz", label_name: str = "seg4_la_4ch.nii.gz", log_every: int = 100,
             labeller: Labeller | None = None) -> dict:
     """Prepare a cohort `<dataset_dir>/<subject>/{image_name,label_name}` into `output_dir` (files: docs/README.md);
-    returns the report. Subjects failing with a CineError are skipped and reported; `labeller` labels missing labels."""
+    returns the report. A subject whose reading or preprocessing fails in any way is skipped and reported (report.json,
+    report.md); `labeller` labels missing labels. ValueError where nothing is prepared or the arguments or tables are
+    wrong, or `output_dir` overlaps an input."""
     if dataset_dir is None or not Path(dataset_dir).is_dir():
         raise ValueError(f"dataset_dir must be an existing folder (pass --dataset_dir <folder>), got {dataset_dir}")
     dataset_dir, output_dir = Path(dataset_dir), Path(output_dir)
+    check_disjoint({"--dataset_dir": dataset_dir, "--phenotypes_csv": phenotypes_csv}, {"--output_dir": output_dir})
     split_counts(1, splits)  # validate before any work
     pheno_path = Path(phenotypes_csv) if phenotypes_csv else dataset_dir / "phenotypes.csv"
     columns, table = read_phenotype_table(pheno_path) if phenotypes_csv or pheno_path.is_file() else ([], {})
@@ -329,14 +352,19 @@ def prepare(dataset_dir: str | Path, output_dir: str | Path, phenotypes_csv: str
 
     records = process_subjects(items, output_dir, margin, num_workers, log_every, labeller)
     done = [r for r in records if "error" not in r]
-    report = {"dataset_dir": str(dataset_dir), "found": len(items), "prepared": len(done),
+    report = {"dataset_dir": str(dataset_dir), "image_name": image_name, "found": len(items), "prepared": len(done),
               "segmenter_checkpoint": str(labeller.checkpoint) if labeller else None,
               "labelled_by_segmenter": [r["subject"] for r in done if r["labels"] == "segmenter"],
-              "skipped": [{"subject": r["subject"], "reason": r["error"]} for r in records if "error" in r],
+              "skipped": [r for r in records if "error" in r],
+              "skipped_by_error": dict(Counter(r["error"] for r in records if "error" in r)),
+              "notes": {r["subject"]: r["note"] for r in done if r["note"]},
               "without_phenotypes": [r["subject"] for r in done if r["subject"] not in table],
+              "folders_without_image": [p.name for p in sorted(dataset_dir.iterdir())
+                                        if p.is_dir() and not (p / image_name).exists()],
               "split_sizes": {}, "subjects": {r["subject"]: r for r in done}}
     if not done:
         write_json(output_dir / "report.json", report)
+        write_text(output_dir / "report.md", _report_md(report))
         raise ValueError(f"no subject could be prepared from {dataset_dir}; reasons in {output_dir / 'report.json'}")
 
     split = split_subjects([r["subject"] for r in done], splits, seed)

@@ -1,4 +1,5 @@
-"""Atomic file writes (a temporary name, then a rename) and file digests."""
+"""Atomic file writes (a temporary name, then a rename), file digests, and the check that outputs do not overlap
+inputs."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import hashlib
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,6 +23,20 @@ def file_digest(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_disjoint(inputs: Mapping[str, str | Path | None], outputs: Mapping[str, str | Path | None]) -> None:
+    """ValueError naming both paths where an output equals, lies inside or contains an input (None: not given);
+    keys name the arguments, e.g. {"--dataset_dir": path}. Paths are compared resolved (symbolic links followed)."""
+    for out_key, out in outputs.items():
+        for in_key, src in inputs.items():
+            if out is None or src is None:
+                continue
+            a, b = Path(out).resolve(), Path(src).resolve()
+            if a == b or a in b.parents or b in a.parents:
+                how = "is" if a == b else "lies inside" if b in a.parents else "contains"
+                raise ValueError(f"{out_key} {out} {how} {in_key} {src}: the outputs could overwrite the inputs; "
+                                 f"give an {out_key} that neither is, lies in nor contains {src}")
 
 
 # ------------------------------------------------------------------------------------------------------ atomic writes
