@@ -211,3 +211,17 @@ def test_a_checkpoint_is_never_sampled_with_the_other_parameterisation() -> None
         DiffLoss(4, 8, prediction_type="x0")
     target, z = torch.randn(6, 4), torch.randn(6, 8)
     assert torch.isfinite(v_head.loss(target, z)) and torch.isfinite(eps_head.loss(target, z))
+
+
+def test_head_condition_adds_the_condition_to_every_token() -> None:
+    """head_condition: z of every token = the decoder's output + the condition embedding (null when dropped or
+    unconditional), so the per-token head sees the phenotypes directly; off, z does not depend on it beyond attention."""
+    model = _tiny(randomise=True)
+    tokens, mask = torch.randn(2, model.seq_len, model.token_dim), torch.ones(2, model.seq_len, dtype=torch.bool)
+    cond = model._condition(torch.randn(2, N_PHEN), 2)
+    encoded = model._encode(tokens, mask, cond)
+    with torch.no_grad():
+        model.head_condition = False
+        plain = model._decode(encoded, mask, cond)
+        model.head_condition = True
+        torch.testing.assert_close(model._decode(encoded, mask, cond) - plain, cond[:, None].expand_as(plain))

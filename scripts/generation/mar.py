@@ -87,7 +87,8 @@ class MAR(nn.Module):
                  decoder_depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, dropout: float = 0.1,
                  buffer_size: int = 64, cond_drop_prob: float = 0.1, mask_ratio_min: float = 0.7,
                  head_depth: int = 3, head_width: int = 1024, num_train_timesteps: int = 1000,
-                 diffusion_batch_mul: int = 4, latent_scale: float = 1.0, prediction_type: str = "epsilon") -> None:
+                 diffusion_batch_mul: int = 4, latent_scale: float = 1.0, prediction_type: str = "epsilon",
+                 head_condition: bool = False) -> None:
         super().__init__()
         self.latent_shape, self.patch_size = tuple(latent_shape), tuple(patch_size)
         if any(s % p for s, p in zip(self.latent_shape[1:], self.patch_size)):
@@ -95,6 +96,7 @@ class MAR(nn.Module):
         self.seq_len = math.prod(s // p for s, p in zip(self.latent_shape[1:], self.patch_size))
         self.token_dim = self.latent_shape[0] * math.prod(self.patch_size)
         self.buffer_size, self.cond_drop_prob, self.mask_ratio_min = buffer_size, cond_drop_prob, mask_ratio_min
+        self.head_condition = head_condition  # the condition also added to every token's z (the head sees it directly)
         self.register_buffer("latent_scale", torch.tensor(float(latent_scale)))  # saved with the weights
         positions = self.seq_len + buffer_size
 
@@ -146,8 +148,9 @@ class MAR(nn.Module):
             x = block(x)
         return self.encoder_norm(x)
 
-    def _decode(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Encoder output (B, buffer + visible, width), mask (B, L) -> z (B, L, width) for the diffusion head."""
+    def _decode(self, x: torch.Tensor, mask: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Encoder output (B, buffer + visible, width), mask (B, L), cond (B, width) -> z (B, L, width) for the
+        diffusion head."""
         b, _, w = x.shape
         keep = F.pad(~mask, (self.buffer_size, 0), value=True)  # (B, buf + L)
         visible = self.decoder_embed(x).reshape(-1, w)  # bf16 under autocast
@@ -156,7 +159,8 @@ class MAR(nn.Module):
         x = full + self.decoder_pos
         for block in self.decoder_blocks:
             x = block(x)
-        return self.decoder_norm(x)[:, self.buffer_size:] + self.diffusion_pos
+        z = self.decoder_norm(x)[:, self.buffer_size:] + self.diffusion_pos
+        return z + cond[:, None].to(z.dtype) if self.head_condition else z
 
     def forward(self, latents: torch.Tensor, phenotypes: torch.Tensor | None = None) -> torch.Tensor:
         """Training loss: latents (B, C, T, H, W), phenotypes (B, P) normalised or None -> scalar; one mask ratio per
@@ -166,7 +170,8 @@ class MAR(nn.Module):
         n_masked = math.ceil(self.seq_len * sample_mask_ratios(1, self.mask_ratio_min).item())
         ranks = torch.rand(b, self.seq_len, device=tokens.device).argsort(dim=1).argsort(dim=1)  # random order
         mask = ranks < n_masked  # (B, L)
-        z = self._decode(self._encode(tokens, mask, self._condition(phenotypes, b)), mask)  # (B, L, width)
+        cond = self._condition(phenotypes, b)  # (B, width)
+        z = self._decode(self._encode(tokens, mask, cond), mask, cond)  # (B, L, width)
         return self.diffloss.loss(tokens.reshape(b * self.seq_len, -1), z.reshape(b * self.seq_len, -1),
                                   mask.reshape(-1))
 
@@ -202,7 +207,7 @@ class MAR(nn.Module):
             mask = torch.ones(b, self.seq_len, dtype=torch.bool, device=device)
             for n_next in masking_schedule(self.seq_len, num_iter):
                 z = self._decode(self._encode(tokens.repeat(rows, 1, 1), mask.repeat(rows, 1), cond),
-                                 mask.repeat(rows, 1))  # (rows * B, L, width)
+                                 mask.repeat(rows, 1), cond)  # (rows * B, L, width)
                 mask_next = ranks < n_next  # the first n_next tokens of each order stay masked
                 to_pred = mask & ~mask_next  # (B, L), the same count per row
                 cfg_iter = 1 + (cfg - 1) * (self.seq_len - n_next) / self.seq_len if cfg_schedule == "linear" else cfg
