@@ -95,7 +95,6 @@ def delete(rng: np.random.Generator, path: Path) -> str:
 
 
 DICOM_TAGS = {
-    "PixelSpacing": lambda ds, rng: setattr(ds, "PixelSpacing", ["abc", "1.5"]),
     "ImageOrientationPatient": lambda ds, rng: setattr(ds, "ImageOrientationPatient", [0, 1, 0, 0, 0, -1]),
     "ImagePositionPatient": lambda ds, rng: setattr(ds, "ImagePositionPatient", [0, 0, 8]),
     "TriggerTime": lambda ds, rng: setattr(ds, "TriggerTime", 0.0),
@@ -114,8 +113,18 @@ def _jpeg_ls(ds: pydicom.Dataset) -> None:
     ds["PixelData"].VR = "OB"
 
 
+def _non_numeric_spacing(path: Path) -> None:
+    """PixelSpacing's first value replaced by 'abc' in the file's bytes (pydicom refuses to set such a value)."""
+    old = pydicom.dcmread(path, stop_before_pixels=True).get_item(0x00280030).value  # the raw, unconverted bytes
+    path.write_bytes(path.read_bytes().replace(old, b"abc" + old[3:], 1))
+
+
 def dicom_tag(rng: np.random.Generator, path: Path) -> str:
-    tag = list(DICOM_TAGS)[int(rng.integers(len(DICOM_TAGS)))]
+    tags = [*DICOM_TAGS, "PixelSpacing"]
+    tag = tags[int(rng.integers(len(tags)))]
+    if tag == "PixelSpacing":
+        _non_numeric_spacing(path)
+        return f"DICOM tag {tag}"
     ds = pydicom.dcmread(path)
     DICOM_TAGS[tag](ds, rng)
     ds.save_as(path)
