@@ -150,12 +150,12 @@ def _series_problem(headers: list[pydicom.Dataset]) -> str:
             values = sorted({str(h.get(key, default)) for h in headers})
             return f"{key} is not {len(default)} numbers in every file (values {', '.join(values[:3])})"
     instance = [h.get("InstanceNumber") for h in headers]
+    positions = _distinct(headers, "ImagePositionPatient")
     problems = [
         (len(headers) < MIN_FRAMES, f"only {len(headers)} frame(s); a cine needs at least {MIN_FRAMES}"),
         (None in instance, f"{instance.count(None)} file(s) without InstanceNumber"),
         (len(set(instance)) < len(instance), "duplicate InstanceNumber"),
-        (_distinct(headers, "ImagePositionPatient") > 1,
-         f"{_distinct(headers, 'ImagePositionPatient')} slice positions (a 3D volume)"),
+        (positions > 1, f"{positions} slice positions (a 3D volume)"),
         (_distinct(headers, "ImageOrientationPatient") > 1, "ImageOrientationPatient changes between frames"),
         (_distinct(headers, "PixelSpacing") > 1, "PixelSpacing changes between frames"),
         (len({(h.get("Rows"), h.get("Columns")) for h in headers}) > 1, "frames of different sizes (Rows, Columns)"),
@@ -195,7 +195,7 @@ def _choose_series(headers: dict[Path, pydicom.Dataset], where: str) -> tuple[li
 def _check_decodable(headers: dict[Path, pydicom.Dataset], where: str) -> None:
     """CineError naming the transfer syntax of a compressed file that no installed pydicom decoder reads."""
     for path, header in headers.items():
-        uid = header.file_meta.get("TransferSyntaxUID") if "file_meta" in dir(header) else None
+        uid = getattr(header, "file_meta", {}).get("TransferSyntaxUID")  # dir() would list every element per file
         with reading(where, f"{path.name}: unknown transfer syntax {uid}"):
             if uid is None or not uid.is_compressed:
                 continue

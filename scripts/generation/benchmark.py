@@ -82,8 +82,8 @@ def load_or_random(network: torch.nn.Module, path: str | None, run: str) -> str:
 
 
 def precision_label(amp: bool) -> str:
-    """'bf16 autocast' or 'fp32': the precision a row ran in."""
-    return "bf16 autocast" if amp else "fp32"
+    """'bf16 autocast' or 'fp32': the precision a row ran in (precision.precision_name, autocast spelled out)."""
+    return f"{precision.precision_name(amp)} autocast" if amp else precision.precision_name(amp)
 
 
 def resolve_precision(setting: str, device: torch.device) -> bool:
