@@ -14,12 +14,14 @@ from monai.bundle import ConfigParser
 from torch.optim.swa_utils import AveragedModel
 
 from scripts.generation.sample_quality import (
+    CRITERION,
     DEFAULT_CFG,
     SAMPLING_FILE,
     Reference,
     SampleQuality,
     pooled_features,
     quality,
+    rank,
     sampling_cfg,
 )
 from scripts.runtime.checkpoints import load_weights
@@ -86,36 +88,51 @@ def _ema() -> AveragedModel:
     return AveragedModel(network)
 
 
+def test_rank_puts_adherence_within_the_fd_band_before_fjd() -> None:
+    inside, better = {"fjd": 9.0, "fd": 1.9, "adherence": 0.3}, {"fjd": 12.0, "fd": 2.0, "adherence": 0.4}
+    outside = {"fjd": 0.5, "fd": 2.1, "adherence": 0.9}
+    assert rank(better, 2.0) > rank(inside, 2.0) > rank(outside, 2.0)
+    assert rank(outside, 2.0) > rank({"fjd": 3.0, "fd": 2.5, "adherence": 0.95}, 2.0)  # both outside: lower FJD
+    assert rank({"fjd": float("inf"), "fd": float("inf"), "adherence": float("nan")}, 2.0) < rank(outside, 2.0)
+    assert rank(inside, 1.0) < rank(outside, 1.0)  # the band decides which rule applies
+
+
 def test_handler_saves_on_improvement_only_and_resumes_its_record(tmp_path: Path, monkeypatch, caplog) -> None:
     ema = _ema()
     handler = _handler(tmp_path, ema, cfg_candidates=[])
-    scripted = iter([5.0, 7.0, 3.0, 4.0])
-    monkeypatch.setattr(SampleQuality, "measure",
-                        lambda self, engine, network, cfg: {"fjd": next(scripted), "fd": 1.0, "adherence": 0.5})
+    scripted = iter([(5.0, 3.0, 0.9), (7.0, 1.0, 0.3), (3.0, 1.5, 0.5), (0.1, 2.5, 0.99), (9.0, 1.0, 0.4)])
+    monkeypatch.setattr(SampleQuality, "measure", lambda self, engine, network, cfg: dict(
+        zip(("fjd", "fd", "adherence"), next(scripted))))
+    monkeypatch.setattr(SampleQuality, "fd_limit", lambda self: 2.0)
     trainer, saved = _trainer(ema, step=1.0), []
     handler.attach(trainer)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: saved.append(
         torch.load(tmp_path / "models" / "mar.pt", weights_only=True)["null_cond"][0, 0].item()))
     start = ema.module.null_cond[0, 0].item()
-    trainer.run([0], max_epochs=3)
-    assert [round(v - start) for v in saved] == [1, 1, 3]  # epochs 1 and 3 improved FJD; epoch 2 kept epoch 1's
+    trainer.run([0], max_epochs=4)
+    # epoch 1 (FD outside the band) saved as the first; 2 is inside; 3 has higher adherence; 4 is outside again
+    assert [round(v - start) for v in saved] == [1, 2, 3, 3]
     record = json.loads((tmp_path / "out" / "sample_quality.json").read_text())
-    assert [r["saved"] for r in record["history"]] == [True, False, True]
-    assert record["best_epoch"] == 3 and record["best_fjd"] == 3.0 and record["criterion"] == "FJD on validation"
+    assert [r["saved"] for r in record["history"]] == [True, True, True, False]
+    assert record["best_epoch"] == 3 and record["best"] == {"fjd": 3.0, "fd": 1.5, "adherence": 0.5}
+    assert record["criterion"] == CRITERION and record["fd_limit"] == 2.0 and record["fd_floor"] > 0
 
     torch.save({"best_saver": handler.state_dict()}, tmp_path / "latest.pt")
     resumed = _handler(tmp_path, ema, cfg_candidates=[])
     resumed.load_state_dict(torch.load(tmp_path / "latest.pt", weights_only=True)["best_saver"])
-    assert resumed.history == handler.history and (resumed.best, resumed.best_epoch) == (3.0, 3)
+    assert resumed.history == handler.history and (resumed.best, resumed.best_epoch) == (handler.best, 3)
     trainer = _trainer(ema, step=1.0)
     resumed.attach(trainer)
-    trainer.run([0], max_epochs=1)  # FJD 4.0 > 3.0: mar.pt stays
+    trainer.run([0], max_epochs=1)  # adherence 0.4 < 0.5: mar.pt stays
     assert torch.load(tmp_path / "models" / "mar.pt", weights_only=True)["null_cond"][0, 0].item() == saved[-1]
-    assert len(json.loads((tmp_path / "out" / "sample_quality.json").read_text())["history"]) == 4
+    assert len(json.loads((tmp_path / "out" / "sample_quality.json").read_text())["history"]) == 5
 
+    old = {"history": handler.history[:2], "best": 7.0, "best_epoch": 2}  # a 0.5.0 record: the best FJD only
+    resumed.load_state_dict(old)
+    assert resumed.best == {"fjd": 7.0, "fd": 1.0, "adherence": 0.3}
     with caplog.at_level(logging.WARNING):
         resumed.load_state_dict({"saved": [(0.1, "mar.pt")]})  # a best_saver record from before FJD selection
-    assert "starts afresh" in caplog.text and len(resumed.history) == 4
+    assert "starts afresh" in caplog.text and len(resumed.history) == 2
 
 
 def test_handler_samples_scores_saves_and_chooses_cfg(tmp_path: Path) -> None:
@@ -132,8 +149,9 @@ def test_handler_samples_scores_saves_and_chooses_cfg(tmp_path: Path) -> None:
     choice = json.loads((tmp_path / "models" / SAMPLING_FILE).read_text())
     assert choice["cfg"] in (1.0, 2.0) and set(choice["fjd_by_cfg"]) == {"1.0", "2.0"}
     assert choice["fjd_by_cfg"]["1.0"] != choice["fjd_by_cfg"]["2.0"]
-    assert choice["cfg"] == min((float(c) for c in choice["fjd_by_cfg"]), key=lambda c: choice["fjd_by_cfg"][str(c)])
-    assert choice["criterion"] == "FJD on validation" and choice["settings"]["num_samples"] == 4
+    scores = {float(c): {k: choice[f"{k}_by_cfg"][c] for k in ("fjd", "fd", "adherence")} for c in ("1.0", "2.0")}
+    assert choice["cfg"] == max(scores, key=lambda c: rank(scores[c], choice["fd_limit"]))
+    assert choice["criterion"] == CRITERION and choice["settings"]["num_samples"] == 4
     assert choice["checkpoint_sha256"] == file_digest(ckpt)
     assert sampling_cfg("auto", tmp_path / "models") == choice["cfg"]
 

@@ -1,5 +1,7 @@
-"""Sample quality of MAR during training: the Frechet Joint Distance (FJD) of seeded samples against the validation
-latent cache selects mar.pt and the CFG scale (<ckpt_dir>/mar_sampling.json, read by generate.json's cfg "auto")."""
+"""Sample quality of MAR during training: seeded samples on the validation conditions, scored against the validation
+latent cache, select mar.pt and the CFG scale (<ckpt_dir>/mar_sampling.json, read by generate.json's cfg "auto").
+Rule (`rank`): among candidates whose FD is within fd_tolerance x the real floor, the highest latent adherence; the
+others after them, by lowest FJD."""
 
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from scripts.runtime.precision import precision_name
 logger = logging.getLogger(__name__)
 
 SAMPLING_FILE = "mar_sampling.json"  # the CFG scale chosen at the end of training, beside mar.pt
-CRITERION = "FJD on validation"
+CRITERION = "latent adherence within the FD band on validation, else FJD"
 DEFAULT_CFG = 3.0
 
 
@@ -130,8 +132,19 @@ def sampling_cfg(cfg: float | str, ckpt_dir: str | Path, checkpoint: str = "mar.
     return float(record["cfg"])
 
 
+def rank(scores: dict[str, float], fd_limit: float) -> tuple[int, float]:
+    """Sort key of a candidate (higher is better): (1, adherence) when its FD is within fd_limit, else (0, -FJD)."""
+    if math.isfinite(scores["fd"]) and scores["fd"] <= fd_limit and math.isfinite(scores["adherence"]):
+        return 1, scores["adherence"]
+    return 0, -scores["fjd"] if math.isfinite(scores["fjd"]) else -math.inf
+
+
 def _json_number(value: float) -> float | None:
     return value if math.isfinite(value) else None  # JSON has no inf or NaN
+
+
+def _json_scores(record: dict | None) -> dict | None:
+    return None if record is None else {k: _json_number(v) if isinstance(v, float) else v for k, v in record.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------- handler
@@ -143,19 +156,21 @@ class ValidationSet:
     real: torch.Tensor  # (N, D) pooled validation posterior means
     phenotypes: torch.Tensor  # (N, P) their normalised phenotypes: the conditions of the samples
     adherence_real: float  # mean Pearson r of the ridge prediction from the real validation latents
+    fd_floor: float  # mean FD of as many real training latents (other subjects) against `real`
 
 
 class SampleQuality:
     """Ignite handler of the MAR trainer: every `interval` epochs and at the last, FJD, FD and latent adherence of
-    `num_samples` seeded EMA samples on the validation conditions (rank 0); saves <ckpt_dir>/<filename> when FJD
-    improves and, when training completes, writes the CFG scale of lowest FJD to <ckpt_dir>/mar_sampling.json."""
+    `num_samples` seeded EMA samples on the validation conditions (rank 0); saves <ckpt_dir>/<filename> when they rank
+    above the saved ones (`rank`, FD limit fd_tolerance x the real floor) and, when training completes, writes the
+    best-ranked CFG scale to <ckpt_dir>/mar_sampling.json."""
 
     def __init__(self, ema: AveragedModel, train_data: Sequence[dict], val_data: Sequence[dict],
                  ckpt_dir: str | Path, output_dir: str | Path, interval: int = 10, num_samples: int = 50,
                  num_iter: int = 8, num_inference_steps: int = 25, cfg: float = 3.0, temperature: float = 1.0,
                  cfg_schedule: str = "linear", cfg_candidates: Sequence[float] = (1.0, 1.5, 2.0, 3.0, 4.0),
                  batch_size: int = 64, grid: Sequence[int] = (5, 3, 3), components: int = 16,
-                 ridge_alpha: float = 0.1, filename: str = "mar.pt") -> None:
+                 ridge_alpha: float = 0.1, fd_tolerance: float = 1.5, filename: str = "mar.pt") -> None:
         self.ema, self.train_data, self.val_data = ema, train_data, val_data
         self.ckpt, self.record_path = Path(ckpt_dir) / filename, Path(output_dir) / "sample_quality.json"
         self.interval, self.num_samples, self.batch_size = max(1, interval), num_samples, batch_size
@@ -163,7 +178,8 @@ class SampleQuality:
                          "temperature": temperature, "cfg_schedule": cfg_schedule}
         self.cfg, self.cfg_candidates = float(cfg), [float(c) for c in cfg_candidates]
         self.fit_args = {"grid": list(grid), "components": components, "alpha": ridge_alpha}
-        self.history, self.best, self.best_epoch = [], math.inf, 0  # evaluations; FJD of mar.pt and its epoch
+        self.fd_tolerance = float(fd_tolerance)
+        self.history, self.best, self.best_epoch = [], None, 0  # evaluations; scores of mar.pt and its epoch
         self.validation: ValidationSet | None = None  # fitted at the first evaluation
 
     def attach(self, engine: Engine) -> None:
@@ -175,14 +191,18 @@ class SampleQuality:
 
     def load_state_dict(self, state: dict) -> None:
         if "history" not in state:  # a checkpoint from before FJD selection: its best_saver held the val-loss record
-            logger.warning("no sample-quality record in the checkpoint: FJD selection starts afresh")
+            logger.warning("no sample-quality record in the checkpoint: sample-quality selection starts afresh")
             return
-        self.history, self.best, self.best_epoch = list(state["history"]), float(state["best"]), state["best_epoch"]
+        self.history, self.best_epoch = list(state["history"]), state["best_epoch"]
+        best = state["best"]  # 0.5.0 checkpoints hold the best FJD only: take its full scores from the history
+        self.best = best if isinstance(best, dict) or best is None else next(
+            ({k: r[k] for k in ("fjd", "fd", "adherence")} for r in self.history if r["epoch"] == self.best_epoch),
+            None)
 
     def settings(self, amp: bool) -> dict:
         """How the samples are drawn (recorded beside every result)."""
         return {"num_samples": self.num_samples, "seeds": f"0..{self.num_samples - 1}", **self.sampling,
-                "precision": precision_name(amp), **self.fit_args}
+                "precision": precision_name(amp), **self.fit_args, "fd_tolerance": self.fd_tolerance}
 
     def fit(self) -> ValidationSet:
         """Reference from the training cache, real features of the first `num_samples` validation items (once)."""
@@ -191,8 +211,21 @@ class SampleQuality:
             reference = Reference.fit(*dataset_arrays(self.train_data, grid), components, alpha)
             real, phenotypes = dataset_arrays(self.val_data, grid, self.num_samples)
             self.validation = ValidationSet(reference, real, phenotypes,
-                                            mean_pearson(reference.predict(real), phenotypes))
+                                            mean_pearson(reference.predict(real), phenotypes),
+                                            self.real_floor(reference, real))
         return self.validation
+
+    def real_floor(self, reference: Reference, real: torch.Tensor, chunks: int = 8) -> float:
+        """Mean FD of up to `chunks` disjoint sets of num_samples training latents against `real` (one FD of 32
+        samples varies by about 20%: the mean steadies the band)."""
+        n = max(1, min(chunks, len(self.train_data) // self.num_samples))
+        features = dataset_arrays(self.train_data, self.fit_args["grid"], n * self.num_samples)[0]
+        target = reference.project(real)
+        return sum(frechet_distance(reference.project(f), target) for f in features.split(self.num_samples)) / n
+
+    def fd_limit(self) -> float:
+        """Largest FD of a candidate ranked on adherence: fd_tolerance x the real training-vs-validation FD."""
+        return self.fd_tolerance * self.fit().fd_floor
 
     def measure(self, engine: Engine, network: nn.Module, cfg: float) -> dict[str, float]:
         """FJD, FD and adherence of `network`'s seeded samples at `cfg` (autocast as the trainer runs)."""
@@ -206,21 +239,22 @@ class SampleQuality:
         epoch = engine.state.epoch
         if idist.get_rank() != 0 or (epoch % self.interval and epoch != engine.state.max_epochs):
             return
-        network, real_r = unwrap(self.ema.module), self.fit().adherence_real
+        network, val, limit = unwrap(self.ema.module), self.fit(), self.fd_limit()
         scores = self.measure(engine, network, self.cfg)
-        improved = scores["fjd"] < self.best
+        improved = self.best is None or rank(scores, limit) > rank(self.best, limit)
         if improved:
             with atomic_write(self.ckpt) as tmp:
                 torch.save(network.state_dict(), tmp)  # a plain MAR state dict, as load_weights reads it
-            self.best, self.best_epoch = scores["fjd"], epoch
+            self.best, self.best_epoch = scores, epoch
         self.history.append({"epoch": epoch, **scores, "saved": improved})
-        logger.info("sample quality epoch %d: FJD %.4g, FD %.4g, latent adherence r %.3f (real validation %.3f)%s",
-                    epoch, scores["fjd"], scores["fd"], scores["adherence"], real_r,
-                    f"; saved {self.ckpt}" if improved else f"; best FJD {self.best:.4g} at epoch {self.best_epoch}")
-        history = [{k: _json_number(v) if isinstance(v, float) else v for k, v in r.items()} for r in self.history]
-        record = {"criterion": CRITERION, "settings": {"cfg": self.cfg, **self.settings(engine.amp)},
-                  "adherence_real": _json_number(real_r), "best_epoch": self.best_epoch}
-        write_json(self.record_path, record | {"best_fjd": _json_number(self.best), "history": history})
+        logger.info("sample quality epoch %d: FJD %.4g, FD %.4g (limit %.4g), latent adherence r %.3f (real "
+                    "validation %.3f)%s", epoch, scores["fjd"], scores["fd"], limit, scores["adherence"],
+                    val.adherence_real, f"; saved {self.ckpt}" if improved else f"; kept epoch {self.best_epoch}")
+        write_json(self.record_path, {
+            "criterion": CRITERION, "settings": {"cfg": self.cfg, **self.settings(engine.amp)},
+            "adherence_real": _json_number(val.adherence_real), "fd_floor": _json_number(val.fd_floor),
+            "fd_limit": _json_number(limit), "best_epoch": self.best_epoch, "best": _json_scores(self.best),
+            "history": [_json_scores(r) for r in self.history]})
 
     def choose_cfg(self, engine: Engine) -> None:
         """At the end of training (rank 0): FJD of the best EMA weights at each candidate cfg -> mar_sampling.json."""
@@ -241,9 +275,11 @@ class SampleQuality:
         if not finite:
             logger.warning("no finite FJD at any cfg in %s: no CFG scale chosen", self.cfg_candidates)
             return
-        best = min(finite, key=lambda c: scores[c]["fjd"])  # ties: the first listed
+        best = max(finite, key=lambda c: rank(scores[c], self.fd_limit()))  # ties: the first listed
         by = {f"{key}_by_cfg": {str(c): _json_number(scores[c][key]) for c in self.cfg_candidates}
               for key in ("fjd", "fd", "adherence")}
-        write_json(path, {"cfg": best, "criterion": CRITERION, **by, "settings": settings,
+        write_json(path, {"cfg": best, "criterion": CRITERION, **by, "fd_limit": _json_number(self.fd_limit()),
+                          "settings": settings,
                           "best_epoch": self.best_epoch, "checkpoint": str(self.ckpt), "checkpoint_sha256": digest})
-        logger.info("CFG scale %s chosen (%s): FJD by cfg %s; written to %s", best, CRITERION, by["fjd_by_cfg"], path)
+        logger.info("CFG scale %s chosen (%s): adherence by cfg %s, FD by cfg %s (limit %.4g); written to %s", best,
+                    CRITERION, by["adherence_by_cfg"], by["fd_by_cfg"], self.fd_limit(), path)
