@@ -179,6 +179,17 @@ def test_other_settings_refused(setup: Path, batch4: Path) -> None:
         _run(setup, batch4, sampling=Sampling(cfg=2.0, num_iter=2, num_inference_steps=3))
 
 
+def test_output_overlapping_an_input_refused(setup: Path) -> None:
+    datalist = (setup / "prepared" / "datalist.json").read_bytes()
+    for out, match in ((setup / "prepared", "--output_dir .* is --prepared_dir"),
+                       (setup, "--output_dir .* contains --prepared_dir"),
+                       (setup / "models" / "generated", "--output_dir .* lies inside --ckpt_dir")):
+        with pytest.raises(ValueError, match=match):
+            _run(setup, out)
+    assert (setup / "prepared" / "datalist.json").read_bytes() == datalist  # the real datalist untouched
+    assert not (setup / "models" / "generated").exists()
+
+
 def _write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
     with path.open("w", newline="") as f:
         csv.writer(f).writerows([header, *rows])

@@ -23,7 +23,7 @@ from scripts.data.shapes import IMAGE_SIZE, NUM_FRAMES
 from scripts.generation.acquisition import fit_acquisition
 from scripts.generation.phenotype_vae import draw_eids, draw_phenotypes, write_draws
 from scripts.runtime.checkpoints import load_weights
-from scripts.runtime.files import atomic_write, save_npy, write_json
+from scripts.runtime.files import atomic_write, check_disjoint, save_npy, write_json
 from scripts.runtime.montage import save_cine_gif, save_montage
 from scripts.runtime.precision import autocast, precision_name
 from scripts.runtime.timing import sync
@@ -257,6 +257,8 @@ def generate(phenotype_vae: nn.Module, autoencoder: nn.Module, mar: nn.Module, c
     start, output_dir = time.perf_counter(), Path(output_dir)
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    check_disjoint({"--prepared_dir": prepared_dir, "--ckpt_dir": ckpt_dir, "--conditions_csv": conditions_csv},
+                   {"--output_dir": output_dir})
     ckpts = required_checkpoints(ckpt_dir, not (unconditional or conditions_csv))
     acquisition = fit_acquisition(prepared_dir, stats)
     source = "unconditional" if unconditional else str(conditions_csv) if conditions_csv else "phenotype_vae"
