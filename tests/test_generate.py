@@ -17,7 +17,7 @@ from monai.data import load_decathlon_datalist
 from scripts.data.cine_files import load_cine
 from scripts.data.cohort import read_stats
 from scripts.data.phenotypes import PhenotypeTableError, normalise
-from scripts.generation.acquisition import fit_acquisition
+from scripts.generation.acquisition import fit_acquisition, noise_sd
 from scripts.generation.autoencoder import CineAutoencoderKL
 from scripts.generation.generate import Sampling, generate, read_conditions, sample_seed
 from scripts.generation.mar import MAR
@@ -288,3 +288,57 @@ def test_geometry_follows_the_conditions(tmp_path: Path) -> None:
     few = fit_acquisition(tmp_path, stats)
     assert few.record()["method"] == "training medians"
     np.testing.assert_allclose(few.predict(query, 3), np.tile(np.exp(few.median), (3, 1)))
+
+
+def _noisy_cine(sd: float, seed: int, frames: int = 12) -> tuple[np.ndarray, np.ndarray]:
+    """(T, 96, 96) cine: a static background of two levels, a pulsing disc (label 1), Rician noise of `sd`."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:96, :96]
+    clean = np.where(xx < 48, 0.1, 0.4)[None].repeat(frames, 0)
+    radius = 15 + 5 * np.sin(np.linspace(0, 2 * np.pi, frames))[:, None, None]
+    disc = (yy - 48) ** 2 + (xx - 48) ** 2 < radius ** 2
+    clean = np.where(disc, 0.8, clean)
+    noisy = np.hypot(clean + rng.normal(0, sd, clean.shape), rng.normal(0, sd, clean.shape))
+    return noisy.astype(np.float16), disc.astype(np.uint8)
+
+
+def test_noise_estimate_measures_the_static_background() -> None:
+    for sd in (0.01, 0.03):
+        image, label = _noisy_cine(sd, 0)
+        assert noise_sd(image.astype(np.float32), label) == pytest.approx(sd, rel=0.1)
+    assert noise_sd(np.zeros((5, 96, 96), np.float32), None) == 0.0
+    assert noise_sd(_noisy_cine(0.02, 1)[0][:1].astype(np.float32), None) is None  # one frame: no difference
+    assert noise_sd(np.zeros((5, 96, 96), np.float32), np.ones((5, 96, 96), np.uint8)) is None  # all heart
+
+
+def test_acquisition_noise_at_training_levels(setup: Path, tmp_path: Path) -> None:
+    """Training cines with known noise: each sample gets one of their levels, drawn with its seed, as Rician noise on
+    the decoder's output; acquisition_noise False leaves the output as decoded."""
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    datalist = json.loads((setup / "prepared" / "datalist.json").read_text())
+    (prepared / "images").mkdir()
+    levels = (0.02, 0.04, 0.06)
+    for i, (item, sd) in enumerate(zip(datalist["training"], levels)):
+        image, label = _noisy_cine(sd, i)
+        np.save(prepared / "images" / f"P{i}.npy", image[None])
+        np.save(prepared / "images" / f"P{i}_label.npy", label[None])
+        item["label"] = f"images/P{i}_label.npy"
+    (prepared / "datalist.json").write_text(json.dumps(datalist))
+    (prepared / "phenotype_stats.json").write_text(json.dumps(STATS))
+    model = fit_acquisition(prepared, STATS)
+    assert len(model.noise_sd) == 3
+    np.testing.assert_allclose(sorted(model.noise_sd), levels, rtol=0.1)
+    args = {"prepared_dir": str(prepared), "unconditional": True, "num_samples": 3}
+    plain, noisy = _run(setup, tmp_path / "plain", acquisition_noise=False, **args), _run(setup, tmp_path / "noisy", **args)
+    assert (plain["settings"]["acquisition_noise"], noisy["settings"]["acquisition_noise"]) == (False, True)
+    items = json.loads((tmp_path / "noisy" / "datalist.json").read_text())["training"]
+    assert all(d["noise_sd"] in model.noise_sd for d in items)
+    assert [d["noise_sd"] for d in json.loads((tmp_path / "plain" / "datalist.json").read_text())["training"]] == [0] * 3
+    for i, d in enumerate(items):
+        a, b = _cine(tmp_path / "plain", i), _cine(tmp_path / "noisy", i)
+        bright = a > 0.3  # Rician noise on a bright signal is near Gaussian of the same sd
+        assert np.std((b - a)[bright]) == pytest.approx(d["noise_sd"], rel=0.15)
+    again = _run(setup, tmp_path / "again", **args)  # the same seeds: the same noise
+    assert again["settings"] == noisy["settings"]
+    np.testing.assert_array_equal(_cine(tmp_path / "again", 2), _cine(tmp_path / "noisy", 2))

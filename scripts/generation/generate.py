@@ -20,7 +20,7 @@ from torch import nn
 
 from scripts.data.phenotypes import normalise, read_phenotype_table
 from scripts.data.shapes import IMAGE_SIZE, NUM_FRAMES
-from scripts.generation.acquisition import fit_acquisition
+from scripts.generation.acquisition import add_noise, fit_acquisition
 from scripts.generation.phenotype_vae import draw_eids, draw_phenotypes, write_draws
 from scripts.runtime.checkpoints import load_weights
 from scripts.runtime.files import atomic_write, check_disjoint, save_npy, write_json
@@ -122,7 +122,7 @@ def is_done(output_dir: Path, index: int) -> bool:
 
 def write_index(output_dir: Path, n: int, seed: int, columns: list[str], values: np.ndarray | None,
                 geometry: np.ndarray, montage_samples: int) -> int:
-    """Rewrite manifest.csv, datalist.json and the montages over the samples 0..n-1 on disk; returns how many."""
+    """`geometry` (n, 4): pixel x, y (mm), frame interval (s), noise sd. Rewrite manifest.csv, datalist.json and the montages over the samples 0..n-1 on disk; returns how many."""
     with (output_dir / ".index.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # every rank calls this when done: the last one to lock sees every sample
         done = [i for i in range(n) if is_done(output_dir, i)]
@@ -133,7 +133,7 @@ def write_index(output_dir: Path, n: int, seed: int, columns: list[str], values:
             rows.append([npy, nii, sample_seed(seed, i), *("" if v is None else repr(v) for v in cond.values())])
             items.append({"image": npy, "subject": sample_name(i), "synthetic": True, "has_phenotypes": values is not
                           None, **cond, "spacing_mm": geometry[i, :2].tolist(),
-                          "frame_interval_s": float(geometry[i, 2])})
+                          "frame_interval_s": float(geometry[i, 2]), "noise_sd": float(geometry[i, 3])})
         with atomic_write(output_dir / "manifest.csv") as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
             csv.writer(f).writerows([["file", "nifti", "seed", *columns], *rows])
         write_json(output_dir / "datalist.json", {"training": items, "phenotype_columns": columns,
@@ -250,10 +250,10 @@ def finish_index(output_dir: Path, n: int, seed: int, columns: list[str], values
 def generate(phenotype_vae: nn.Module, autoencoder: nn.Module, mar: nn.Module, ckpt_dir: str, output_dir: str,
              prepared_dir: str, stats: dict, profile: str, num_samples: int = 64, seed: int = 0, batch_size: int = 8,
              conditions_csv: str | None = None, unconditional: bool = False, sampling: Sampling = Sampling(),
-             montage_samples: int = 8, amp: bool = False) -> dict:
+             montage_samples: int = 8, amp: bool = False, acquisition_noise: bool = True) -> dict:
     """Generate this rank's missing samples of 0..N-1 (i % world == rank) with `stats` (read once by the config),
     then rebuild the index (bf16 autocast if `amp`); returns the generation.json record (conditions: none,
-    `conditions_csv` or VAE draws)."""
+    `conditions_csv` or VAE draws). `acquisition_noise`: Rician noise at a training cine's level, drawn per sample."""
     start, output_dir = time.perf_counter(), Path(output_dir)
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -263,20 +263,23 @@ def generate(phenotype_vae: nn.Module, autoencoder: nn.Module, mar: nn.Module, c
     acquisition = fit_acquisition(prepared_dir, stats)
     source = "unconditional" if unconditional else str(conditions_csv) if conditions_csv else "phenotype_vae"
     settings = {"profile": profile, "seed": seed, "seed_formula": f"seed * {SEED_STRIDE} + index", **asdict(sampling),
-                "conditions": source, "precision": precision_name(amp)}
+                "conditions": source, "precision": precision_name(amp), "acquisition_noise": acquisition_noise}
     check_settings(output_dir, settings)
     values = choose_conditions(stats, output_dir, num_samples, seed, unconditional, conditions_csv, phenotype_vae,
                                Path(ckpt_dir) / "phenotype_vae.pt")  # (N, F) physical, or None
     write_json(output_dir / "generation.json", {"settings": settings})  # before any sample: guards a resumed run
     write_json(output_dir / "phenotype_stats.json", stats)
     n = len(values) if values is not None else num_samples
-    geometry = acquisition.predict(values, n)  # (n, 3) pixel x, y (mm), frame interval (s)
+    seeds = [sample_seed(seed, i) for i in range(n)]
+    noise = acquisition.noise_levels(seeds) if acquisition_noise else np.zeros(n)
+    geometry = np.hstack([acquisition.predict(values, n), noise[:, None]])  # (n, 4) pixel x, y, interval, noise sd
     load_weights(autoencoder, ckpts["autoencoder.pt"], f"autoencoder profile {profile!r}").eval()
     load_weights(mar, ckpts["mar.pt"], f"MAR profile {profile!r}").eval()
     rank, world, todo = shard(output_dir, n)
     cond = None if values is None else torch.as_tensor(normalise(values, stats), dtype=torch.float32)  # (N, F)
     t_sample, t_decode = generate_batches(mar, autoencoder, todo, cond, seed, sampling, batch_size,
-                                          lambda i, cine: write_sample(output_dir, i, cine, geometry[i]), amp)
+                                          lambda i, cine: write_sample(output_dir, i, add_noise(cine, noise[i], seeds[i]),
+                                                                       geometry[i]), amp)
     finish_index(output_dir, n, seed, stats["columns"], values, geometry, montage_samples)
     made = max(len(todo), 1)
     record = {"settings": settings, "num_samples": n, "rank": rank, "world_size": world,
