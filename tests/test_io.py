@@ -5,17 +5,22 @@ Also holds the small synthetic cine used by tests/test_prepare.py.
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+import torch
+from ignite.engine import Engine, Events
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from scripts.data.cine_files import CineError, load_cine, load_subject
-from scripts.runtime.files import atomic_write, check_disjoint
+from scripts.runtime.checkpoints import BestCheckpointSaver
+from scripts.runtime.files import atomic_write, check_disjoint, remove_orphans
 
 SHAPE = (120, 100)  # X, Y
 
@@ -200,6 +205,46 @@ def test_atomic_write(tmp_path: Path) -> None:
         tmp.write_bytes(b"half")
         raise RuntimeError("writer failed")
     assert np.array_equal(np.load(target), np.arange(3)) and [p.name for p in target.parent.iterdir()] == ["a.npy"]
+
+
+def test_remove_orphans_deletes_only_old_temporaries(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError), atomic_write(tmp_path / "a.pt") as tmp:
+        tmp.write_bytes(b"half")
+        kept = tmp.with_name(tmp.name.replace(".tmp-", ".keep-"))
+        os.link(tmp, kept)  # what a killed writer leaves behind (the context manager would clean up a live one)
+        raise RuntimeError("killed")
+    old = tmp_path / f".tmp-{'a' * 32}-a.pt"
+    kept.rename(old)
+    young = tmp_path / f".tmp-{'b' * 32}-b.pt"
+    young.write_bytes(b"being written")
+    (tmp_path / "model.pt").write_bytes(b"weights")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert remove_orphans(tmp_path) == [old]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([young.name, "model.pt"])
+    assert remove_orphans(tmp_path / "absent") == []
+
+
+def test_best_checkpoint_survives_a_failed_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MONAI's saver deletes the old best before writing the new one; ours replaces it atomically."""
+    net = torch.nn.Linear(2, 1)
+    engine = Engine(lambda e, b: None)
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: setattr(e.state, "metrics", {"m": e.state.epoch}))
+    saver = BestCheckpointSaver(str(tmp_path), {"network": net}, key_metric_filename="best.pt", save_key_metric=True,
+                                key_metric_name="m")
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: net.weight.data.fill_(e.state.epoch))
+    saver.attach(engine)
+    engine.run([0], max_epochs=2)
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["weight"].eq(2).all()
+
+    def crash(obj: object, path: object) -> None:
+        Path(path).write_bytes(b"trunc")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        engine.run([0], max_epochs=3)  # epoch 3 improves the metric: the save fails midway
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["weight"].eq(2).all()
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]
 
 
 # ------------------------------------------------------------------------- corrupt files and series (issue 14)

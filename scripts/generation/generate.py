@@ -23,7 +23,7 @@ from scripts.data.shapes import IMAGE_SIZE, NUM_FRAMES
 from scripts.generation.acquisition import add_noise, fit_acquisition
 from scripts.generation.phenotype_vae import draw_eids, draw_phenotypes, write_draws
 from scripts.runtime.checkpoints import load_weights
-from scripts.runtime.files import atomic_write, check_disjoint, save_npy, write_json
+from scripts.runtime.files import atomic_write, check_disjoint, remove_orphans, save_npy, write_json
 from scripts.runtime.montage import save_cine_gif, save_montage
 from scripts.runtime.precision import autocast, precision_name
 from scripts.runtime.timing import sync
@@ -265,6 +265,8 @@ def generate(phenotype_vae: nn.Module, autoencoder: nn.Module, mar: nn.Module, c
     settings = {"profile": profile, "seed": seed, "seed_formula": f"seed * {SEED_STRIDE} + index", **asdict(sampling),
                 "conditions": source, "precision": precision_name(amp), "acquisition_noise": acquisition_noise}
     check_settings(output_dir, settings)
+    for folder in (output_dir, output_dir / "images", output_dir / "nifti"):
+        remove_orphans(folder)  # unfinished writes of a killed run
     values = choose_conditions(stats, output_dir, num_samples, seed, unconditional, conditions_csv, phenotype_vae,
                                Path(ckpt_dir) / "phenotype_vae.pt")  # (N, F) physical, or None
     write_json(output_dir / "generation.json", {"settings": settings})  # before any sample: guards a resumed run

@@ -9,17 +9,40 @@ from pathlib import Path
 import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointLoader, CheckpointSaver
 from torch import nn
 
 from scripts.runtime.distributed import unwrap
-from scripts.runtime.files import atomic_write
+from scripts.runtime.files import atomic_write, remove_orphans
 
 logger = logging.getLogger(__name__)
 
 
+class AtomicFileSaver(BaseSaveHandler):
+    """Ignite save handler of one fixed file, replaced atomically (rank 0): the previous best stays whole until the
+    new one is complete, so `remove` (called by ignite before each save) does nothing."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        if idist.get_rank() == 0:
+            with atomic_write(self.path) as tmp:
+                torch.save(checkpoint, tmp)
+
+    def remove(self, filename: str) -> None:
+        pass
+
+
 class BestCheckpointSaver(CheckpointSaver):
-    """MONAI CheckpointSaver whose best-key-metric record has a `state_dict`, so a resumed run keeps its best model."""
+    """MONAI CheckpointSaver of the best key metric whose file is replaced atomically (MONAI deletes the old best
+    first and writes in place) and whose record has a `state_dict`, so a resumed run keeps its best model."""
+
+    def __init__(self, save_dir: str, save_dict: dict, key_metric_filename: str, **kwargs) -> None:
+        super().__init__(save_dir, save_dict, key_metric_filename=key_metric_filename, **kwargs)
+        if self._key_metric_checkpoint is not None:
+            self._key_metric_checkpoint.save_handler = AtomicFileSaver(Path(save_dir) / key_metric_filename)
 
     def state_dict(self) -> dict:
         return self._key_metric_checkpoint.state_dict()
@@ -69,6 +92,8 @@ class LatestCheckpoint:
 
     def attach(self, engine: Engine) -> None:
         # not MONAI's CheckpointSaver: it names interval files by epoch (no fixed file to resume) and is not atomic
+        if idist.get_rank() == 0:
+            remove_orphans(self.path.parent)
         if self.resume:
             engine.add_event_handler(Events.STARTED, self.load)
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self.save)

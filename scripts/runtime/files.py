@@ -5,13 +5,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
+TMP_PATTERN = re.compile(r"\.tmp-[0-9a-f]{32}-.+")  # atomic_write's temporary names
+ORPHAN_AGE_S = 3600.0  # a temporary file this old belongs to no running writer
 
 
 def file_digest(path: str | Path) -> str:
@@ -45,7 +52,7 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; it replaces `path` on success and is removed on failure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")  # same suffix, so writers keep the format
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")  # same suffix, so writers keep the format (TMP_PATTERN)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -70,3 +77,17 @@ def write_json(path: str | Path, obj: object) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+
+
+def remove_orphans(folder: str | Path, min_age_s: float = ORPHAN_AGE_S) -> list[Path]:
+    """Delete atomic_write temporaries in `folder` older than `min_age_s` (left by killed runs; younger ones may
+    belong to a running writer) and log each; returns them."""
+    folder, now = Path(folder), time.time()
+    if not folder.is_dir():
+        return []
+    orphans = [f for f in folder.iterdir() if TMP_PATTERN.fullmatch(f.name) and f.is_file()
+               and now - f.stat().st_mtime >= min_age_s]
+    for f in orphans:
+        f.unlink(missing_ok=True)
+        logger.warning("removed %s: an unfinished write of a killed run", f)
+    return orphans
