@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 import time
@@ -56,13 +57,29 @@ def test_unknown_keys_parsing() -> None:
         cli.check_overrides(["/x/monai/bundle/__main__.py", "run", *argv])
 
 
-@pytest.mark.parametrize("value, python", [("false", "False"), ("true", "True"), ("null", "None")])
-def test_json_literals_on_the_command_line_are_refused(value: str, python: str) -> None:
+@pytest.mark.parametrize("key, value, python", [("resume", "false", "False"), ("resume", "true", "True"),
+                                               ("mar#time_budget_s", "null", "None")])
+def test_json_literals_on_the_command_line_are_refused(key: str, value: str, python: str) -> None:
     """python-fire passes `--resume false` on as the text 'false' (true in Python): refused, naming the spelling."""
-    argv = ["/x/monai/bundle/__main__.py", "run", "--config_file", "configs/train_mar.json", "--resume", value]
-    with pytest.raises(ValueError, match=rf"--resume {value} \(write --resume {python}\)"):
+    argv = ["/x/monai/bundle/__main__.py", "run", "--config_file", "configs/train_mar.json", f"--{key}", value]
+    with pytest.raises(ValueError, match=rf"--{key} {value} \(write --{key} {python}\)"):
         cli.check_overrides(argv)
     cli.check_overrides(argv[:-1] + [python])  # the Python spelling passes
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("num_subjects", "abc", "--num_subjects takes a whole number (default 500), got 'abc'"),
+    ("num_subjects", "2.5", "--num_subjects takes a whole number"),
+    ("resume", "FALSE", "--resume takes True or False, got 'FALSE'"),
+    ("mar#ema_decay", "fast", "--mar#ema_decay takes a number (default 0.995)"),
+])
+def test_values_of_the_wrong_kind_are_refused_naming_the_key(key: str, value: str, message: str) -> None:
+    configs = "['configs/make_phantom.json','configs/train_mar.json']"
+    argv = ["/x/monai/bundle/__main__.py", "run", "--config_file", configs, f"--{key}", value]
+    with pytest.raises(ValueError, match=re.escape(message)):
+        cli.check_overrides(argv)
+    for fine in ("1", "None", "$@seed + 1"):  # a number where a float is expected, None, an expression: passed on
+        cli.check_overrides([*argv[:-2], "--mar#ema_decay", fine, "--num_subjects", "3.0", "--resume", "True"])
 
 
 def test_tiny_pipeline_runs_the_whole_chain_in_minutes(tmp_path) -> None:

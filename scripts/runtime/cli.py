@@ -1,5 +1,6 @@
-"""Command-line guard for `python -m monai.bundle run`: reject override keys that no config defines and JSON
-spellings (`true`, `false`, `null`) that the command line would pass on as text."""
+"""Command-line guard for `python -m monai.bundle run`: reject override keys that no config defines, JSON spellings
+(`true`, `false`, `null`) that the command line would pass on as text, and values of the wrong kind for a key whose
+config default is a number or a true/false switch."""
 
 # MONAI silently adds an unknown `--key value` pair as a new config entry, so a typo such as `--num_subject 5`
 # would run with the default; this check turns it into a clear error.
@@ -80,6 +81,44 @@ def json_literal_values(argv: Sequence[str]) -> list[str]:
     return [f"--{k} {v} (write --{k} {JSON_LITERALS[v]})" for k, v in _cli_pairs(argv).items() if v in JSON_LITERALS]
 
 
+def _default(config: object, cid: str) -> object:
+    """The value at id `cid` ("a#b#0") of a nested config, or None where there is none."""
+    for part in cid.split("#"):
+        if isinstance(config, dict) and part in config:
+            config = config[part]
+        elif isinstance(config, list) and part.isdigit() and int(part) < len(config):
+            config = config[int(part)]
+        else:
+            return None
+    return config
+
+
+def _literal(value: str) -> object:
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return value  # python-fire passes it on as text
+
+
+def kind_errors(argv: Sequence[str], config: dict) -> list[str]:
+    """`--key value` pairs whose value is not of the kind of the key's config default: a number (int: a whole
+    number), or True/False; keys with other defaults (text, lists, None, expressions) are not checked."""
+    errors = []
+    for key, text in _cli_pairs(argv).items():
+        default, value = _default(config, key), _literal(text)
+        if isinstance(value, str) and value[:1] in ("$", "@", "%"):
+            continue  # an expression or reference: MONAI evaluates it
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                errors.append(f"--{key} takes True or False, got {text!r}")
+        elif isinstance(default, (int, float)) and value is not None:
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or (isinstance(default, int) and isinstance(value, float) and not value.is_integer()):
+                kind = "a whole number" if isinstance(default, int) else "a number"
+                errors.append(f"--{key} takes {kind} (default {default!r}), got {text!r}")
+    return errors
+
+
 def check_overrides(argv: Sequence[str] | None = None) -> None:
     """Raise `ValueError` naming each unknown `--key` (with a close match, if any) or JSON-literal value.
     Only acts when the process is `python -m monai.bundle run ...`; inside other programs it does nothing."""
@@ -93,3 +132,7 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
     if bad:
         hints = [f"--{k}" + "".join(f" (did you mean --{c}?)" for c in difflib.get_close_matches(k, known, n=1)) for k in bad]
         raise ValueError(f"unknown config key(s) on the command line: {', '.join(hints)}; the config files define no such id")
+    pairs = _cli_pairs(argv[2:])
+    kinds = kind_errors(argv[2:], ConfigParser.load_config_files(_as_list(pairs["config_file"]))) if known else []
+    if kinds:
+        raise ValueError(f"wrong kind of value on the command line: {'; '.join(kinds)}")
