@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -99,6 +100,21 @@ def test_folds_keep_subjects_together_and_the_class_mix() -> None:
         assert per_fold.max() - per_fold.min() <= 1, (c, per_fold)  # stratified
     np.testing.assert_array_equal(folds, cv_folds(items, 5, 0, "diagnosis_index"))  # deterministic
     assert not np.array_equal(folds, cv_folds(items, 5, 1, "diagnosis_index"))
+
+
+def test_too_few_labelled_cines_are_refused_saying_what_is_needed(cohort: tuple[Path, Path], tmp_path: Path) -> None:
+    items = [{"subject": f"S{i}", "disease": i % 2} for i in range(6)]
+    with pytest.raises(ValueError, match=r"need at least 4 subjects of a class; subjects per class: \{0: 3, 1: 3\}"):
+        cv_folds(items, 4, 0, "disease")
+    with pytest.raises(ValueError, match="6 labelled subjects for 8 folds"):
+        cv_folds(items, 8, 0, None)
+    small = tmp_path / "prepared"
+    shutil.copytree(cohort[0], small)
+    datalist = json.loads((small / "datalist.json").read_text())
+    (small / "datalist.json").write_text(json.dumps({**datalist, "validation": datalist["validation"][:2]}))
+    with pytest.raises(ValueError, match=r"fold 0 of 2: 1 training and 1 validation cines of the 2 labelled .* at "
+                                         r"least 2 training and 1 validation cine per fold"):
+        fold_datalists(small, ["validation"], "regression", 2, 0, 0)  # the tiny pipeline's case: an empty epoch
 
 
 def test_fold_datalists_put_synthetic_cines_in_training_folds_only(cohort: tuple[Path, Path]) -> None:

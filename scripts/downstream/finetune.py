@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 
 TASKS = ("classification", "regression")
+MIN_TRAINING = 2  # a lone training cine is dropped by the loader (drop_last when one is left over): an empty epoch
 
 
 # ---------------------------------------------------------------------------------------------------------- network
@@ -112,7 +114,17 @@ def cv_folds(items: Sequence[dict], num_folds: int, seed: int, stratify_key: str
         raise ValueError(f"stratify_key {stratify_key!r} is missing for some subjects; set it to null or to a key "
                          "every item has")
     if len(subjects) < num_folds:
-        raise ValueError(f"{len(subjects)} subjects for {num_folds} folds")
+        raise ValueError(f"{len(subjects)} labelled subjects for {num_folds} folds: give a larger labelled cohort "
+                         "or fewer folds (finetune#num_folds)")
+    counts = dict(sorted(Counter(y).items()))
+    few = {c: n for c, n in counts.items() if n < num_folds}
+    if stratify_key and len(few) == len(counts):
+        raise ValueError(f"{num_folds} folds stratified by {stratify_key!r} need at least {num_folds} subjects of a "
+                         f"class; subjects per class: {counts}. Give a larger labelled cohort or fewer folds "
+                         "(finetune#num_folds)")
+    if stratify_key and few:
+        logger.warning("classes %s have fewer subjects than the %d folds (%s): some validation folds miss them",
+                       sorted(few), num_folds, counts)
     fold_of = {}
     splitter = StratifiedKFold(n_splits=num_folds, shuffle=True, random_state=seed)
     for k, (_, val) in enumerate(splitter.split(np.zeros(len(subjects)), y)):
@@ -132,6 +144,11 @@ def fold_datalists(prepared_dir: str | Path, cv_splits: Sequence[str], task: str
     folds = cv_folds(items, num_folds, seed, stratify_key)
     train = [d for d, k in zip(items, folds) if k != fold]
     val = [d for d, k in zip(items, folds) if k == fold]
+    if len(train) < MIN_TRAINING or not val:
+        raise ValueError(f"fold {fold} of {num_folds}: {len(train)} training and {len(val)} validation cines of the "
+                         f"{len(items)} labelled real cines ({task}, {list(cv_splits)} of {prepared_dir}); "
+                         f"fine-tuning needs at least {MIN_TRAINING} training and 1 validation cine per fold: give a "
+                         "larger labelled cohort or fewer folds (finetune#num_folds)")
     if mix_ratio > 0:
         if task != "regression":
             raise ValueError("mix_ratio > 0 in fine-tuning (mix*) is for regression only: synthetic cines have "
