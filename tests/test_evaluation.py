@@ -166,26 +166,33 @@ def test_a_copied_training_cine_is_flagged_and_a_fresh_one_is_not(cohort: tuple[
     prepared, items = cohort
     train, held = items[:6], items[6:11]
     cines = load_cines(prepared, items)
-    torch.manual_seed(0)
-    emb = fidelity.pool_latents(fidelity.latent_means(CineAutoencoderKL(**def_kwargs("autoencoder_def", "tiny")), cines, 4,
-                                                      "cpu"))
     synthetic = [0, 11]  # a training cine copied, and a subject neither trained on nor held out
-    pixel = privacy.NearestNeighbours({"heldout": privacy.unit_rows(cines[6:11]),
-                                       "syn": privacy.unit_rows(cines[synthetic])})
+    moved = torch.stack([cines[1].roll((4, -4), (-2, -1)), cines[2].flip(-1)])  # copies shifted 4 px, or mirrored
+    torch.manual_seed(0)
+    emb = fidelity.pool_latents(fidelity.latent_means(CineAutoencoderKL(**def_kwargs("autoencoder_def", "tiny")),
+                                                      torch.cat([cines, moved]), 4, "cpu"))
+    queries = torch.cat([cines[synthetic], moved])
+    pixel = privacy.NearestNeighbours({"heldout": privacy.pixel_rows(cines[6:11]), "syn": privacy.pixel_rows(queries)})
     for part in (cines[:4], cines[4:6]):  # streamed in chunks
-        pixel.update(privacy.unit_rows(part))
+        pixel.update(privacy.pixel_rows(part, variants=True))
     whole = privacy.NearestNeighbours(pixel.queries)
-    whole.update(privacy.unit_rows(cines[:6]))
+    whole.update(privacy.pixel_rows(cines[:6], variants=True))
     assert whole.result() == pixel.result()
+    plain = privacy.NearestNeighbours({"syn": privacy.pixel_rows(moved)})
+    plain.update(privacy.pixel_rows(cines[:6]))  # without the variants the moved copies look like other cines
+    assert max(plain.result()["syn"]["similarity"]) < 0.95
     z = privacy.zscore(emb, emb[:6])
     embedding = privacy.NearestNeighbours({"heldout": privacy.unit_rows(z[6:11]),
-                                           "syn": privacy.unit_rows(z[synthetic])})
+                                           "syn": privacy.unit_rows(z[[*synthetic, -2, -1]])})
     embedding.update(privacy.unit_rows(z[:6]))
+    names = ["G000000", "G000001", "G000002", "G000003"]
     audit = privacy.copy_audit({"pixel": pixel.result(), "embedding": embedding.result()},
-                               {"heldout": [d["subject"] for d in held], "syn": ["G000000", "G000001"]},
+                               {"heldout": [d["subject"] for d in held], "syn": names},
                                "heldout", [d["subject"] for d in train])
     syn = audit["sets"]["syn"]
-    assert syn["flagged"] == ["G000000"] and syn["memorised_share"] == pytest.approx(1 / 6)
+    assert syn["flagged"] == ["G000000", "G000002", "G000003"] and syn["memorised_share"] == pytest.approx(3 / 6)
+    assert [syn["nearest"][i]["training_index"] for i in (2, 3)] == [1, 2]
+    assert min(syn["nearest"][i]["pixel_similarity"] for i in (2, 3)) == pytest.approx(1.0, abs=1e-4)
     assert syn["nearest"][0]["training_subject"] == train[0]["subject"] and syn["nearest"][0]["pixel_similarity"] == pytest.approx(1.0, abs=1e-4)
     assert syn["nearest"][1]["pixel_similarity"] < audit["thresholds"]["pixel"] or \
         syn["nearest"][1]["embedding_similarity"] < audit["thresholds"]["embedding"]
@@ -199,9 +206,9 @@ def test_a_copied_training_cine_is_flagged_and_a_fresh_one_is_not(cohort: tuple[
     (generated / "datalist.json").write_text(json.dumps({"training": gen_items, "phenotype_columns": []}))
     out = privacy.drop_flagged(generated / "datalist.json", syn["flagged"], tmp_path / "eval" / "private.json", audit)
     kept = json.loads(out.read_text())
-    assert [d["subject"] for d in kept["training"]] == ["G000001"] and kept["dropped_as_copies"] == ["G000000"]
+    assert [d["subject"] for d in kept["training"]] == ["G000001"] and kept["dropped_as_copies"] == syn["flagged"]
     assert np.array_equal(np.load(out.parent / kept["training"][0]["image"]), cines[11].numpy())
-    image = privacy.closest_pairs_image(syn, cines[synthetic], lambda i: cines[i].numpy(), tmp_path / "pairs.png", 2)
+    image = privacy.closest_pairs_image(syn, queries, lambda i: cines[i].numpy(), tmp_path / "pairs.png", 2)
     assert image.is_file()
 
 

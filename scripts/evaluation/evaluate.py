@@ -78,13 +78,13 @@ def training_pass(data: Loaded, networks: Networks, queries: Mapping[str, torch.
     """One pass over the training cines in chunks: (pixel nearest neighbours of every query set, (N, D) pooled
     latent embeddings, (M,) MAR losses of the training subjects with phenotypes)."""
     items = data.training
-    nearest = privacy.NearestNeighbours({k: privacy.unit_rows(v) for k, v in queries.items()})
+    nearest = privacy.NearestNeighbours({k: privacy.pixel_rows(v) for k, v in queries.items()})
     embeddings, losses = [], []
     chunk = max(protocol.batch_size, 32)
     for start in range(0, len(items), chunk):
         part = items[start:start + chunk]
         cines = load_cines(data.prepared, part)
-        nearest.update(privacy.unit_rows(cines))
+        nearest.update(privacy.pixel_rows(cines, variants=True))
         means = fidelity.latent_means(networks.autoencoder, cines, protocol.batch_size, networks.device)
         embeddings.append(fidelity.pool_latents(means))
         with_phen = [i for i, d in enumerate(part) if d["subject"] in phenotypes]

@@ -1,5 +1,6 @@
 """Privacy audit of generated cines: copy detection against the training cines and loss-based membership inference.
-A copy exceeds the held-out quantile of both pixel and embedding nearest-training r; protocol: docs/evaluation.md."""
+A copy exceeds the held-out quantile of both pixel (shift- and mirror-invariant) and embedding nearest-training r;
+protocol: docs/evaluation.md."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.metrics import compute_roc_auc
 from monai.networks import eval_mode
 from sklearn.metrics import roc_curve
@@ -20,6 +22,8 @@ from scripts.runtime.handlers import seeded
 from scripts.runtime.montage import save_montage
 
 METRICS = ("pixel", "embedding")
+PIXEL_FRAME_STEP, PIXEL_POOL = 5, 2  # the pixel audit sees every 5th frame at half resolution (10 x 48 x 48 values)
+MAX_SHIFT = 2  # pooled pixels (4 at 96 x 96): training cines are compared shifted by -2..2 in each axis and mirrored
 
 
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
@@ -27,6 +31,18 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
     x = x.flatten(1).float()
     x = x - x.mean(1, keepdim=True)
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def pixel_rows(cines: torch.Tensor, variants: bool = False) -> torch.Tensor:
+    """(N, 1, T, H, W) -> (N, D) unit rows of the pixel audit's features; with `variants` (N, V, D), V = 50: each cine
+    and its left-right mirror, circularly shifted by every (dy, dx) in [-MAX_SHIFT, MAX_SHIFT]^2."""
+    x = F.avg_pool2d(cines[:, 0, ::PIXEL_FRAME_STEP].float(), PIXEL_POOL)  # (N, K, h, w)
+    if not variants:
+        return unit_rows(x)
+    pair = torch.stack([x, x.flip(-1)], 1)  # (N, 2, K, h, w)
+    shifts = range(-MAX_SHIFT, MAX_SHIFT + 1)
+    moved = torch.stack([pair.roll((dy, dx), (-2, -1)) for dy in shifts for dx in shifts], 2)  # (N, 2, S, K, h, w)
+    return unit_rows(moved.flatten(0, 2)).reshape(len(x), -1, x[0].numel())
 
 
 class NearestNeighbours:
@@ -39,11 +55,13 @@ class NearestNeighbours:
         self.seen = 0
 
     def update(self, references: torch.Tensor) -> None:
-        """references (n, D) unit rows: the next `n` reference cines, in order."""
+        """references (n, D) unit rows, or (n, V, D) with V variants each (the best counts): the next `n` reference
+        cines, in order."""
+        flat = references.reshape(-1, references.shape[-1])  # (n * V, D)
         for k, q in self.queries.items():
             if not len(q):
                 continue
-            sim, idx = (q @ references.T.to(q.dtype)).max(dim=1)  # (N,)
+            sim, idx = (q @ flat.T.to(q.dtype)).reshape(len(q), len(references), -1).amax(2).max(dim=1)  # (N,)
             better = sim > self.best[k]
             self.best[k] = torch.where(better, sim, self.best[k])
             self.index[k] = torch.where(better, idx + self.seen, self.index[k])

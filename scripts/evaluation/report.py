@@ -191,8 +191,9 @@ def _privacy(m: dict) -> list[str]:
         return lines + [f"Not computed: {p['skipped']}", ""]
     held = p["sets"]["heldout"]
     t = p["thresholds"]
-    lines += [(f"Nearest training cine ({m['n_training']} cines) of every cine by pixel correlation (Pearson r over "
-              "1 x 50 x 96 x 96 voxels) and embedding correlation (autoencoder embedding, z-scored with the "
+    lines += [(f"Nearest training cine ({m['n_training']} cines) of every cine by pixel correlation (Pearson r of every "
+              "5th frame at 48 x 48, the best over each training cine mirrored and shifted by -4..4 pixels) and "
+              "embedding correlation (autoencoder embedding, z-scored with the "
               f"training cines' statistics). Thresholds: the {p['quantile']:.0%} quantile of the {held['n']} held-out "
               f"real cines' nearest-training similarity: pixel r > {fmt(t['pixel'], 4)}, embedding r > "
               f"{fmt(t['embedding'], 4)}. A cine above both is flagged as a copy. The held-out row is the floor: "
