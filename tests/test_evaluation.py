@@ -273,6 +273,10 @@ def test_evaluation_config_on_a_tiny_pipeline_run(tiny_pipeline: Path, i3d_stand
             entry = metrics["fidelity"][metric][name]
             assert ("value" in entry and "floor" in entry) or "cine(s) per set" in entry["skipped"], (metric, entry)
     assert "value" in metrics["fidelity"]["fid"]["cfg"]
+    ceiling = metrics["fidelity"]["fid"]["autoencoder reconstructions"]  # held-out half B through the autoencoder
+    assert ceiling["floor"] == metrics["fidelity"]["fid"]["cfg"]["floor"] and ceiling["value"] > 0
+    assert "autoencoder reconstructions" not in metrics["fidelity"]["vae_fd"]
+    assert "| autoencoder reconstructions |" in (out / "report.md").read_text()
     measured = metrics["adherence"]
     assert measured["sets"]["cfg"]["phenotypes"]["LVEDV (mL)"]["n"] + \
         len(measured["sets"]["cfg"]["unmeasurable"]) == 4 and measured["heldout_true_labels"]["n"] == 3

@@ -18,7 +18,17 @@ from scripts.data.cohort import load_cines, phenotype_matrix
 from scripts.data.phenotypes import normalise
 from scripts.evaluation import fidelity, privacy
 from scripts.evaluation.adherence import adherence_section, segmenter_callable
-from scripts.evaluation.protocol import HELDOUT, Inputs, Loaded, Networks, Protocol, load, subset, value_rows
+from scripts.evaluation.protocol import (
+    HELDOUT,
+    RECONSTRUCTION,
+    Inputs,
+    Loaded,
+    Networks,
+    Protocol,
+    load,
+    subset,
+    value_rows,
+)
 from scripts.evaluation.report import write_report
 from scripts.generation.generate import sample_seed
 from scripts.runtime.checkpoints import load_weights
@@ -47,11 +57,15 @@ def measure_speed(mar: nn.Module, autoencoder: nn.Module, settings: dict, condit
 
 
 # ---------------------------------------------------------------------------------------------------------- sections
-def fidelity_section(data: Loaded, protocol: Protocol, i3d_path: str | None, seed: int, device: torch.device) -> dict:
-    """{"fid", "fvd", "vae_fd"} -> set name -> fd_with_floor result (or {"skipped": reason})."""
-    heldout, cines, means = data.heldout_cines, data.cines, data.means
+def fidelity_section(data: Loaded, autoencoder: nn.Module, protocol: Protocol, i3d_path: str | None, seed: int,
+                     device: torch.device) -> dict:
+    """{"fid", "fvd", "vae_fd"} -> set name -> fd_with_floor result (or {"skipped": reason}); FID and FVD also of
+    RECONSTRUCTION, half B's cines through the autoencoder (what a generator decoded by it can reach)."""
+    heldout, means = data.heldout_cines, data.means
     halves = fidelity.disjoint_halves(len(heldout), seed)
     bs = protocol.batch_size
+    recon = fidelity.reconstruct(autoencoder, means[HELDOUT][halves[1]], bs, device) if len(halves[1]) else None
+    cines = data.cines | ({RECONSTRUCTION: recon} if recon is not None else {})
     features: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     inception = fidelity.load_torchscript(fidelity.inception_path(), device, "Inception-v3")
     features["fid"] = lambda x: fidelity.inception_features(inception, x, protocol.fid_frame_step, bs, device)
@@ -177,7 +191,7 @@ def evaluate(inputs: Inputs, networks: Networks, protocol: Protocol, seed: int =
         "heldout": {"splits": list(inputs.heldout_splits), "n": len(heldout)}, "n_training": len(data.training),
         "sets": {k: {"dir": v["dir"], "status": v["status"], "n": len(v["items"]),
                      "generation_settings": v["record"].get("settings")} for k, v in data.found.items()},
-        "fidelity": fidelity_section(data, protocol, inputs.i3d_path, seed, device)
+        "fidelity": fidelity_section(data, networks.autoencoder, protocol, inputs.i3d_path, seed, device)
         if len(heldout) >= 2 else {"skipped": f"{len(heldout)} held-out cine(s); need >= 2 for two halves"},
         "adherence": adherence_section(data, segment, reason, protocol.batch_size, device, out_dir),
         "privacy": privacy_section(data, networks, protocol, seed, out_dir, drop_flagged),

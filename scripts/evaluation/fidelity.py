@@ -82,6 +82,14 @@ def latent_means(autoencoder: nn.Module, cines: torch.Tensor, batch_size: int,
     return torch.cat(out) if out else torch.zeros(0)
 
 
+@torch.no_grad()
+def reconstruct(autoencoder: nn.Module, means: torch.Tensor, batch_size: int, device: torch.device | str) -> torch.Tensor:
+    """(N, C, t, h, w) posterior means -> (N, 1, T, H, W) decoded cines in [0, 1] (float16, CPU)."""
+    autoencoder.eval()
+    out = [autoencoder.decode(m).float().clamp(0, 1).half().cpu() for m in batches(means, batch_size, device)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float16)
+
+
 def pool_latents(means: torch.Tensor) -> torch.Tensor:
     """(N, C, t, h, w) posterior means -> (N, C * t) VAE-FD / embedding features (averaged over space)."""
     return means.mean((3, 4)).flatten(1)

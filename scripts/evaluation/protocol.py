@@ -19,6 +19,7 @@ from scripts.evaluation import fidelity
 logger = logging.getLogger(__name__)
 
 HELDOUT = "heldout"  # name of the real held-out set in the privacy audit
+RECONSTRUCTION = "autoencoder reconstructions"  # half B decoded from its posterior means: a fidelity ceiling
 
 
 @dataclass(frozen=True)
