@@ -342,3 +342,7 @@ def test_acquisition_noise_at_training_levels(setup: Path, tmp_path: Path) -> No
     again = _run(setup, tmp_path / "again", **args)  # the same seeds: the same noise
     assert again["settings"] == noisy["settings"]
     np.testing.assert_array_equal(_cine(tmp_path / "again", 2), _cine(tmp_path / "noisy", 2))
+    assert fit_acquisition(prepared, STATS, noise=False).noise_sd == ()  # noise off: no image is read
+    (prepared / "images" / "P1.npy").write_bytes(b"not an array")
+    with pytest.raises(ValueError, match=r"P1\.npy: image of subject 'P1' cannot be read"):
+        fit_acquisition(prepared, STATS)

@@ -11,7 +11,7 @@ import numpy as np
 from monai.transforms import RandRicianNoise
 from scipy.ndimage import binary_dilation
 
-from scripts.data.cohort import has_phenotypes, split_items
+from scripts.data.cohort import has_phenotypes, load_cines, split_items
 from scripts.data.phenotypes import normalise
 
 RIDGE = 0.1  # ridge penalty on standardised features; the fit below is near-exact for the frame interval
@@ -80,13 +80,16 @@ def noise_sd(image: np.ndarray, label: np.ndarray | None) -> float | None:
 
 
 def training_noise(prepared_dir: str | Path, items: list[dict]) -> tuple[float, ...]:
-    """Noise sd (`noise_sd`) of each training cine with an image and a label file (those with an estimate)."""
+    """Noise sd (`noise_sd`) of each training cine whose image file exists (with its label file where that exists;
+    those with an estimate); an unreadable file is an error naming the subject (cohort.load_cines)."""
     root, levels = Path(prepared_dir), []
     for d in items:
         if not d.get("image") or not (root / d["image"]).is_file():
             continue
-        label = np.load(root / d["label"])[0] if d.get("label") and (root / d["label"]).is_file() else None
-        level = noise_sd(np.load(root / d["image"])[0], label)
+        image = load_cines(root, [d])[0, 0].float().numpy()  # (T, H, W)
+        has_label = d.get("label") and (root / d["label"]).is_file()
+        label = load_cines(root, [d], "label")[0, 0].numpy() if has_label else None
+        level = noise_sd(image, label)
         levels += [] if level is None else [level]
     return tuple(levels)
 
@@ -100,11 +103,11 @@ def add_noise(cine: np.ndarray, sd: float, seed: int) -> np.ndarray:
     return np.clip(np.asarray(noise(cine.astype(np.float32))), 0.0, 1.0).astype(cine.dtype)
 
 
-def fit_acquisition(prepared_dir: str | Path, stats: dict) -> AcquisitionModel:
+def fit_acquisition(prepared_dir: str | Path, stats: dict, noise: bool = True) -> AcquisitionModel:
     """Fit the AcquisitionModel on the training items of a prepared folder (spacing_mm, frame_interval_s,
-    phenotypes, image and label arrays for the noise)."""
+    phenotypes; with `noise`, the image and label arrays for the noise levels)."""
     training = split_items(prepared_dir, ["training"])
-    base = {"noise_sd": training_noise(prepared_dir, training)}
+    base = {"noise_sd": training_noise(prepared_dir, training) if noise else ()}
     items = [d for d in training if d.get("spacing_mm") and d.get("frame_interval_s")]
     if not items:
         raise ValueError(f"{Path(prepared_dir) / 'datalist.json'}: no training item with spacing_mm and "

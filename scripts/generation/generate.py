@@ -122,7 +122,8 @@ def is_done(output_dir: Path, index: int) -> bool:
 
 def write_index(output_dir: Path, n: int, seed: int, columns: list[str], values: np.ndarray | None,
                 geometry: np.ndarray, montage_samples: int) -> int:
-    """`geometry` (n, 4): pixel x, y (mm), frame interval (s), noise sd. Rewrite manifest.csv, datalist.json and the montages over the samples 0..n-1 on disk; returns how many."""
+    """Rewrite manifest.csv, datalist.json and the montages over the samples 0..n-1 on disk; returns how many.
+    `geometry` (n, 4): pixel x, y (mm), frame interval (s), noise sd."""
     with (output_dir / ".index.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # every rank calls this when done: the last one to lock sees every sample
         done = [i for i in range(n) if is_done(output_dir, i)]
@@ -260,7 +261,7 @@ def generate(phenotype_vae: nn.Module, autoencoder: nn.Module, mar: nn.Module, c
     check_disjoint({"--prepared_dir": prepared_dir, "--ckpt_dir": ckpt_dir, "--conditions_csv": conditions_csv},
                    {"--output_dir": output_dir})
     ckpts = required_checkpoints(ckpt_dir, not (unconditional or conditions_csv))
-    acquisition = fit_acquisition(prepared_dir, stats)
+    acquisition = fit_acquisition(prepared_dir, stats, noise=acquisition_noise)
     source = "unconditional" if unconditional else str(conditions_csv) if conditions_csv else "phenotype_vae"
     settings = {"profile": profile, "seed": seed, "seed_formula": f"seed * {SEED_STRIDE} + index", **asdict(sampling),
                 "conditions": source, "precision": precision_name(amp), "acquisition_noise": acquisition_noise}
@@ -273,7 +274,7 @@ def generate(phenotype_vae: nn.Module, autoencoder: nn.Module, mar: nn.Module, c
     write_json(output_dir / "phenotype_stats.json", stats)
     n = len(values) if values is not None else num_samples
     seeds = [sample_seed(seed, i) for i in range(n)]
-    noise = acquisition.noise_levels(seeds) if acquisition_noise else np.zeros(n)
+    noise = acquisition.noise_levels(seeds)  # zeros without acquisition_noise
     geometry = np.hstack([acquisition.predict(values, n), noise[:, None]])  # (n, 4) pixel x, y, interval, noise sd
     load_weights(autoencoder, ckpts["autoencoder.pt"], f"autoencoder profile {profile!r}").eval()
     load_weights(mar, ckpts["mar.pt"], f"MAR profile {profile!r}").eval()

@@ -257,7 +257,8 @@ class SampleQuality:
             "history": [_json_scores(r) for r in self.history]})
 
     def choose_cfg(self, engine: Engine) -> None:
-        """At the end of training (rank 0): FJD of the best EMA weights at each candidate cfg -> mar_sampling.json."""
+        """At the end of training (rank 0): the best EMA weights scored at each candidate cfg; the best-ranked one
+        (`rank`) -> mar_sampling.json."""
         if idist.get_rank() != 0 or not self.cfg_candidates:
             return
         if not self.ckpt.is_file():
@@ -275,11 +276,12 @@ class SampleQuality:
         if not finite:
             logger.warning("no finite FJD at any cfg in %s: no CFG scale chosen", self.cfg_candidates)
             return
-        best = max(finite, key=lambda c: rank(scores[c], self.fd_limit()))  # ties: the first listed
+        limit = self.fd_limit()
+        best = max(finite, key=lambda c: rank(scores[c], limit))  # ties: the first listed
         by = {f"{key}_by_cfg": {str(c): _json_number(scores[c][key]) for c in self.cfg_candidates}
               for key in ("fjd", "fd", "adherence")}
-        write_json(path, {"cfg": best, "criterion": CRITERION, **by, "fd_limit": _json_number(self.fd_limit()),
+        write_json(path, {"cfg": best, "criterion": CRITERION, **by, "fd_limit": _json_number(limit),
                           "settings": settings,
                           "best_epoch": self.best_epoch, "checkpoint": str(self.ckpt), "checkpoint_sha256": digest})
         logger.info("CFG scale %s chosen (%s): adherence by cfg %s, FD by cfg %s (limit %.4g); written to %s", best,
-                    CRITERION, by["adherence_by_cfg"], by["fd_by_cfg"], self.fd_limit(), path)
+                    CRITERION, by["adherence_by_cfg"], by["fd_by_cfg"], limit, path)

@@ -49,13 +49,18 @@ def _as_list(value: str) -> list[str]:
     return [str(p) for p in parsed] if isinstance(parsed, (list, tuple)) else [str(parsed)]
 
 
-def unknown_keys(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+def load_configs(pairs: dict[str, str]) -> dict:
+    """The merged config files of a command line's `--config_file`."""
+    return ConfigParser.load_config_files(_as_list(pairs["config_file"]))
+
+
+def unknown_keys(argv: Sequence[str], config: dict | None = None) -> tuple[list[str], list[str]]:
     """(override keys of a `monai.bundle run` command line that no config file defines, all known keys); a key inside
     a meta config's `forward` section (e.g. `mar_def#width`) counts as known: the stage's config has it."""
     pairs = _cli_pairs(argv)
     if "config_file" not in pairs:
         return [], []
-    config = ConfigParser.load_config_files(_as_list(pairs["config_file"]))
+    config = load_configs(pairs) if config is None else config
     known = set(_ids(config)) | RUN_ARGS
     forward = config.get("forward") if isinstance(config.get("forward"), dict) else {}
     return [k for k in pairs if k not in known and k.split("#")[0] not in forward], sorted(known)
@@ -120,7 +125,8 @@ def kind_errors(argv: Sequence[str], config: dict) -> list[str]:
 
 
 def check_overrides(argv: Sequence[str] | None = None) -> None:
-    """Raise `ValueError` naming each unknown `--key` (with a close match, if any) or JSON-literal value.
+    """Raise `ValueError` naming each unknown `--key` (with a close match, if any), JSON-literal value or value of the
+    wrong kind (`kind_errors`).
     Only acts when the process is `python -m monai.bundle run ...`; inside other programs it does nothing."""
     argv = list(sys.argv if argv is None else argv)
     if not (argv and argv[0].replace("\\", "/").endswith("monai/bundle/__main__.py") and "run" in argv[1:2]):
@@ -128,11 +134,12 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
     literals = json_literal_values(argv[2:])
     if literals:
         raise ValueError(f"the command line takes Python literals: {', '.join(literals)}")
-    bad, known = unknown_keys(argv[2:])
+    pairs = _cli_pairs(argv[2:])
+    config = load_configs(pairs) if "config_file" in pairs else {}
+    bad, known = unknown_keys(argv[2:], config)
     if bad:
         hints = [f"--{k}" + "".join(f" (did you mean --{c}?)" for c in difflib.get_close_matches(k, known, n=1)) for k in bad]
         raise ValueError(f"unknown config key(s) on the command line: {', '.join(hints)}; the config files define no such id")
-    pairs = _cli_pairs(argv[2:])
-    kinds = kind_errors(argv[2:], ConfigParser.load_config_files(_as_list(pairs["config_file"]))) if known else []
+    kinds = kind_errors(argv[2:], config)
     if kinds:
         raise ValueError(f"wrong kind of value on the command line: {'; '.join(kinds)}")
