@@ -16,6 +16,7 @@ from monai.data import load_decathlon_datalist
 
 from scripts.data.cine_files import load_cine
 from scripts.data.cohort import read_stats
+from scripts.data.dicom_export import SCALE
 from scripts.data.phenotypes import PhenotypeTableError, normalise
 from scripts.generation.acquisition import fit_acquisition, noise_sd
 from scripts.generation.autoencoder import CineAutoencoderKL
@@ -96,17 +97,18 @@ def batch4(setup: Path) -> Path:
     return out
 
 
-def _bundle(setup: Path, out: Path, num_samples: int, batch_size: int, launcher: tuple[str, ...] = ()) -> None:
+def _bundle(setup: Path, out: Path, num_samples: int, batch_size: int, launcher: tuple[str, ...] = (),
+            **more: object) -> None:
     """Run configs/generate.json with the tiny profile (through `launcher`, e.g. torchrun) in a subprocess."""
     configs = ["configs/generate.json", "configs/profiles/tiny.json"]
     args = {"prepared_dir": setup / "prepared", "ckpt_dir": setup / "models", "output_dir": out,
-            "num_samples": num_samples, "batch_size": batch_size, "num_iter": 2, "num_inference_steps": 3}
+            "num_samples": num_samples, "batch_size": batch_size, "num_iter": 2, "num_inference_steps": 3, **more}
     run_bundle(configs, launcher=launcher, env=ONE_THREAD, timeout=300, **args)
 
 
 def test_bundle_run(setup: Path) -> None:
     out = setup / "bundle"
-    _bundle(setup, out, num_samples=3, batch_size=2)
+    _bundle(setup, out, num_samples=3, batch_size=2, dicom=True)
 
     rows = _manifest(out)
     assert list(rows[0]) == ["file", "nifti", "seed", *COLUMNS] and len(rows) == 3
@@ -119,10 +121,15 @@ def test_bundle_run(setup: Path) -> None:
         img = nib.load(out / row["nifti"])
         assert img.shape == (96, 96, 1, 50)
         np.testing.assert_allclose(img.header.get_zooms(), (2.0, 2.1, 2.0, 0.02), rtol=1e-6)
-        np.testing.assert_allclose(img.affine, np.diag([2.0, 2.1, 2.0, 1.0]), rtol=1e-6)
+        np.testing.assert_allclose(img.affine, np.diag([-2.0, -2.1, 2.0, 1.0]), rtol=1e-6)  # X toward L, Y toward P
+        assert img.header["descrip"].item().decode() == f"CPGG synthetic cine, tiny, seed {sample_seed(0, i)}"
         loaded = load_cine(out / row["nifti"])  # the loader prepare uses: H, W of the array are X, Y
-        assert loaded.frame_interval_s == pytest.approx(0.02)
+        assert loaded.frame_interval_s == pytest.approx(0.02) and loaded.orientation.endswith("as stored")
         np.testing.assert_array_equal(loaded.array, cine[0].astype(np.float32).transpose(1, 2, 0))
+        series = load_cine(out / "dicom" / f"G{i:06d}")  # --dicom True: the same cine as a DICOM MR series
+        np.testing.assert_allclose(series.array, loaded.array, atol=0.5 / SCALE + 1e-6)
+        np.testing.assert_allclose(series.affine, loaded.affine, atol=1e-5)
+        assert series.spacing_mm == pytest.approx(loaded.spacing_mm) and series.frame_interval_s == pytest.approx(0.02)
     items = load_decathlon_datalist(str(out / "datalist.json"), False, "training", str(out))
     assert [Path(d["image"]) for d in items] == [out / r["file"] for r in rows]
     assert all(d["synthetic"] and d["has_phenotypes"] for d in items)
@@ -131,6 +138,7 @@ def test_bundle_run(setup: Path) -> None:
     np.testing.assert_allclose(x.numpy(), normalise(conditions, STATS), rtol=1e-5, atol=1e-6)
     record = json.loads((out / "generation.json").read_text())
     assert record["settings"]["profile"] == "tiny" and record["generated_this_run"] == 3
+    assert record["dicom_series_this_run"] == 3 and "dicom" not in record["settings"]
     assert record["sampling_s_per_clip"] > 0 and record["decoding_s_per_clip"] > 0
     assert (out / "montage.png").is_file() and (out / "montage.gif").is_file()
 
@@ -156,6 +164,16 @@ def test_resume_regenerates_only_missing(setup: Path, batch4: Path) -> None:
     assert changed == ["G000001.nii.gz", "G000001.npy"]
     _assert_same_sample(_cine(batch4, 1), old)
     assert len(_manifest(batch4)) == 4
+    written = {p: p.stat().st_mtime_ns for p in files}
+    record = _run(setup, batch4, dicom=True)  # a first --dicom run on finished samples: their series from the .npy
+    assert (record["generated_this_run"], record["dicom_series_this_run"]) == (0, 4)
+    assert all(p.stat().st_mtime_ns == written[p] for p in files)  # nothing generated again
+    assert sorted(p.name for p in (batch4 / "dicom").iterdir()) == [f"G{i:06d}" for i in range(4)]
+    series = {p: p.stat().st_mtime_ns for p in (batch4 / "dicom").rglob("*.dcm")}
+    (batch4 / "images" / "G000002.npy").unlink()
+    record = _run(setup, batch4, dicom=True)  # a regenerated sample gets a new series, the others are kept
+    assert (record["generated_this_run"], record["dicom_series_this_run"]) == (1, 1)
+    assert {p.parent.name for p in series if p.stat().st_mtime_ns != series[p]} == {"G000002"}
 
 
 def test_sharding(setup: Path, batch4: Path, monkeypatch: pytest.MonkeyPatch) -> None:

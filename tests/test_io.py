@@ -19,6 +19,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from scripts.data.cine_files import CineError, load_cine, load_subject
+from scripts.data.orientation import canonical_affine
 from scripts.runtime.checkpoints import BestCheckpointSaver
 from scripts.runtime.files import atomic_write, check_disjoint, remove_orphans
 
@@ -52,9 +53,10 @@ def synthetic_cine(frames: int = 25, ed: int = 0, centre: tuple[float, float] = 
 
 def write_nifti(path: Path, array: np.ndarray, spacing: tuple[float, float] = (1.5, 1.5), dt: float = 0.03,
                 time_unit: str = "unknown", add_slice_axis: bool = True) -> Path:
-    """Save (X, Y, T) as X x Y x 1 x T (or `array` as is with add_slice_axis=False), pixdim[4] = dt."""
+    """Save (X, Y, T) as X x Y x 1 x T (or `array` as is with add_slice_axis=False), pixdim[4] = dt, in the canonical
+    orientation (X toward L, Y toward P: read back as stored)."""
     data = array[:, :, None, :] if add_slice_axis else array
-    img = nib.Nifti1Image(data, np.diag([spacing[0], spacing[1], 8.0, 1.0]))
+    img = nib.Nifti1Image(data, canonical_affine(spacing, 8.0))
     img.header["pixdim"][4] = dt
     img.header.set_xyzt_units(xyz="mm", t=time_unit)
     path.parent.mkdir(parents=True, exist_ok=True)

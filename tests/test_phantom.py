@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from scripts.data import phantom, phantom_render, phantom_shapes
+from scripts.data.cine_files import load_subject
 from scripts.data.phenotypes import PHENOTYPE_COLUMNS, measure_cine, read_phenotype_table
 from tests.conftest import run_bundle
 
@@ -75,7 +76,7 @@ def test_class_distributions_overlap_but_differ() -> None:
     table = np.array([[p[c] for c in PHENOTYPE_COLUMNS] for p in intended])
     y = np.array([d.row["diagnosis_index"] for d in draws])
     col = {c: table[:, i] for i, c in enumerate(PHENOTYPE_COLUMNS)}
-    mean = lambda c, k: col[c][y == k].mean()  # noqa: E731
+    mean = lambda c, k: col[c][y == k].mean()
     assert mean("LVEDV (mL)", 1) > 1.25 * mean("LVEDV (mL)", 0) and mean("LVEF (%)", 1) < mean("LVEF (%)", 0) - 12
     assert mean("WT septal (mm)", 2) > mean("WT septal (mm)", 0) + 3 and mean("LVM (g)", 2) > mean("LVM (g)", 0)
     assert mean("RAV max (mL)", 3) > mean("RAV max (mL)", 0) + 15 and mean("LAEF (%)", 3) < mean("LAEF (%)", 0) - 10
@@ -106,8 +107,13 @@ def test_cohort_layout_determinism_and_workers(tmp_path) -> None:
         sx, sy, _, dt = img.header.get_zooms()
         assert 1.7 < sx == sy < 1.95 and 0.01 < dt < 0.03
         assert np.array_equal(img.get_fdata(), nib.load(b / eid / "la_4ch.nii.gz").get_fdata())
+        assert nib.aff2axcodes(img.affine) == nib.aff2axcodes(seg.affine) == ("L", "P", "S")  # as UK Biobank
+        image, label = load_subject(a / eid / "la_4ch.nii.gz", a / eid / "seg4_la_4ch.nii.gz", eid)
+        assert image.orientation == label.orientation == "X, Y toward L, P: as stored"  # arrays prepare unturned
+        assert np.array_equal(label.array, np.asarray(seg.dataobj)[:, :, 0])
+        assert "synthetic" in img.header["descrip"].item().decode()
         assert not np.array_equal(img.get_fdata(), nib.load(c / eid / "la_4ch.nii.gz").get_fdata())
-    columns, table = read_phenotype_table(a / "phenotypes.csv", PHENOTYPE_COLUMNS)
+    _, table = read_phenotype_table(a / "phenotypes.csv", PHENOTYPE_COLUMNS)
     assert sorted(table) == ["PH000000", "PH000001", "PH000002"]
     assert (a / "phenotypes.csv").read_bytes() == (b / "phenotypes.csv").read_bytes()
     with open(a / "labels.csv") as f:

@@ -106,7 +106,7 @@ def test_crop_keeps_heart(prepared: Path, cohort: Path) -> None:
 def test_splits_and_phenotype_stats(prepared: Path, cohort: Path) -> None:
     datalist = json.loads((prepared / "datalist.json").read_text())
     names = {k: [item["subject"] for item in datalist[k]] for k in ("training", "validation", "test")}
-    flat = sum(names.values(), [])
+    flat = [s for subjects in names.values() for s in subjects]
     assert sorted(flat) == sorted(set(COHORT) - {BAD}) and len(flat) == len(set(flat))
     assert [len(v) for v in names.values()] == split_counts(6, (0.8, 0.1, 0.1)) == [4, 1, 1]
     assert datalist["phenotype_columns"] == COLUMNS and datalist["label_columns"] == ["diagnosis", "sex"]

@@ -1,5 +1,6 @@
-"""Reading 2D+time cines (NIfTI, or a DICOM series folder) with validation, and atomic file writes.
-A cine is (X, Y, T) in NIfTI index order (X = DICOM columns, Y = rows), spacing (mm), frame interval (s), affine."""
+"""Reading 2D+time cines (NIfTI, or a DICOM series folder) with validation, in the canonical in-plane orientation
+(scripts.data.orientation), and writing them as NIfTI. A cine is (X, Y, T) in NIfTI index order (X = DICOM columns,
+Y = rows), spacing (mm), frame interval (s), affine."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ import numpy as np
 import pydicom
 from monai.data import PydicomReader
 from pydicom.pixels import get_decoder
+
+from scripts.data.orientation import canonical_affine, describe, in_plane_codes, reorient
+from scripts.runtime.files import atomic_write
 
 MIN_FRAMES = 10
 MAX_LABEL = 5  # labels 0 background, 1 LV, 2 Myo, 3 RV, 4 LA, 5 RA
@@ -38,13 +42,15 @@ class CineError(ValueError):
 @dataclass(frozen=True)
 class Cine:
     """One 2D+time cine: `array` (X, Y, T) (float32; uint8 for label cines from `load_subject`); `note`: what the
-    reader chose or found odd but usable (e.g. which of several DICOM series it read), "" if nothing."""
+    reader chose or found odd but usable (e.g. which of several DICOM series it read), "" if nothing; `orientation`:
+    how the loaders turned the stored array into the canonical orientation (orientation.describe), "" before."""
 
     array: np.ndarray
     spacing_mm: tuple[float, float]
     frame_interval_s: float
     affine: np.ndarray
     note: str = ""
+    orientation: str = ""
 
 
 def one_line(error: BaseException) -> str:
@@ -108,7 +114,11 @@ def _read_nifti(path: Path, where: str) -> Cine:
         _check_data_size(path, image, where)
         data = image.get_fdata(dtype=np.float32).reshape(shape)
         spacing = tuple(float(v) for v in image.header["pixdim"][1:3])
-        return Cine(data, spacing, frame_interval_from_header(image.header), np.asarray(image.affine))
+        affine, note = np.asarray(image.affine), ""
+        if not (image.header.get("qform_code", 0) or image.header.get("sform_code", 0)):  # nibabel's guess flips X
+            affine = canonical_affine(spacing, float(image.header["pixdim"][3]))
+            note = "no orientation in the header (qform_code and sform_code 0): array order kept as stored"
+        return Cine(data, spacing, frame_interval_from_header(image.header), affine, note)
 
 
 def _dicom_frame_interval(headers: list[pydicom.Dataset], where: str) -> float:
@@ -272,8 +282,9 @@ def _validate(cine: Cine, where: str) -> None:
         raise CineError(f"{where}: frame interval must be positive, got {cine.frame_interval_s} s")
 
 
-def load_cine(path: str | Path, subject: str = "") -> Cine:
-    """Load and validate a cine: a NIfTI file (X x Y x 1 x T) or a DICOM series folder (one file per frame)."""
+def _stored(path: str | Path, subject: str) -> tuple[Cine, str]:
+    """A validated cine as stored and the directions its affine gives its X and Y axes (orientation.in_plane_codes);
+    CineError (its `path` set) for any problem."""
     path = Path(path)
     where = _where(path, subject)
     try:
@@ -282,15 +293,30 @@ def load_cine(path: str | Path, subject: str = "") -> Cine:
         with reading(where, "cannot read the cine"):
             cine = _read_dicom_series(path, where) if path.is_dir() else _read_nifti(path, where)
             _validate(cine, where)
+        with reading(where, "cannot orient the cine"):
+            codes = in_plane_codes(cine.affine)
     except CineError as error:
         error.path = error.path or str(path)
         raise
-    return cine
+    return cine, codes
+
+
+def _reoriented(cine: Cine, codes: str) -> Cine:
+    """`cine`, stored toward `codes`, in the canonical orientation, its affine and pixel size to match."""
+    array, affine, spacing = reorient(cine.array, cine.affine, cine.spacing_mm, codes)
+    return replace(cine, array=array, affine=affine, spacing_mm=spacing, orientation=describe(codes))
+
+
+def load_cine(path: str | Path, subject: str = "") -> Cine:
+    """Load and validate a cine: a NIfTI file (X x Y x 1 x T) or a DICOM series folder (one file per frame), in the
+    canonical in-plane orientation (scripts.data.orientation)."""
+    return _reoriented(*_stored(path, subject))
 
 
 def load_subject(image_path: str | Path, label_path: str | Path, subject: str) -> tuple[Cine, Cine]:
-    """Load an image cine and its label cine (returned as uint8), checking that they match and the labels are usable."""
-    image, label = load_cine(image_path, subject), load_cine(label_path, subject)
+    """Load an image cine and its label cine (returned as uint8), checking that they match and the labels are usable;
+    both get the image's reorientation (a label whose own affine orients otherwise is noted)."""
+    (image, codes), (label, label_codes) = _stored(image_path, subject), _stored(label_path, subject)
     where = _where(Path(label_path), subject)
     if image.array.shape != label.array.shape:
         raise CineError(f"subject {subject!r}: image {image_path} has shape {image.array.shape} (X, Y, T) but label "
@@ -307,4 +333,24 @@ def load_subject(image_path: str | Path, label_path: str | Path, subject: str) -
         raise CineError(f"{where}: label cine is empty (no foreground in any frame)", label_path)
     if not (values == LV_LABEL).any():
         raise CineError(f"{where}: label cine has no LV (label {LV_LABEL}) in any frame", label_path)
-    return image, replace(label, array=values.astype(np.uint8))
+    if label_codes != codes:
+        label = replace(label, note="; ".join(n for n in (label.note, (
+            f"its affine orients it {describe(label_codes)}, its image {describe(codes)}: the image's reorientation "
+            "was applied to both (voxels taken to correspond)")) if n))
+    return _reoriented(image, codes), _reoriented(replace(label, array=values.astype(np.uint8)), codes)
+
+
+def write_cine(path: str | Path, array: np.ndarray, affine: np.ndarray, frame_interval_s: float,
+               description: str = "") -> None:
+    """Write an (X, Y, T) cine atomically as NIfTI X x Y x 1 x T with `affine` (RAS; qform and sform, code 1), its
+    column lengths as pixel size and slice thickness (mm), the frame interval (s) and `description` (descrip, at most
+    80 bytes)."""
+    data = np.ascontiguousarray(array[:, :, None, :])  # (X, Y, 1, T)
+    image = nib.Nifti1Image(data, affine)
+    image.header.set_zooms((*np.linalg.norm(np.asarray(affine)[:3, :3], axis=0), frame_interval_s))
+    image.header.set_xyzt_units("mm", "sec")
+    image.header.set_qform(affine, code=1)
+    image.header.set_sform(affine, code=1)
+    image.header["descrip"] = description
+    with atomic_write(path) as tmp:
+        nib.save(image, tmp)

@@ -11,20 +11,23 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
+from scripts.data.cine_files import write_cine
+from scripts.data.orientation import canonical_affine
 from scripts.data.phantom_render import Scan, render, sample_scan
 from scripts.data.phantom_shapes import ChamberShapes, chamber_geometry, sample_targets, volume_curves
 from scripts.data.phenotypes import PHENOTYPE_COLUMNS, measure_cine, write_phenotype_table
 from scripts.runtime.cli import as_bool
 from scripts.runtime.files import atomic_write, write_json
 from scripts.runtime.montage import save_montage
+from scripts.runtime.progress import track
 
 logger = logging.getLogger(__name__)
 
 CLASSES = ("healthy", "dilated", "hypertrophic", "restrictive")
 LABEL_COLUMNS = ["diagnosis", "diagnosis_index", "disease", "sex"]
+SLICE_MM = 8.0  # slice thickness written in the header
 
 
 def subject_id(index: int) -> str:
@@ -61,19 +64,6 @@ def draw_subject(seed: int, index: int, class_weights: tuple[float, ...], frames
     return Draw(subject_id(index), row, p, geometry, sample_scan(rng), rng)
 
 
-def write_nifti(array: np.ndarray, path: Path, spacing: float, frame_interval_s: float) -> None:
-    """Write a (T, H, W) cine as NIfTI X x Y x 1 x T with pixel size (mm) and frame interval (s) in the header."""
-    data = np.ascontiguousarray(array.transpose(2, 1, 0)[:, :, None, :])
-    affine = np.diag([spacing, spacing, 8.0, 1.0])
-    image = nib.Nifti1Image(data, affine)
-    image.header.set_zooms((spacing, spacing, 8.0, frame_interval_s))
-    image.header.set_xyzt_units("mm", "sec")
-    image.header.set_qform(affine, code=1)
-    image.header.set_sform(affine, code=1)
-    with atomic_write(path) as tmp:
-        nib.save(image, tmp)
-
-
 def make_subject(output_dir: str | Path, seed: int, index: int, class_weights: tuple[float, ...],
                  keep_frames: bool = False) -> dict:
     """Render, write and measure one subject; returns eid, labels row, measured phenotypes (and ED/ES frames)."""
@@ -81,8 +71,10 @@ def make_subject(output_dir: str | Path, seed: int, index: int, class_weights: t
     image, label = render(d.scan, d.geometry, d.rng)
     folder = Path(output_dir) / d.eid
     folder.mkdir(parents=True, exist_ok=True)
-    write_nifti(image, folder / "la_4ch.nii.gz", d.scan.spacing, d.frame_interval_s)
-    write_nifti(label, folder / "seg4_la_4ch.nii.gz", d.scan.spacing, d.frame_interval_s)
+    affine = canonical_affine((d.scan.spacing, d.scan.spacing), SLICE_MM)  # X (columns) toward L, Y (rows) toward P
+    for name, cine, kind in (("la_4ch.nii.gz", image, "cine"), ("seg4_la_4ch.nii.gz", label, "label cine")):
+        write_cine(folder / name, cine.transpose(2, 1, 0), affine, d.frame_interval_s,  # (T, H, W) -> (X, Y, T)
+                   f"CPGG phantom {kind} {d.eid} (synthetic)")
     measured = measure_cine(label.transpose(2, 1, 0), (d.scan.spacing, d.scan.spacing), d.frame_interval_s, d.eid)
     es = int(np.argmin(d.geometry.lv[:, 0] * d.geometry.lv[:, 1] ** 2))
     frames = {"ed": image[0], "es": image[es]} if keep_frames else {}
@@ -111,13 +103,9 @@ def make_cohort(
     start = time.perf_counter()
     args = [(out, seed, i, tuple(class_weights), i < montage_subjects) for i in range(num_subjects)]
     pool = ProcessPoolExecutor(max_workers=num_workers) if num_workers > 1 else None
-    results = []
     try:
         mapped = pool.map(make_subject, *zip(*args), chunksize=4) if pool else map(make_subject, *zip(*args))
-        for k, res in enumerate(mapped, 1):
-            results.append(res)
-            if k % 50 == 0 or k == num_subjects:
-                logger.info("phantom: %d/%d subjects (%.1f s)", k, num_subjects, time.perf_counter() - start)
+        results = list(track(mapped, "phantom subjects", total=num_subjects))
     finally:
         if pool:
             pool.shutdown()

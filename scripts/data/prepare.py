@@ -1,10 +1,10 @@
 """Preprocessing of 4-chamber cines into 1 x 50 x 96 x 96 clips (MONAI dictionary transforms) and the prepare job.
-Arrays are C x T x H x W with H, W the NIfTI X, Y axes (MONAI's array order; no transpose). Frame 0 is end-diastole."""
+Arrays are C x T x H x W with H, W the X, Y axes of the cine in the canonical in-plane orientation (X toward patient
+left, Y toward posterior for an axial-like plane: scripts.data.orientation). Frame 0 is end-diastole."""
 
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
@@ -29,6 +29,7 @@ from scripts.data.cine_files import LV_LABEL, CineError, load_cine, load_subject
 from scripts.data.phenotypes import LABELS, fit_normaliser, read_eid_table, read_phenotype_table, write_phenotype_table
 from scripts.data.shapes import IMAGE_SIZE, NUM_FRAMES
 from scripts.runtime.files import check_disjoint, save_npy, write_json, write_text
+from scripts.runtime.progress import track
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +49,9 @@ class Labeller(Protocol):
 
 # --------------------------------------------------------------------------------------------------------- transforms
 class LoadSubjectd(MapTransform):
-    """Load and validate a subject's image and label cines (scripts.data.cine_files.load_subject) as (X, Y, T) arrays;
-    a missing label file is labelled by `labeller` ("labels": "segmenter", else "file"), or without one a CineError."""
+    """Load and validate a subject's image and label cines (scripts.data.cine_files.load_subject) as (X, Y, T) arrays in
+    the canonical in-plane orientation; a missing label file is labelled by `labeller` ("labels": "segmenter", else
+    "file"), or without one a CineError."""
 
     def __init__(self, labeller: Labeller | None = None) -> None:
         super().__init__(KEYS)
@@ -70,7 +72,7 @@ class LoadSubjectd(MapTransform):
             d["note"] = "; ".join(f"{path}: {c.note}" for path, c in ((d["image"], image), (d["label"], label)) if c.note)
             label, d["labels"] = label.array, "file"
         d["image"], d["label"] = image.array, label
-        d["original_shape"] = list(image.array.shape)
+        d["original_shape"], d["orientation"] = list(image.array.shape), image.orientation  # shape as oriented
         d["spacing_mm"], d["frame_interval_s"] = list(image.spacing_mm), image.frame_interval_s
         return d
 
@@ -183,7 +185,7 @@ def _skip_record(item: dict, error: Exception) -> dict:
 
 def _record(d: dict) -> dict:
     """What the report keeps of a preprocessed subject; output spacing = box side (mm) / 96, interval = T * dt / 50."""
-    keys = ("subject", "labels", "note", "original_shape", "ed_shift", "crop_box", "heart_fraction")
+    keys = ("subject", "labels", "note", "orientation", "original_shape", "ed_shift", "crop_box", "heart_fraction")
     return {**{k: d[k] for k in keys}, "original_spacing_mm": d["spacing_mm"],
             "original_frame_interval_s": d["frame_interval_s"],
             "spacing_mm": [(b - a) * s / IMAGE_SIZE for (a, b), s in zip(d["crop_box"], d["spacing_mm"])],
@@ -217,21 +219,15 @@ def _identity(x: dict) -> dict:
 
 
 def process_subjects(items: list[dict], output_dir: Path, margin: float, num_workers: int,
-                     log_every: int, labeller: Labeller | None = None) -> list[dict]:
+                     labeller: Labeller | None = None) -> list[dict]:
     """Records of all items in order, processed by `num_workers` processes (0 or 1: in this process, one thread)."""
     workers = num_workers if num_workers > 1 else 0
     loader = DataLoader(_PrepareSubjects(items, output_dir, margin, labeller), batch_size=None, num_workers=workers,
                         collate_fn=_identity)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in DataLoader workers, so that results do not depend on the worker count
-    records, start = [], time.perf_counter()
     try:
-        for n, record in enumerate(loader, 1):
-            records.append(record)
-            if n % max(log_every, 1) == 0 or n == len(items):
-                failed = sum("error" in r for r in records)
-                logger.info("processed %d/%d subjects (%d skipped), %.2f s per subject", n, len(items), failed,
-                            (time.perf_counter() - start) / n)
+        records = list(track(loader, "preparing subjects", total=len(items)))
     finally:
         torch.set_num_threads(threads)
     return records
@@ -327,7 +323,7 @@ def _report_md(report: dict) -> str:
 
 def prepare(dataset_dir: str | Path, output_dir: str | Path, phenotypes_csv: str | Path | None = None,
             splits: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0, margin: float = 0.15, num_workers: int = 2,
-            image_name: str = "la_4ch.nii.gz", label_name: str = "seg4_la_4ch.nii.gz", log_every: int = 100,
+            image_name: str = "la_4ch.nii.gz", label_name: str = "seg4_la_4ch.nii.gz",
             labeller: Labeller | None = None) -> dict:
     """Prepare a cohort `<dataset_dir>/<subject>/{image_name,label_name}` into `output_dir` (files: docs/README.md);
     returns the report. A subject whose reading or preprocessing fails in any way is skipped and reported (report.json,
@@ -350,7 +346,7 @@ def prepare(dataset_dir: str | Path, output_dir: str | Path, phenotypes_csv: str
         raise ValueError(f"{dataset_dir}: no subject folder holds {image_name!r}")
     logger.info("preparing %d subjects from %s into %s", len(items), dataset_dir, output_dir)
 
-    records = process_subjects(items, output_dir, margin, num_workers, log_every, labeller)
+    records = process_subjects(items, output_dir, margin, num_workers, labeller)
     done = [r for r in records if "error" not in r]
     report = {"dataset_dir": str(dataset_dir), "image_name": image_name, "found": len(items), "prepared": len(done),
               "segmenter_checkpoint": str(labeller.checkpoint) if labeller else None,

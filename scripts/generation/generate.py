@@ -1,5 +1,6 @@
 """Phenotype-conditioned cine generation (`configs/generate.json`): conditions -> MAR latents -> decoded cines.
-Sample i (G{i:06d}) depends only on its condition and `sample_seed(seed, i)`; outputs are listed in docs/README.md."""
+Sample i (G{i:06d}) depends only on its condition and `sample_seed(seed, i)`; outputs are listed in docs/README.md
+(with `dicom`, also a DICOM MR series per sample: scripts.data.dicom_export)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 from torch import nn
 
+from scripts.data.cine_files import write_cine
+from scripts.data.dicom_export import remove_orphan_folders, remove_series, write_dicom_cine
+from scripts.data.orientation import canonical_affine
 from scripts.data.phenotypes import normalise, read_phenotype_table
 from scripts.data.shapes import IMAGE_SIZE, NUM_FRAMES
 from scripts.generation.acquisition import add_noise, fit_acquisition
@@ -26,6 +29,7 @@ from scripts.runtime.checkpoints import load_weights
 from scripts.runtime.files import atomic_write, check_disjoint, remove_orphans, save_npy, write_json
 from scripts.runtime.montage import save_cine_gif, save_montage
 from scripts.runtime.precision import autocast, precision_name
+from scripts.runtime.progress import track
 from scripts.runtime.timing import sync
 
 logger = logging.getLogger(__name__)
@@ -99,15 +103,15 @@ def choose_conditions(stats: dict, output_dir: Path, num_samples: int, seed: int
 
 
 # ------------------------------------------------------------------------------------------------------------- output
-def save_nifti(path: Path, cine: np.ndarray, spacing: tuple[float, float], interval: float) -> None:
-    """(1, T, H, W) cine -> 4D NIfTI (X=H, Y=W, 1, T), as the prepared arrays map to NIfTI (scripts/data/prepare.py);
-    affine diag(px, py, px, 1): the prepared folder records no slice thickness."""
-    data = np.asarray(cine[0], np.float32).transpose(1, 2, 0)[:, :, None, :]  # (X, Y, 1, T)
-    img = nib.Nifti1Image(data, np.diag([spacing[0], spacing[1], spacing[0], 1.0]))
-    img.header.set_xyzt_units("mm", "sec")
-    img.header.set_zooms((spacing[0], spacing[1], spacing[0], interval))
-    with atomic_write(path) as tmp:
-        nib.save(img, tmp)
+def sample_affine(geometry: np.ndarray) -> np.ndarray:
+    """NIfTI (RAS) affine of a sample with (3+,) pixel x, y (mm), ...: the canonical orientation (X toward L, Y toward
+    P, as the prepared arrays' H, W), origin 0; slice thickness = pixel x (the prepared folder records none)."""
+    return canonical_affine(geometry[:2], geometry[0])
+
+
+def description(profile: str, seed: int) -> str:
+    """What a generated file says it is: NIfTI descrip (80 bytes at most) and DICOM SeriesDescription (64)."""
+    return f"CPGG synthetic cine, {profile}, seed {seed}"
 
 
 def paths(output_dir: Path, index: int) -> tuple[Path, Path]:
@@ -201,11 +205,28 @@ def shard(output_dir: Path, n: int) -> tuple[int, int, list[int]]:
     return rank, world, todo
 
 
-def write_sample(output_dir: Path, index: int, cine: np.ndarray, geometry: np.ndarray) -> None:
-    """Sample `index` as .npy and as NIfTI with its (3,) pixel x, y (mm) and frame interval (s)."""
+def write_sample(output_dir: Path, index: int, cine: np.ndarray, geometry: np.ndarray, profile: str, seed: int
+                 ) -> None:
+    """Sample `index` ((1, T, H, W)) as .npy and as NIfTI X=H, Y=W with its (3+,) pixel x, y (mm) and frame interval
+    (s) and its sample `seed` in the description; a DICOM series of an earlier draw of the sample is removed."""
     npy, nii = paths(output_dir, index)
+    remove_series(output_dir / "dicom" / sample_name(index))  # stale: write_missing_dicom makes it again
     save_npy(npy, cine)
-    save_nifti(nii, cine, tuple(geometry[:2]), float(geometry[2]))
+    write_cine(nii, cine[0].astype(np.float32).transpose(1, 2, 0), sample_affine(geometry), float(geometry[2]),
+               description(profile, seed))
+
+
+def write_missing_dicom(output_dir: Path, indices: range, geometry: np.ndarray, profile: str, seed: int) -> int:
+    """DICOM series dicom/<sample>/ of the finished samples among `indices` that have none yet, from their .npy (so a
+    resumed run, or a first run with dicom on an existing folder, finishes them); returns how many were written."""
+    folder = output_dir / "dicom"
+    remove_orphan_folders(folder)  # unfinished series of a killed run
+    missing = [i for i in indices if is_done(output_dir, i) and not (folder / sample_name(i)).is_dir()]
+    for i in track(missing, "DICOM series"):
+        cine = np.load(paths(output_dir, i)[0])[0].astype(np.float32).transpose(1, 2, 0)  # (X, Y, T)
+        write_dicom_cine(folder / sample_name(i), cine, sample_affine(geometry[i]), float(geometry[i, 2]),
+                         description(profile, sample_seed(seed, i)), sample_name(i))
+    return len(missing)
 
 
 def generate_batches(mar: nn.Module, autoencoder: nn.Module, todo: list[int], cond: torch.Tensor | None, seed: int,
@@ -215,8 +236,8 @@ def generate_batches(mar: nn.Module, autoencoder: nn.Module, todo: list[int], co
     write(index, cine); returns the (sampling, decoding) seconds. `cond`: (N, F) normalised conditions, or None."""
     device = next(mar.parameters()).device
     t_sample = t_decode = 0.0
-    for b in range(0, len(todo), batch_size):
-        batch = todo[b:b + batch_size]
+    batches = [todo[b:b + batch_size] for b in range(0, len(todo), batch_size)]
+    for batch in track(batches, f"generating {len(todo)} samples, batches"):
         t0 = time.perf_counter()
         with autocast(device, amp):
             latents = mar.sample_latents(None if cond is None else cond[batch].to(device),
@@ -228,9 +249,9 @@ def generate_batches(mar: nn.Module, autoencoder: nn.Module, todo: list[int], co
         t_sample, t_decode = t_sample + t1 - t0, t_decode + time.perf_counter() - t1
         for i, cine in zip(batch, cines):
             write(i, cine)
-        done = b + len(batch)
-        logger.info("%d/%d generated, %.2f s/clip sampling, %.2f s/clip decoding", done, len(todo), t_sample / done,
-                    t_decode / done)
+    if todo:
+        logger.info("%d generated: %.2f s/clip sampling, %.2f s/clip decoding", len(todo), t_sample / len(todo),
+                    t_decode / len(todo))
     return t_sample, t_decode
 
 
@@ -251,10 +272,11 @@ def finish_index(output_dir: Path, n: int, seed: int, columns: list[str], values
 def generate(phenotype_vae: nn.Module, autoencoder: nn.Module, mar: nn.Module, ckpt_dir: str, output_dir: str,
              prepared_dir: str, stats: dict, profile: str, num_samples: int = 64, seed: int = 0, batch_size: int = 8,
              conditions_csv: str | None = None, unconditional: bool = False, sampling: Sampling = Sampling(),
-             montage_samples: int = 8, amp: bool = False, acquisition_noise: bool = True) -> dict:
+             montage_samples: int = 8, amp: bool = False, acquisition_noise: bool = True, dicom: bool = False) -> dict:
     """Generate this rank's missing samples of 0..N-1 (i % world == rank) with `stats` (read once by the config),
     then rebuild the index (bf16 autocast if `amp`); returns the generation.json record (conditions: none,
-    `conditions_csv` or VAE draws). `acquisition_noise`: Rician noise at a training cine's level, drawn per sample."""
+    `conditions_csv` or VAE draws). `acquisition_noise`: Rician noise at a training cine's level, drawn per sample;
+    `dicom`: also a DICOM series of each of this rank's samples that has none (write_missing_dicom)."""
     start, output_dir = time.perf_counter(), Path(output_dir)
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -282,12 +304,14 @@ def generate(phenotype_vae: nn.Module, autoencoder: nn.Module, mar: nn.Module, c
     cond = None if values is None else torch.as_tensor(normalise(values, stats), dtype=torch.float32)  # (N, F)
     t_sample, t_decode = generate_batches(mar, autoencoder, todo, cond, seed, sampling, batch_size,
                                           lambda i, cine: write_sample(output_dir, i, add_noise(cine, noise[i], seeds[i]),
-                                                                       geometry[i]), amp)
+                                                                       geometry[i], profile, seeds[i]), amp)
+    exported = write_missing_dicom(output_dir, range(rank, n, world), geometry, profile, seed) if dicom else 0
     finish_index(output_dir, n, seed, stats["columns"], values, geometry, montage_samples)
     made = max(len(todo), 1)
     record = {"settings": settings, "num_samples": n, "rank": rank, "world_size": world,
               "device": str(next(mar.parameters()).device), "checkpoints": [str(p) for p in ckpts.values()],
               "geometry": acquisition.record(), "generated_this_run": len(todo), "time_s": time.perf_counter() - start,
-              "sampling_s_per_clip": t_sample / made, "decoding_s_per_clip": t_decode / made}
+              "sampling_s_per_clip": t_sample / made, "decoding_s_per_clip": t_decode / made,
+              "dicom_series_this_run": exported}
     write_json(output_dir / "generation.json", record)
     return record
