@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 REPO = Path(__file__).resolve().parents[1]
 UKBB_DEMO = REPO.parent / "shared" / "data" / "ukbb_demo"
@@ -35,6 +36,11 @@ def run_bundle(configs: str | Sequence[str], *args: str, expect_failure: bool = 
     tail = f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     assert (done.returncode != 0) == expect_failure, tail
     return done
+
+
+def tensorboard_events(folder: Path) -> EventAccumulator:
+    """The TensorBoard events of every event file in `folder` (a run's <output_dir>/tensorboard), loaded in full."""
+    return EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0}).Reload()
 
 
 @pytest.fixture(scope="session")

@@ -107,7 +107,8 @@ def phenotype_vae_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Train 2 epochs, resume to 4 epochs, then sample, all through `python -m monai.bundle run`."""
     root = tmp_path_factory.mktemp("pvae")
     table = write_phenotype_prepared(root / "prepared")
-    common = ["--prepared_dir", str(root / "prepared"), "--ckpt_dir", str(root / "models")]
+    models = ["--ckpt_dir", str(root / "models")]
+    common = ["--dataset_dir", str(root / "prepared"), *models]
     start = time.perf_counter()
     first = run_bundle("configs/train_phenotype_vae.json", *common, "--output_dir", str(root / "out2"),
                        "--num_epochs", "2", timeout=300)
@@ -116,7 +117,8 @@ def phenotype_vae_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     latest_after_first = torch.load(root / "models" / "phenotype_vae_latest.pt", weights_only=True)
     second = run_bundle("configs/train_phenotype_vae.json", *common, "--output_dir", str(root / "out4"),
                         "--num_epochs", "4", timeout=300)
-    run_bundle("configs/sample_phenotypes.json", *common, "--output_dir", str(root / "out4"), "--num_samples", "300",
+    run_bundle("configs/sample_phenotypes.json", "--prepared_dir", str(root / "prepared"), *models, "--output_dir",
+               str(root / "out4"), "--num_samples", "300",
                "--seed", "7", timeout=300)
     return {"root": root, "table": table, "first": first, "second": second, "latest_after_first": latest_after_first}
 
@@ -126,7 +128,7 @@ def autoencoder_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Tiny profile: train 2 epochs, then resume to 3, through `python -m monai.bundle run`."""
     root = tmp_path_factory.mktemp("ae")
     prepared = write_cine_prepared(root / "prepared")
-    common = ["--prepared_dir", str(prepared), "--ckpt_dir", str(root / "models"), "--output_dir", str(root / "out")]
+    common = ["--dataset_dir", str(prepared), "--ckpt_dir", str(root / "models"), "--output_dir", str(root / "out")]
     configs = ["configs/train_autoencoder.json", TINY]
     start = time.perf_counter()
     first = run_bundle(configs, *common, env=ONE_THREAD, timeout=300)
@@ -158,7 +160,7 @@ def mar_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     latents = root / "latents"
     encode = run_bundle(["configs/encode_latents.json", TINY], "--prepared_dir", str(prepared), "--latent_dir",
                         str(latents), "--ckpt_dir", str(models), env=ONE_THREAD, timeout=300)
-    common = ["--latent_dir", str(latents), "--ckpt_dir", str(models), "--output_dir", str(root / "out")]
+    common = ["--dataset_dir", str(latents), "--ckpt_dir", str(models), "--output_dir", str(root / "out")]
     first = run_bundle(["configs/train_mar.json", TINY], *common, env=ONE_THREAD, timeout=300)
     latest_first = torch.load(models / "mar_latest.pt", weights_only=True)
     second = run_bundle(["configs/train_mar.json", TINY], *common, "--mar#num_epochs", "3", env=ONE_THREAD,
@@ -171,7 +173,7 @@ def mar_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def segmenter_runs(segmenter_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Tiny profile: train 2 epochs, then resume to 3, through `python -m monai.bundle run`."""
     root = tmp_path_factory.mktemp("seg")
-    common = ["--prepared_dir", str(segmenter_prepared), "--ckpt_dir", str(root / "models"), "--output_dir",
+    common = ["--dataset_dir", str(segmenter_prepared), "--ckpt_dir", str(root / "models"), "--output_dir",
               str(root / "out")]
     configs = ["configs/train_segmenter.json", TINY]
     start = time.perf_counter()

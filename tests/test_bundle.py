@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import re
 import subprocess
@@ -15,7 +16,12 @@ import pytest
 import yaml
 
 from scripts.runtime import cli
-from tests.conftest import REPO
+from tests.conftest import REPO, run_bundle
+from tests.stage_runs import write_phenotype_prepared
+
+BUNDLE_RUN = ["/x/monai/bundle/__main__.py", "run"]  # sys.argv of `python -m monai.bundle run`
+# MONAI's MLflow handlers need mlflow and, for its default SQLite store, sqlalchemy and alembic (optional packages)
+MLFLOW = all(importlib.util.find_spec(name) for name in ("mlflow", "sqlalchemy", "alembic"))
 
 
 def _bundle(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -55,6 +61,43 @@ def test_unknown_keys_parsing() -> None:
     cli.check_overrides(["pytest", "--typo_key", "1"])  # not a bundle run: nothing to check
     with pytest.raises(ValueError, match=r"--typo_key"):
         cli.check_overrides(["/x/monai/bundle/__main__.py", "run", *argv])
+
+
+def test_monai_run_options_and_tracking_settings_pass_the_guard() -> None:
+    argv = [*BUNDLE_RUN, "--config_file", "configs/train_mar.json", "--workflow_type", "train", "--meta_file",
+            "configs/metadata.json", "--logging_file", "configs/logging.conf"]
+    cli.check_overrides(argv)
+    tracking = ["--tracking", "mlflow", "--tracking_uri", "sqlite:///x.db", "--experiment_name", "e", "--run_name", "r",
+                "--save_execute_config", "False"]
+    cli.check_overrides(argv + tracking)
+    with pytest.raises(ValueError, match=r"--tracking_uri .*--experiment_name"):  # MONAI adds them with --tracking only
+        cli.check_overrides(argv + tracking[2:])
+
+
+@pytest.mark.parametrize("config, old", [("train_autoencoder", "prepared_dir"), ("train_segmenter", "prepared_dir"),
+                                         ("pretrain_mae", "prepared_dir"), ("train_mar", "latent_dir")])
+def test_a_renamed_key_names_the_model_zoo_id(config: str, old: str) -> None:
+    with pytest.raises(ValueError, match=rf"--{old} \(renamed: use --dataset_dir\)"):
+        cli.check_overrides([*BUNDLE_RUN, "--config_file", f"configs/{config}.json", f"--{old}", "/data"])
+    cli.check_overrides([*BUNDLE_RUN, "--config_file", "configs/encode_latents.json", "--prepared_dir", "/data",
+                         "--latent_dir", "/cache"])  # still the ids of the latent cache config
+
+
+@pytest.mark.skipif(not MLFLOW, reason="optional tracking packages not installed (pip install -e '.[tracking]'): "
+                                       "MONAI's --tracking mlflow needs them")
+def test_mlflow_tracking_through_monai_run_option(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    write_phenotype_prepared(tmp_path / "prepared", n_train=8, n_val=4, n_test=2)
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"  # MONAI 1.6 refuses MLflow's retired file store (file://)
+    run_bundle("configs/train_phenotype_vae.json", "--tracking", "mlflow", "--tracking_uri", uri, "--experiment_name",
+               "cpgg_test", dataset_dir=tmp_path / "prepared", ckpt_dir=tmp_path / "models",
+               output_dir=tmp_path / "out", num_epochs=2, timeout=300)
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("cpgg_test").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert {"train_loss", "train_kl", "val_frechet", "val_recon_mse"} <= set(runs[0].data.metrics)
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_frechet")] == [1, 2]
 
 
 @pytest.mark.parametrize("key, value, python", [("resume", "false", "False"), ("resume", "true", "True"),

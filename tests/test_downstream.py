@@ -25,6 +25,7 @@ from scripts.downstream.finetune import (
     classification_metrics,
     cv_folds,
     fold_datalists,
+    metric_column,
     regression_metrics,
     task_items,
     vit_network,
@@ -32,7 +33,7 @@ from scripts.downstream.finetune import (
 from scripts.downstream.mae import MaskedPatchLoss, mae_network, patchify, pretrain_datalist, unpatchify
 from scripts.downstream.table import Cohort, Mixing, Workspace, run_table
 from scripts.runtime.checkpoints import load_weights
-from tests.conftest import REPO
+from tests.conftest import REPO, tensorboard_events
 from tests.downstream_cohort import COLUMNS, MEAN, STD, write_cohort
 from tests.networks import layered
 
@@ -166,7 +167,7 @@ def test_regression_metrics_match_scikit_learn(tmp_path: Path) -> None:
     r2 = r2_score(units[1], units[0], multioutput="raw_values")
     mae = mean_absolute_error(units[1], units[0], multioutput="raw_values")
     for c, r, m in zip(COLUMNS, r2, mae):
-        assert got[f"r2 {c}"] == pytest.approx(r) and got[f"mae {c}"] == pytest.approx(m)
+        assert got[f"r2 {metric_column(c)}"] == pytest.approx(r) and got[f"mae {metric_column(c)}"] == pytest.approx(m)
     assert got["mean_r2"] == pytest.approx(r2.mean())
 
     (tmp_path / "stats.json").write_text(json.dumps(stats))
@@ -228,27 +229,31 @@ def _bundle(configs: list[str], **overrides: object) -> None:
 
 def test_tiny_pretrain_finetune_infer_and_export(cohort: tuple[Path, Path], tmp_path: Path) -> None:
     prepared, generated = cohort
-    data = {"prepared_dir": str(prepared), "generated_dir": str(generated), "ckpt_dir": str(tmp_path / "models")}
+    data = {"dataset_dir": str(prepared), "generated_dir": str(generated), "ckpt_dir": str(tmp_path / "models")}
     _bundle(["configs/pretrain_mae.json"], **data, mix_ratio=1, output_dir=str(tmp_path / "mae"))
     report = json.loads((tmp_path / "mae" / "metrics.json").read_text())
     assert report["complete"] and report["info"]["real_pretraining"] == report["info"]["synthetic_pretraining"] == 10
     assert report["metrics"]["val_loss"] > 0 and (tmp_path / "mae" / "reconstruction.png").is_file()
+    events = tensorboard_events(tmp_path / "mae" / "tensorboard")
+    assert {"train_loss", "val_loss"} <= set(events.Tags()["scalars"]) and events.Tags()["images"] == ["reconstruction"]
 
     _bundle(["configs/train_classifier.json"], **data, output_dir=str(tmp_path / "ft"), label_key="diagnosis_index",
             num_classes=4, fold=1)
     result = json.loads((tmp_path / "ft" / "classifier_diagnosis_index_fold1.json").read_text())
     assert 0 <= result["metrics"]["val_acc"] <= 1 and 0 <= result["metrics"]["val_auc"] <= 1
     assert result["info"]["training_cines"] == 8 and len(result["info"]["validation_subjects"]) == 8
+    events = tensorboard_events(tmp_path / "ft" / "tensorboard" / "classifier_diagnosis_index_fold1")  # per run
+    assert {"iteration_loss", "train_loss", "val_acc", "val_auc"} <= set(events.Tags()["scalars"])
 
     _bundle(["configs/train_classifier.json", "configs/train_regressor.json"], **data, output_dir=str(tmp_path / "ft"),
             mix_ratio=1)
     result = json.loads((tmp_path / "ft" / "regressor_fold0.json").read_text())
-    assert result["info"]["synthetic_training_cines"] == 8 and {f"val_r2 {c}" for c in COLUMNS} <= set(result["metrics"])
+    assert result["info"]["synthetic_training_cines"] == 8 and {f"val_r2 {metric_column(c)}" for c in COLUMNS} <= set(result["metrics"])
 
     # inference of the classifier on prepared cines, then its TorchScript export with the MONAI CLI
     names = "['healthy','dilated','hypertrophic','restrictive']"
     ckpt = tmp_path / "models" / "classifier_diagnosis_index_fold1.pt"
-    _bundle(["configs/inference.json"], input=str(prepared / "images"), output_dir=str(tmp_path / "inf"),
+    _bundle(["configs/inference.json"], dataset_dir=str(prepared), output_dir=str(tmp_path / "inf"),
             ckpt_path=str(ckpt), class_names=eval(names))
     with (tmp_path / "inf" / "predictions.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))

@@ -75,8 +75,7 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_two_gloo_ranks_train_and_a_single_process_resumes(cohort: Path, config: str, tmp_path: Path) -> None:
     extra, best, latest, n_items, batch = CASES[config]
     models = tmp_path / "models"
-    data = ["--latent_dir", str(cohort / "latents")] if config == "train_mar" else ["--prepared_dir",
-                                                                                    str(cohort / "prepared")]
+    data = ["--dataset_dir", str(cohort / ("latents" if config == "train_mar" else "prepared"))]
     common = [*data, "--ckpt_dir", str(models), "--output_dir", str(tmp_path / "out"), *extra]
     base, *layer = LAYERS.get(config, (config,))
     log = _run(("torch.distributed.run", "--standalone", "--nproc_per_node", "2"),
@@ -89,6 +88,7 @@ def test_two_gloo_ranks_train_and_a_single_process_resumes(cohort: Path, config:
     for weights in (saved, state["network"]):  # unwrapped: no DistributedDataParallel "module." prefix
         assert weights and not any(k.startswith("module.") for k in weights)
     assert log.count("Epoch[2] Metrics -- train_") == 1, "StatsHandler logs on rank 0 only"
+    assert len(list((tmp_path / "out" / "tensorboard").rglob("events.out.tfevents.*"))) == 1, "TensorBoard: rank 0"
 
     # the same checkpoint resumes in one process, which goes on to epoch 3 with the whole training set per epoch
     more = "--" + EPOCHS_KEY.get(config, f"{config.split('_', 1)[1]}#num_epochs")

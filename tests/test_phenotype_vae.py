@@ -24,6 +24,7 @@ from scripts.generation.phenotype_vae import (
 )
 from scripts.runtime.checkpoints import LatestCheckpoint
 from scripts.runtime.features import frechet_distance
+from tests.conftest import tensorboard_events
 from tests.stage_runs import COLUMNS, correlated, write_phenotype_prepared
 
 
@@ -150,6 +151,9 @@ def test_cli_training_writes_checkpoints_and_metrics(phenotype_vae_runs: dict) -
     assert "train_kl" in log and "Epoch[2] Metrics -- val_frechet" in log
     latest = phenotype_vae_runs["latest_after_first"]
     assert latest["trainer"]["iteration"] == 2  # 60 vectors, batch 64: one step per epoch
+    events = tensorboard_events(root / "out2" / "tensorboard")  # no iteration loss: log_every 100 iterations
+    assert set(events.Tags()["scalars"]) == {"train_loss", "train_recon_mse", "train_kl", "val_frechet", "val_recon_mse"}
+    assert [s.step for s in events.Scalars("val_frechet")] == [1, 2]
 
 
 def test_cli_samples_are_denormalised_and_reproducible(phenotype_vae_runs: dict) -> None:

@@ -25,7 +25,7 @@ from scripts.segmentation.segmenter import (
     segment_cines,
     split_dice,
 )
-from tests.conftest import ONE_THREAD, REPO, run_bundle
+from tests.conftest import ONE_THREAD, REPO, run_bundle, tensorboard_events
 from tests.networks import build
 from tests.test_io import synthetic_cine
 
@@ -102,6 +102,9 @@ def test_cli_training_writes_checkpoints_metrics_montage_and_test_dice(segmenter
     assert test["mean"] == pytest.approx(best["mean"])  # the best checkpoint's
     with Image.open(root / "out" / "montage.png") as png:  # image/truth/prediction rows x (1 cine x 2 frames), x2
         assert png.size == (2 * 96 * 2, 3 * 96 * 2)
+    events = tensorboard_events(root / "out" / "tensorboard")
+    assert {"iteration_loss", "train_loss", "val_mean_dice", *names} == set(events.Tags()["scalars"])
+    assert [(i.step, i.width, i.height) for i in events.Images("montage")][-1] == (3, 2 * 96 * 2, 3 * 96 * 2)
 
 
 def test_wrong_shape_checkpoint_is_an_error_naming_the_file(segmenter_runs: dict, tmp_path: Path) -> None:

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser
+from monai.inferers import SimpleInferer
 from monai.networks.nets import PatchDiscriminator
 from PIL import Image
 
 from scripts.generation.autoencoder import CineAutoencoderKL
 from scripts.generation.autoencoder_training import AutoencoderGANStep
 from scripts.generation.losses import CineReconLoss
-from tests.conftest import ONE_THREAD, REPO, run_bundle
+from tests.conftest import ONE_THREAD, REPO, run_bundle, tensorboard_events
 from tests.networks import def_kwargs
 
 torch.set_num_threads(1)
@@ -32,7 +33,8 @@ _bundle = partial(run_bundle, [CONFIG, "configs/profiles/tiny.json"], env=ONE_TH
 def _engine(net: torch.nn.Module, iteration: int) -> SimpleNamespace:
     """The attributes of a SupervisedTrainer that AutoencoderGANStep reads."""
     return SimpleNamespace(state=SimpleNamespace(device="cpu", iteration=iteration), non_blocking=False, network=net,
-                           loss_function=CineReconLoss(), optimizer=torch.optim.AdamW(net.parameters(), 8e-4),
+                           inferer=SimpleInferer(), loss_function=CineReconLoss(),
+                           optimizer=torch.optim.AdamW(net.parameters(), 8e-4),
                            optim_set_to_none=False, amp=False)
 
 
@@ -48,7 +50,7 @@ def test_gan_step_trains_both_networks_from_gan_start_step(iteration: int) -> No
     step = AutoencoderGANStep(disc, torch.optim.AdamW(disc.parameters(), 8e-4), gan_start_step=5)
     x = torch.rand(2, 1, 20, 32, 32)
     before = [p.detach().clone() for p in disc.parameters()]
-    out = step(_engine(net, iteration), {"image": x})
+    [out] = step(_engine(net, iteration), {"image": x})  # MONAI's decollated form of the batch's losses
     assert _grads(net) > 0
     if iteration < 5:  # before gan_start_step: reconstruction and KL only, the discriminator untouched
         assert set(out) == {"loss", "nll", "l1", "perceptual", "kl"} and _grads(disc) == 0
@@ -119,6 +121,13 @@ def test_cli_training_writes_checkpoints_metrics_and_montage(autoencoder_runs: d
     assert "d_weight" in autoencoder_runs["first"].stdout  # the GAN started at step 3 (tiny profile)
     with Image.open(root / "out" / "reconstruction.png") as png:  # 2 rows x (2 cines x 2 frames) of 96 px, x2
         assert png.size == (4 * 96 * 2, 2 * 96 * 2)
+    events = tensorboard_events(root / "out" / "tensorboard")  # the first run's and its resumed rerun's
+    assert set(events.Tags()["scalars"]) == {"iteration_loss", "train_loss", "train_l1", "val_psnr", "val_ssim"}
+    assert [s.step for s in events.Scalars("iteration_loss")] == [1, 2, 3, 4, 5, 6]  # tiny: every iteration
+    assert [s.step for s in events.Scalars("val_psnr")] == [1, 2, 3]  # at the trainer's epochs
+    assert metrics["val_psnr"] == pytest.approx(events.Scalars("val_psnr")[1].value)
+    assert [(i.step, i.width, i.height) for i in events.Images("reconstruction")] == [
+        (epoch, 4 * 96 * 2, 2 * 96 * 2) for epoch in (1, 2, 3)]  # the PNG montage, every validation
 
 
 def test_cli_wrong_profile_checkpoint_is_an_error_naming_the_file(autoencoder_runs: dict, tmp_path: Path) -> None:

@@ -10,12 +10,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from monai.inferers import SimpleInferer
 
 from scripts.generation.autoencoder import CineAutoencoderKL
 from scripts.generation.latents import latent_dataset, read_latent_stats, scale_factor
 from scripts.generation.mar import MAR
 from scripts.generation.mar_training import ema_decay, ema_model, mar_eval_step
-from tests.conftest import ONE_THREAD, run_bundle
+from tests.conftest import ONE_THREAD, run_bundle, tensorboard_events
 from tests.networks import def_kwargs
 from tests.stage_runs import COLUMNS, TINY
 
@@ -65,13 +66,17 @@ def test_training_writes_ema_checkpoint_with_the_scale(mar_runs: dict) -> None:
     assert latest["ema"]["n_averaged"].item() == 8
     metrics = json.loads((mar_runs["root"] / "out" / "metrics.json").read_text())
     assert metrics["epoch"] == 3 and np.isfinite(metrics["val_loss"])
+    events = tensorboard_events(mar_runs["root"] / "out" / "tensorboard")  # both runs: 3 epochs of 4 iterations
+    assert set(events.Tags()["scalars"]) == {"iteration_loss", "train_loss", "val_loss"}
+    assert len(events.Scalars("iteration_loss")) == 12 and [s.step for s in events.Scalars("val_loss")] == [1, 2, 3]
     assert "1 of 9 cines have no phenotypes" in mar_runs["first"].stderr + mar_runs["first"].stdout
 
 
 def test_validation_loss_is_seeded() -> None:
     model = MAR(3, **def_kwargs("mar_def", "tiny"))
     batch = {"mean": torch.randn(2, 16, 25, 12, 12), "phenotypes": torch.randn(2, 3)}
-    engine = SimpleNamespace(state=SimpleNamespace(device="cpu", iteration=5), network=model, amp=False)
+    engine = SimpleNamespace(state=SimpleNamespace(device="cpu", iteration=5), network=model, inferer=SimpleInferer(),
+                             amp=False)
     first, second = mar_eval_step(engine, batch)["loss"], mar_eval_step(engine, batch)["loss"]
     assert first == second and model.training  # the same draws each time; the mode is restored
     engine.state.iteration = 6
@@ -84,7 +89,7 @@ def test_wrong_profile_checkpoint_is_an_error_naming_the_file(mar_runs: dict, tm
     latest = mar_runs["latest_first"]
     cpu = MAR(len(COLUMNS), **def_kwargs("mar_def", "cpu")).state_dict()
     torch.save({**latest, "network": cpu}, models / "mar_latest.pt")
-    done = _bundle("configs/train_mar.json", "--latent_dir", str(mar_runs["latents"]), "--ckpt_dir", str(models),
+    done = _bundle("configs/train_mar.json", "--dataset_dir", str(mar_runs["latents"]), "--ckpt_dir", str(models),
                    "--output_dir", str(tmp_path / "out"), expect_failure=True)
     log = done.stdout + done.stderr
     assert done.returncode != 0

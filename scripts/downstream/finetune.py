@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -171,22 +172,28 @@ def classification_metrics(probs: torch.Tensor, target: torch.Tensor) -> dict[st
     return {"acc": acc, "auc": float(compute_roc_auc(probs.double(), onehot.double(), average="macro"))}
 
 
+def metric_column(column: str) -> str:
+    """A phenotype column as it appears in metric names, in the characters MLflow accepts: "LVEF (%)" -> "LVEF pct",
+    "LVEDV (mL)" -> "LVEDV mL"."""
+    return " ".join(re.sub(r"[^\w\-. :/]", " ", column.replace("%", "pct")).split())
+
+
 def regression_metrics(pred: torch.Tensor, target: torch.Tensor, stats: Mapping) -> dict[str, float]:
-    """Per phenotype column c: "mae <c>" in its units and "r2 <c>", plus "mean_r2", from (N, F) z-scored values.
-    (Ignite's R2Score is single-output.)"""
+    """Per phenotype column c: "mae <c>" in its units and "r2 <c>" (c as metric_column writes it), plus "mean_r2",
+    from (N, F) z-scored values. (Ignite's R2Score is single-output.)"""
     pred, target = pred.double(), target.double()
     std = torch.as_tensor(stats["std"], dtype=torch.float64)
     mae = (pred - target).abs().mean(0) * std  # the z-score's scale cancels in R^2 but not in MAE
     r2 = 1 - (pred - target).square().sum(0) / (target - target.mean(0)).square().sum(0)
     out = {"mean_r2": r2.mean().item()}
     for c, m, r in zip(stats["columns"], mae.tolist(), r2.tolist()):
-        out |= {f"mae {c}": m, f"r2 {c}": r}
+        out |= {f"mae {metric_column(c)}": m, f"r2 {metric_column(c)}": r}
     return out
 
 
 class TaskMetrics(Metric):
     """The epoch's classification or regression metrics over all ranks, as flat "<prefix><name>" entries of
-    engine.state.metrics (e.g. val_auc, val_acc; val_mean_r2, "val_r2 LVEF (%)", "val_mae LVEF (%)")."""
+    engine.state.metrics (e.g. val_auc, val_acc; val_mean_r2, "val_r2 LVEF pct", "val_mae LVEF pct")."""
 
     required_output_keys = (CommonKeys.PRED, CommonKeys.LABEL)
 

@@ -154,16 +154,17 @@ class MaskedPatchLoss(nn.Module):
         return (per_patch * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def mae_train_step(engine: Engine, batch: dict) -> dict[str, float]:
-    """`iteration_update` of SupervisedTrainer: random masking (the network's own), masked-patch loss, one step."""
+def mae_train_step(engine: Engine, batch: dict) -> list[dict[str, float]]:
+    """`iteration_update` of SupervisedTrainer: random masking (the network's own), masked-patch loss, one step;
+    returns MONAI's decollated output [{"loss"}]."""
     x = batch[IMAGE].to(engine.state.device, non_blocking=engine.non_blocking)  # (B, 50, 96, 96)
     engine.network.train()
-    pred, mask = engine.network(x)  # (B, 36, 50 * 16 * 16), (B, 36)
+    pred, mask = engine.inferer(x, engine.network)  # (B, 36, 50 * 16 * 16), (B, 36)
     loss = engine.loss_function(pred, patchify(x, unwrap(engine.network).patch_size[0]), mask)
     engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
     loss.backward()
     engine.optimizer.step()
-    return {"loss": loss.item()}
+    return [{"loss": loss.item()}]
 
 
 class MAEEvalStep:
@@ -177,7 +178,7 @@ class MAEEvalStep:
         x = batch[IMAGE].to(engine.state.device, non_blocking=engine.non_blocking)
         p = unwrap(engine.network).patch_size[0]
         with seeded(x.device, engine.state.iteration), eval_mode(engine.network):  # ViT masks: global CPU RNG
-            pred, mask = engine.network(x)
+            pred, mask = engine.inferer(x, engine.network)
         target = patchify(x, p)
         keep = mask.unsqueeze(-1).to(pred.dtype)  # 1 = masked: show the prediction there, the input elsewhere
         recon = unpatchify(keep * pred + (1 - keep) * target, p, *x.shape[1:]).clamp(0, 1)

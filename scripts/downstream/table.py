@@ -16,9 +16,10 @@ import numpy as np
 import torch
 
 from scripts.data.cohort import read_stats, split_items
-from scripts.downstream.finetune import cv_folds, task_items
+from scripts.downstream.finetune import cv_folds, metric_column, task_items
 from scripts.downstream.mae import pretrain_datalist, usable
 from scripts.runtime.files import file_digest, write_json, write_text
+from scripts.runtime.progress import track
 from scripts.runtime.stages import run_stages
 from scripts.runtime.timing import device_name
 
@@ -164,6 +165,13 @@ def variants(mix_ratios: Sequence[float], mix_star_ratios: Sequence[float]) -> l
     return rows
 
 
+def finetune_runs(tasks: Sequence[dict], rows: Sequence[dict], num_folds: int) -> list[tuple[dict, dict, int]]:
+    """(task, row, fold) of every fine-tuning run; mix* rows only for regression, where synthetic cines have targets
+    (their conditioning phenotypes)."""
+    return [(t, r, k) for t in tasks for r in rows if not r["mix_star"] or t["task"] == "regression"
+            for k in range(num_folds)]
+
+
 def aggregate(folds: Sequence[Mapping]) -> dict[str, dict]:
     """{metric: {"mean", "std" (sample std over folds, ddof 1), "folds": [...]}} of fold results."""
     out = {}
@@ -198,7 +206,7 @@ def render(results: Mapping, rows: Sequence[dict], tasks: Sequence[dict], phenot
         md += ["| Method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
         for row in rows:
             stats = results[row["method"]].get(t["name"], {})
-            cells = [_cell(stats.get(f"val_{m} {c}"), 2 if m == "mae" else 3) for c in phenotypes for m in ("mae", "r2")]
+            cells = [_cell(stats.get(f"val_{m} {metric_column(c)}"), 2 if m == "mae" else 3) for c in phenotypes for m in ("mae", "r2")]
             md.append(f"| {row['method']} | " + " | ".join(cells + [_cell(stats.get("val_mean_r2"))]) + " |")
         md.append("")
     csv_rows = ["method,task,metric,mean,std,folds"] + [
@@ -224,11 +232,11 @@ def run_table(cohort: Cohort, mixing: Mixing, workspace: Workspace, mae: dict, f
     need = synthetic_needed(cohort, mae, finetune, mix, mix_star)
     gen_s = ensure_synthetic(need, generated_dir, workspace, mixing.generate_missing)
     runner = Runner(workspace)
-    common = {"prepared_dir": prepared_dir, "generated_dir": generated_dir, "seed": seed, "mae": mae}
+    common = {"dataset_dir": prepared_dir, "generated_dir": generated_dir, "seed": seed, "mae": mae}
 
     encoders: dict[float, str] = {}
     pretrain_info = {}
-    for r in sorted({0, *mix}):
+    for r in track(sorted({0, *mix}), "downstream: MAE pretraining runs"):
         slug = f"mix{r:g}"
         weights = str(table / "models" / f"mae_{slug}.pt")
         settings = {**common, "mix_ratio": r, "real_splits": list(real_splits), "weights_path": weights,
@@ -240,25 +248,22 @@ def run_table(cohort: Cohort, mixing: Mixing, workspace: Workspace, mae: dict, f
 
     digests = {None: "", **{r: file_digest(w) for r, w in encoders.items()}}
     rows = variants(mix, mix_star)
+    folds: dict[tuple[str, str], list[dict]] = {}
+    for task, row, fold in track(finetune_runs(tasks, rows, finetune["num_folds"]), "downstream: fine-tuning runs"):
+        out = table / "runs" / row["slug"] / task["name"]
+        settings = {**common, **task["overrides"], "task": task["task"], "finetune": finetune, "fold": fold,
+                    "cv_splits": list(cv_splits), "stratify_key": stratify_key,
+                    "pretrained": "" if row["pretrain"] is None else encoders[row["pretrain"]],  # "": scratch
+                    "mix_ratio": row["mix_star"], "run_name": f"{task['name']}_fold{fold}",
+                    "output_dir": str(out), "ckpt_dir": str(out / "models")}
+        run_name = settings["run_name"]
+        encoder = {"pretrained_digest": digests[row["pretrain"]]}  # a remade MAE invalidates its fine-tunes
+        folds.setdefault((row["method"], task["name"]), []).append(
+            runner(f"{row['slug']}_{run_name}", task["configs"], settings, out / f"{run_name}.json", encoder))
+        (out / "models" / f"{run_name}_latest.pt").unlink(missing_ok=True)  # the table resumes per run
     results: dict[str, dict] = {row["method"]: {} for row in rows}
-    for task in tasks:
-        for row in rows:
-            if row["mix_star"] and task["task"] != "regression":
-                continue  # mix* only where synthetic cines have targets: their conditioning phenotypes
-            folds = []
-            for fold in range(finetune["num_folds"]):
-                out = table / "runs" / row["slug"] / task["name"]
-                settings = {**common, **task["overrides"], "task": task["task"], "finetune": finetune, "fold": fold,
-                            "cv_splits": list(cv_splits), "stratify_key": stratify_key,
-                            "pretrained": "" if row["pretrain"] is None else encoders[row["pretrain"]],  # "": scratch
-                            "mix_ratio": row["mix_star"], "run_name": f"{task['name']}_fold{fold}",
-                            "output_dir": str(out), "ckpt_dir": str(out / "models")}
-                run_name = settings["run_name"]
-                encoder = {"pretrained_digest": digests[row["pretrain"]]}  # a remade MAE invalidates its fine-tunes
-                folds.append(runner(f"{row['slug']}_{run_name}", task["configs"], settings, out / f"{run_name}.json",
-                                    encoder))
-                (out / "models" / f"{run_name}_latest.pt").unlink(missing_ok=True)  # the table resumes per run
-            results[row["method"]][task["name"]] = aggregate(folds)
+    for (method, task_name), fold_results in folds.items():
+        results[method][task_name] = aggregate(fold_results)
 
     summary = {
         "command": command_line(), "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -18,6 +18,7 @@ from scripts.evaluation import fidelity
 from scripts.evaluation.protocol import Loaded, value_rows
 from scripts.evaluation.report import adherence_plot
 from scripts.runtime.files import atomic_write
+from scripts.runtime.progress import track
 from scripts.segmentation import segmenter as segmentation
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,8 @@ def segment_all(segment: Segment, cines: torch.Tensor, batch_size: int, device: 
     """(N, 1, T, H, W) -> (N, T, H, W) uint8 label cines."""
     if not len(cines):
         return np.zeros((0,) + tuple(cines.shape[2:]), np.uint8)
-    return np.concatenate([np.asarray(segment(x), np.uint8) for x in fidelity.batches(cines, batch_size, device)])
+    batches = fidelity.batches(cines, batch_size, device, "evaluation: segmenting")
+    return np.concatenate([np.asarray(segment(x), np.uint8) for x in batches])
 
 
 def measure_labels(labels: np.ndarray, items: Sequence[dict]) -> tuple[np.ndarray, list[dict]]:
@@ -38,7 +40,7 @@ def measure_labels(labels: np.ndarray, items: Sequence[dict]) -> tuple[np.ndarra
     {"subject", "reason"} entry for every cine that cannot be measured."""
     values = np.full((len(items), len(PHENOTYPE_COLUMNS)), np.nan)
     failures = []
-    for i, (label, d) in enumerate(zip(labels, items)):
+    for i, (label, d) in track(enumerate(zip(labels, items)), "evaluation: measuring phenotypes", len(items)):
         try:
             if not (d.get("spacing_mm") and d.get("frame_interval_s")):
                 raise PhenotypeError(f"subject {d.get('subject')!r}: no spacing_mm / frame_interval_s in the datalist")

@@ -33,6 +33,7 @@ from scripts.evaluation.report import write_report
 from scripts.generation.generate import sample_seed
 from scripts.runtime.checkpoints import load_weights
 from scripts.runtime.files import write_json
+from scripts.runtime.progress import track
 from scripts.runtime.timing import device_name, peak_memory, timed
 
 logger = logging.getLogger(__name__)
@@ -64,19 +65,22 @@ def fidelity_section(data: Loaded, autoencoder: nn.Module, protocol: Protocol, i
     heldout, means = data.heldout_cines, data.means
     halves = fidelity.disjoint_halves(len(heldout), seed)
     bs = protocol.batch_size
-    recon = fidelity.reconstruct(autoencoder, means[HELDOUT][halves[1]], bs, device) if len(halves[1]) else None
+    recon = fidelity.reconstruct(autoencoder, means[HELDOUT][halves[1]], bs, device,
+                                 "evaluation: reconstructing held-out half B") if len(halves[1]) else None
     cines = data.cines | ({RECONSTRUCTION: recon} if recon is not None else {})
-    features: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    features: dict[str, Callable[[torch.Tensor, str], torch.Tensor]] = {}
     inception = fidelity.load_torchscript(fidelity.inception_path(), device, "Inception-v3")
-    features["fid"] = lambda x: fidelity.inception_features(inception, x, protocol.fid_frame_step, bs, device)
+    features["fid"] = lambda x, desc: fidelity.inception_features(inception, x, protocol.fid_frame_step, bs, device,
+                                                                  desc)
     if i3d_path:
         i3d = fidelity.load_torchscript(i3d_path, device, "i3d_path")
-        features["fvd"] = lambda x: fidelity.i3d_features(i3d, x, bs, device)
+        features["fvd"] = lambda x, desc: fidelity.i3d_features(i3d, x, bs, device, desc)
     out = {}
     for metric, extract in features.items():
         logger.info("evaluation: %s features of %d held-out and %d set(s)", metric, len(heldout), len(cines))
-        real = extract(heldout)  # only the first n <= half of each set enter a distance
-        out[metric] = {name: fidelity.fd_with_floor(real, extract(x[:len(halves[0])]), halves)
+        real = extract(heldout, f"evaluation: {metric} features of {HELDOUT}")  # the first n <= half of each set enter
+        out[metric] = {name: fidelity.fd_with_floor(real, extract(x[:len(halves[0])],
+                                                                  f"evaluation: {metric} features of {name}"), halves)
                        for name, x in cines.items()}
     if not i3d_path:
         out["fvd"] = {name: {"skipped": "no I3D TorchScript file given (i3d_path null): FVD not computed"}
@@ -95,7 +99,7 @@ def training_pass(data: Loaded, networks: Networks, queries: Mapping[str, torch.
     nearest = privacy.NearestNeighbours({k: privacy.pixel_rows(v) for k, v in queries.items()})
     embeddings, losses = [], []
     chunk = max(protocol.batch_size, 32)
-    for start in range(0, len(items), chunk):
+    for start in track(range(0, len(items), chunk), "evaluation: training pass (chunks of training cines)"):
         part = items[start:start + chunk]
         cines = load_cines(data.prepared, part)
         nearest.update(privacy.pixel_rows(cines, variants=True))
@@ -105,7 +109,6 @@ def training_pass(data: Loaded, networks: Networks, queries: Mapping[str, torch.
         if with_phen:
             cond = torch.as_tensor(np.stack([phenotypes[part[i]["subject"]] for i in with_phen]), dtype=torch.float32)
             losses.append(privacy.mar_losses(networks.mar, means[with_phen], cond, protocol.mia_draws, seed))
-        logger.info("evaluation: training pass %d/%d cines", start + len(part), len(items))
     return nearest.result(), torch.cat(embeddings), np.concatenate(losses) if losses else np.zeros(0)
 
 
@@ -147,7 +150,8 @@ def privacy_section(data: Loaded, networks: Networks, protocol: Protocol, seed: 
     held = [i for i, d in enumerate(heldout) if d["subject"] in held_cond]
     cond = torch.as_tensor(np.stack([held_cond[heldout[i]["subject"]] for i in held]), dtype=torch.float32) \
         if held else torch.zeros(0, len(data.stats["columns"]))
-    held_loss = privacy.mar_losses(networks.mar, means[HELDOUT][held], cond, protocol.mia_draws, seed)
+    held_loss = privacy.mar_losses(networks.mar, means[HELDOUT][held], cond, protocol.mia_draws, seed,
+                                   "evaluation: MAR losses of the held-out cines")
     audit["membership_inference"] = privacy.membership_inference(train_loss, held_loss,
                                                                  protocol.mia_permutations, seed)
     return audit
@@ -156,7 +160,7 @@ def privacy_section(data: Loaded, networks: Networks, protocol: Protocol, seed: 
 def speed_section(data: Loaded, networks: Networks, speed_clips: int) -> dict:
     """Per set: the generation run's own timings (generation.json) and a timed batch of `speed_clips` clips here."""
     out = {}
-    for name, s in data.found.items():
+    for name, s in track(data.found.items(), "evaluation: speed per set"):
         record = s["record"]
         if s["status"] != "ok" or "settings" not in record:
             out[name] = {"skipped": f"set {s['status']}" if s["status"] != "ok" else "no generation.json"}

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from scripts.runtime.features import frechet_distance, load_feature_network
+from scripts.runtime.progress import track
 
 INCEPTION_FILE = "default_1.pt"
 INCEPTION_SIZE = 299
@@ -20,9 +21,12 @@ INCEPTION_RANGE = (-1.0, 0.9921875)  # TF layout: 8-bit v -> (v - 128) / 128
 I3D_SIZE, I3D_FRAMES = 224, 16
 
 
-def batches(cines: torch.Tensor, batch_size: int, device: torch.device | str) -> Iterator[torch.Tensor]:
-    """float32 batches of a stored (N, ...) tensor (float16 in memory), moved to `device`."""
-    for start in range(0, len(cines), batch_size):
+def batches(cines: torch.Tensor, batch_size: int, device: torch.device | str,
+            desc: str | None = None) -> Iterator[torch.Tensor]:
+    """float32 batches of a stored (N, ...) tensor (float16 in memory), moved to `device`; with `desc`, their
+    progress is shown (scripts.runtime.progress.track)."""
+    starts = range(0, len(cines), batch_size)
+    for start in track(starts, desc) if desc else starts:
         yield cines[start:start + batch_size].float().to(device)
 
 
@@ -44,12 +48,13 @@ def load_torchscript(path: str | Path, device: torch.device | str, what: str = "
 
 @torch.no_grad()
 def inception_features(network: nn.Module, cines: torch.Tensor, frame_step: int, batch_size: int,
-                       device: torch.device | str) -> torch.Tensor:
-    """cines (N, 1, T, H, W) in [0, 1] -> (N, K, 2048) features of frames 0, frame_step, ... (K of them)."""
+                       device: torch.device | str, desc: str | None = None) -> torch.Tensor:
+    """cines (N, 1, T, H, W) in [0, 1] -> (N, K, 2048) features of frames 0, frame_step, ... (K of them); `desc`:
+    progress label (`batches`)."""
     frames = cines[:, 0, ::frame_step]  # (N, K, H, W)
     lo, hi = INCEPTION_RANGE
     out = []
-    for x in batches(frames.flatten(0, 1)[:, None], batch_size, device):  # (b, 1, H, W)
+    for x in batches(frames.flatten(0, 1)[:, None], batch_size, device, desc):  # (b, 1, H, W)
         x = (x.clamp(0, 1) * 255).round() / 255  # 8-bit, as saved images
         x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
         out.append(network((x * (hi - lo) + lo).expand(-1, 3, -1, -1)).float().cpu())  # (b, 2048)
@@ -62,11 +67,13 @@ def i3d_frames(num_frames: int) -> list[int]:
 
 
 @torch.no_grad()
-def i3d_features(network: nn.Module, cines: torch.Tensor, batch_size: int, device: torch.device | str) -> torch.Tensor:
-    """cines (N, 1, T, H, W) in [0, 1] -> (N, 400) I3D features (protocol: docs/evaluation.md)."""
+def i3d_features(network: nn.Module, cines: torch.Tensor, batch_size: int, device: torch.device | str,
+                 desc: str | None = None) -> torch.Tensor:
+    """cines (N, 1, T, H, W) in [0, 1] -> (N, 400) I3D features (protocol: docs/evaluation.md); `desc`: progress
+    label (`batches`)."""
     clips = cines[:, :, i3d_frames(cines.shape[2])]  # (N, 1, 16, H, W)
     out = []
-    for x in batches(clips, batch_size, device):
+    for x in batches(clips, batch_size, device, desc):
         x = F.interpolate(x, size=(I3D_FRAMES, I3D_SIZE, I3D_SIZE), mode="trilinear", align_corners=False)
         x = (x.clamp(0, 1) * 2 - 1).expand(-1, 3, -1, -1, -1)  # (b, 3, 16, 224, 224) in [-1, 1]
         out.append(network(x, rescale=False, resize=False, return_features=True).float().cpu())
@@ -74,19 +81,22 @@ def i3d_features(network: nn.Module, cines: torch.Tensor, batch_size: int, devic
 
 
 @torch.no_grad()
-def latent_means(autoencoder: nn.Module, cines: torch.Tensor, batch_size: int,
-                 device: torch.device | str) -> torch.Tensor:
-    """cines (N, 1, T, H, W) -> (N, C, t, h, w) posterior means of the autoencoder (float32, CPU)."""
+def latent_means(autoencoder: nn.Module, cines: torch.Tensor, batch_size: int, device: torch.device | str,
+                 desc: str | None = None) -> torch.Tensor:
+    """cines (N, 1, T, H, W) -> (N, C, t, h, w) posterior means of the autoencoder (float32, CPU); `desc`: progress
+    label (`batches`)."""
     autoencoder.eval()
-    out = [autoencoder.encode(x)[0].float().cpu() for x in batches(cines, batch_size, device)]
+    out = [autoencoder.encode(x)[0].float().cpu() for x in batches(cines, batch_size, device, desc)]
     return torch.cat(out) if out else torch.zeros(0)
 
 
 @torch.no_grad()
-def reconstruct(autoencoder: nn.Module, means: torch.Tensor, batch_size: int, device: torch.device | str) -> torch.Tensor:
-    """(N, C, t, h, w) posterior means -> (N, 1, T, H, W) decoded cines in [0, 1] (float16, CPU)."""
+def reconstruct(autoencoder: nn.Module, means: torch.Tensor, batch_size: int, device: torch.device | str,
+                desc: str | None = None) -> torch.Tensor:
+    """(N, C, t, h, w) posterior means -> (N, 1, T, H, W) decoded cines in [0, 1] (float16, CPU); `desc`: progress
+    label (`batches`)."""
     autoencoder.eval()
-    out = [autoencoder.decode(m).float().clamp(0, 1).half().cpu() for m in batches(means, batch_size, device)]
+    out = [autoencoder.decode(m).float().clamp(0, 1).half().cpu() for m in batches(means, batch_size, device, desc)]
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float16)
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from scripts.runtime.files import write_json
 from scripts.runtime.handlers import seeded
 from scripts.runtime.montage import save_montage
+from scripts.runtime.progress import track
 
 METRICS = ("pixel", "embedding")
 PIXEL_FRAME_STEP, PIXEL_POOL = 5, 2  # the pixel audit sees every 5th frame at half resolution (10 x 48 x 48 values)
@@ -122,14 +123,16 @@ def closest_pairs_image(audit_set: dict, cines: torch.Tensor, training_cine, pat
 
 
 @torch.no_grad()
-def mar_losses(mar: nn.Module, means: torch.Tensor, phenotypes: torch.Tensor, draws: int, seed: int) -> np.ndarray:
+def mar_losses(mar: nn.Module, means: torch.Tensor, phenotypes: torch.Tensor, draws: int, seed: int,
+               desc: str | None = None) -> np.ndarray:
     """(N,) MAR training loss of each posterior mean (N, C, T, H, W) under its phenotypes (N, F), averaged over
-    `draws` seeded draws (masks, timesteps, noise); draw k uses the same seed for every subject."""
+    `draws` seeded draws (masks, timesteps, noise); draw k uses the same seed for every subject; with `desc`, the
+    progress is shown."""
     # batch 1: MAR's forward averages over the batch and draws one mask ratio per batch
     device = mar.mask_token.device
     losses = np.zeros((len(means), draws))
     with eval_mode(mar):
-        for i in range(len(means)):
+        for i in track(range(len(means)), desc) if desc else range(len(means)):
             for k in range(draws):
                 with seeded(device, seed * 1000 + k):
                     losses[i, k] = float(mar(means[i:i + 1].to(device), phenotypes[i:i + 1].to(device)))

@@ -127,7 +127,7 @@ def load(inputs: Inputs, autoencoder: nn.Module, protocol: Protocol, seed: int, 
     found = read_sets(inputs.sets)
     cines = {k: load_cines(v["dir"], v["items"]) for k, v in found.items() if v["status"] == "ok"}
     heldout_cines = load_cines(prepared, heldout)
-    means = {k: fidelity.latent_means(autoencoder, x, protocol.batch_size, device)
+    means = {k: fidelity.latent_means(autoencoder, x, protocol.batch_size, device, f"evaluation: latent means of {k}")
              for k, x in {HELDOUT: heldout_cines, **cines}.items()}
     logger.info("evaluation: %d held-out and %d training cines; sets %s", len(heldout), len(training),
                 {k: v["status"] for k, v in found.items()})

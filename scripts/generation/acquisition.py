@@ -13,6 +13,7 @@ from scipy.ndimage import binary_dilation
 
 from scripts.data.cohort import has_phenotypes, load_cines, split_items
 from scripts.data.phenotypes import normalise
+from scripts.runtime.progress import track
 
 RIDGE = 0.1  # ridge penalty on standardised features; the fit below is near-exact for the frame interval
 MIN_ITEMS = 3  # training items per regression feature (about 2 per column) to fit; fewer: the medians
@@ -83,7 +84,7 @@ def training_noise(prepared_dir: str | Path, items: list[dict]) -> tuple[float, 
     """Noise sd (`noise_sd`) of each training cine whose image file exists (with its label file where that exists;
     those with an estimate); an unreadable file is an error naming the subject (cohort.load_cines)."""
     root, levels = Path(prepared_dir), []
-    for d in items:
+    for d in track(items, "acquisition noise levels of the training cines"):
         if not d.get("image") or not (root / d["image"]).is_file():
             continue
         image = load_cines(root, [d])[0, 0].float().numpy()  # (T, H, W)

@@ -17,8 +17,9 @@ IMAGE = "image"  # dataset key of a (1, T, H, W) float32 cine in [0, 1]
 
 
 class AutoencoderGANStep:
-    """`iteration_update` of SupervisedTrainer for the cine autoencoder: a generator step, then a hinge discriminator
-    step; from iteration `gan_start_step` (1-based) the generator adds -D(recon) x `adaptive_weight`."""
+    """`iteration_update` of SupervisedTrainer for the cine autoencoder: a generator step (the network through the
+    engine's inferer), then a hinge discriminator step; from iteration `gan_start_step` (1-based) the generator adds
+    -D(recon) x `adaptive_weight`. Returns the loss pieces as MONAI's decollated output: [{"loss", ...}]."""
 
     def __init__(self, discriminator: nn.Module, d_optimizer: torch.optim.Optimizer, gan_start_step: int = 10001,
                  adversarial_weight: float = 0.05) -> None:
@@ -32,14 +33,14 @@ class AutoencoderGANStep:
         ratio = nll_grad.norm() / (g_grad.norm() + 1e-4)
         return self.adversarial_weight * ratio.clamp(0.0, 1e4).detach()
 
-    def __call__(self, engine: Engine, batch: dict) -> dict[str, float]:
+    def __call__(self, engine: Engine, batch: dict) -> list[dict[str, float]]:
         x = batch[IMAGE].to(engine.state.device, non_blocking=engine.non_blocking)  # (B, 1, T, H, W)
         net, disc = engine.network, self.discriminator
         gan_on = engine.state.iteration >= self.gan_start_step
         net.train()
         disc.train()
         with autocast(engine):
-            recon, mean, logvar = net(x)
+            recon, mean, logvar = engine.inferer(x, net)
             losses = engine.loss_function(recon, x, mean, logvar)
             total = losses["loss"]
             if gan_on:
@@ -59,14 +60,14 @@ class AutoencoderGANStep:
                 halves[-1].backward()
             losses["d_loss"] = halves[0].detach() + halves[1].detach()
             self.d_optimizer.step()
-        return {k: v.item() for k, v in losses.items()}
+        return [{k: v.item() for k, v in losses.items()}]
 
 
 def autoencoder_eval_step(engine: Engine, batch: dict) -> dict[str, torch.Tensor]:
     """`iteration_update` of SupervisedEvaluator: {"pred": reconstruction of the posterior mean in [0, 1], "label"}."""
     x = batch[IMAGE].to(engine.state.device, non_blocking=engine.non_blocking)
     with eval_mode(engine.network), autocast(engine):
-        recon = engine.network(x)[0]
+        recon = engine.inferer(x, engine.network)[0]
     return {CommonKeys.PRED: recon.float().clamp(0.0, 1.0), CommonKeys.LABEL: x}
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from scripts.data.cohort import phenotype_matrix, read_datalist, read_stats, split_items
 from scripts.runtime.files import atomic_write, write_json
+from scripts.runtime.progress import track
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def encode_split(network: nn.Module, prepared_dir: str | Path, split: str, batch
     phenotypes = phenotype_matrix(items, stats) if stats else np.full((len(items), len(columns)), np.nan)
     network.eval()
     means, logvars = [], []
-    for start in range(0, len(items), batch_size):
+    for start in track(range(0, len(items), batch_size), f"encoding the {split} cines"):
         batch = [np.load(folder / d["image"]).astype(np.float32) for d in items[start:start + batch_size]]
         mean, logvar = network.encode(torch.from_numpy(np.stack(batch)).to(device))  # (b, 16, 25, 12, 12) each
         means.append(mean.float().cpu())

@@ -32,24 +32,25 @@ def ema_model(network: nn.Module, decay: float) -> AveragedModel:
 
 class MARStep:
     """`iteration_update` of SupervisedTrainer for MAR: a posterior draw of each cached latent, the MAR loss (network
-    forward), an optimiser step with the gradient norm clipped to `grad_clip` (authors 3.0) and an EMA update."""
+    forward through the engine's inferer), an optimiser step with the gradient norm clipped to `grad_clip` (authors
+    3.0) and an EMA update; returns MONAI's decollated output [{"loss", "grad_norm"}]."""
 
     def __init__(self, ema: AveragedModel, grad_clip: float = 3.0) -> None:
         self.ema, self.grad_clip = ema, grad_clip
 
-    def __call__(self, engine: Engine, batch: dict) -> dict[str, float]:
+    def __call__(self, engine: Engine, batch: dict) -> list[dict[str, float]]:
         device = engine.state.device
         mean, logvar = batch["mean"].to(device), batch["logvar"].to(device)  # (B, 16, 25, 12, 12) each
         z = CineAutoencoderKL.sample(mean, logvar)
         engine.network.train()
         with autocast(engine):
-            loss = engine.network(z, batch["phenotypes"].to(device))  # phenotypes (B, F) normalised
+            loss = engine.inferer(z, engine.network, batch["phenotypes"].to(device))  # phenotypes (B, F) normalised
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(engine.network.parameters(), self.grad_clip)
         engine.optimizer.step()
         self.ema.update_parameters(unwrap(engine.network))
-        return {"loss": loss.item(), "grad_norm": grad_norm.item()}
+        return [{"loss": loss.item(), "grad_norm": grad_norm.item()}]
 
 
 def mar_eval_step(engine: Engine, batch: dict) -> dict[str, torch.Tensor]:
@@ -57,5 +58,5 @@ def mar_eval_step(engine: Engine, batch: dict) -> dict[str, torch.Tensor]:
     drawn from a generator state seeded by the iteration (the same draws at every evaluation)."""
     device = engine.state.device
     with seeded(device, engine.state.iteration), eval_mode(engine.network), autocast(engine):
-        loss = engine.network(batch["mean"].to(device), batch["phenotypes"].to(device))
+        loss = engine.inferer(batch["mean"].to(device), engine.network, batch["phenotypes"].to(device))
     return {"loss": loss.float()}

@@ -58,23 +58,24 @@ def phenotype_dataset(prepared_dir: str | Path, split: str) -> Dataset:
     return Dataset([{"subject": s, PHENOTYPES: v} for s, v in zip(subjects, x)])
 
 
-def train_step(engine: Engine, batch: dict) -> dict[str, float]:
-    """`iteration_update` of SupervisedTrainer: one optimiser step; returns the loss pieces for logging/metrics."""
+def train_step(engine: Engine, batch: dict) -> list[dict[str, float]]:
+    """`iteration_update` of SupervisedTrainer: one optimiser step; returns the loss pieces as MONAI's decollated
+    output, [{"loss", "recon", "kl"}]."""
     x = batch[PHENOTYPES].to(engine.state.device, non_blocking=engine.non_blocking)  # (B, F)
     engine.network.train()
     engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-    recon, mu, logvar = engine.network(x)
+    recon, mu, logvar = engine.inferer(x, engine.network)
     losses = engine.loss_function(recon, x, mu, logvar)
     losses["loss"].backward()
     engine.optimizer.step()
-    return {k: v.item() for k, v in losses.items()}
+    return [{k: v.item() for k, v in losses.items()}]
 
 
 def eval_step(engine: Engine, batch: dict) -> dict[str, torch.Tensor]:
     """`iteration_update` of SupervisedEvaluator: {"pred": reconstruction from z = mu, "label": input}, (B, F) each."""
     x = batch[PHENOTYPES].to(engine.state.device, non_blocking=engine.non_blocking)
     with eval_mode(engine.network):
-        recon, _, _ = engine.network(x)
+        recon, _, _ = engine.inferer(x, engine.network)
     return {CommonKeys.PRED: recon, CommonKeys.LABEL: x}
 
 

@@ -26,6 +26,7 @@ from scripts.runtime.features import frechet_distance
 from scripts.runtime.files import atomic_write, file_digest, write_json
 from scripts.runtime.handlers import autocast
 from scripts.runtime.precision import precision_name
+from scripts.runtime.progress import track
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def sample_latents(network: nn.Module, phenotypes: torch.Tensor, batch_size: int
     """Latents (N, C, T, H, W) float32 on the CPU from MAR conditioned on (N, P) normalised phenotypes, sample i with
     seed i (the same noise at every call); `sampling`: keywords of MAR.sample_latents."""
     device, out = next(network.parameters()).device, []
-    for start in range(0, len(phenotypes), batch_size):
+    for start in track(range(0, len(phenotypes), batch_size), "sample quality: sampling"):
         cond = phenotypes[start:start + batch_size].float().to(device)  # (b, P); eval mode inside sample_latents
         out.append(network.sample_latents(cond, seeds=range(start, start + len(cond)), **sampling).float().cpu())
     return torch.cat(out)

@@ -9,12 +9,34 @@ from __future__ import annotations
 
 import ast
 import difflib
+import inspect
 import sys
 from collections.abc import Iterator, Sequence
 
-from monai.bundle import ConfigParser
+from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.bundle import scripts as bundle_scripts
+from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS
 
-RUN_ARGS = {"config_file", "meta_file", "logging_file", "run_id", "init_id", "final_id", "tracking", "args_file"}
+
+def _named_args(*functions: object) -> frozenset[str]:
+    """The named parameters of `functions` (not self, *args or **kwargs)."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return frozenset(name for f in functions for name, p in inspect.signature(f).parameters.items()
+                     if p.kind in kinds and name != "self")
+
+
+# options of `monai.bundle run` itself (config_file, tracking, ...) and of the workflow it creates (workflow_type, ...)
+RUN_ARGS = _named_args(bundle_scripts.run, bundle_scripts.create_workflow, ConfigWorkflow.__init__)
+# ids renamed to the MONAI model-zoo ids that the bundle properties check: old id -> new id
+RENAMED = {"prepared_dir": "dataset_dir", "latent_dir": "dataset_dir"}
+
+
+def tracking_keys(tracking: str) -> set[str]:
+    """The config keys that `--tracking <name or settings file>` adds and the command line may set: the "configs" of
+    MONAI's settings (DEFAULT_EXP_MGMT_SETTINGS, e.g. mlflow's tracking_uri, experiment_name, run_name), less the
+    handlers it patches in."""
+    settings = DEFAULT_EXP_MGMT_SETTINGS.get(tracking) or ConfigParser.load_config_files(tracking)
+    return set(settings["configs"]) - set(settings["handlers_id"])
 
 
 def _ids(config: object, prefix: str = "") -> Iterator[str]:
@@ -55,13 +77,14 @@ def load_configs(pairs: dict[str, str]) -> dict:
 
 
 def unknown_keys(argv: Sequence[str], config: dict | None = None) -> tuple[list[str], list[str]]:
-    """(override keys of a `monai.bundle run` command line that no config file defines, all known keys); a key inside
-    a meta config's `forward` section (e.g. `mar_def#width`) counts as known: the stage's config has it."""
+    """(override keys of a `monai.bundle run` command line that no config file defines, all known keys); MONAI's run
+    options and, with `--tracking`, its tracking settings' keys are known, and so is a key inside a meta config's
+    `forward` section (e.g. `mar_def#width`): the stage's config has it."""
     pairs = _cli_pairs(argv)
     if "config_file" not in pairs:
         return [], []
     config = load_configs(pairs) if config is None else config
-    known = set(_ids(config)) | RUN_ARGS
+    known = set(_ids(config)) | RUN_ARGS | (tracking_keys(pairs["tracking"]) if "tracking" in pairs else set())
     forward = config.get("forward") if isinstance(config.get("forward"), dict) else {}
     return [k for k in pairs if k not in known and k.split("#")[0] not in forward], sorted(known)
 
@@ -124,9 +147,16 @@ def kind_errors(argv: Sequence[str], config: dict) -> list[str]:
     return errors
 
 
+def hint(key: str, known: Sequence[str]) -> str:
+    """What to write instead of an unknown `--key`: the id that replaced a renamed one, else the closest known id."""
+    if RENAMED.get(key) in known:
+        return f" (renamed: use --{RENAMED[key]})"
+    return "".join(f" (did you mean --{c}?)" for c in difflib.get_close_matches(key, known, n=1))
+
+
 def check_overrides(argv: Sequence[str] | None = None) -> None:
-    """Raise `ValueError` naming each unknown `--key` (with a close match, if any), JSON-literal value or value of the
-    wrong kind (`kind_errors`).
+    """Raise `ValueError` naming each unknown `--key` (with the id that replaced it or a close match, if any),
+    JSON-literal value or value of the wrong kind (`kind_errors`).
     Only acts when the process is `python -m monai.bundle run ...`; inside other programs it does nothing."""
     argv = list(sys.argv if argv is None else argv)
     if not (argv and argv[0].replace("\\", "/").endswith("monai/bundle/__main__.py") and "run" in argv[1:2]):
@@ -138,7 +168,7 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
     config = load_configs(pairs) if "config_file" in pairs else {}
     bad, known = unknown_keys(argv[2:], config)
     if bad:
-        hints = [f"--{k}" + "".join(f" (did you mean --{c}?)" for c in difflib.get_close_matches(k, known, n=1)) for k in bad]
+        hints = [f"--{k}{hint(k, known)}" for k in bad]
         raise ValueError(f"unknown config key(s) on the command line: {', '.join(hints)}; the config files define no such id")
     kinds = kind_errors(argv[2:], config)
     if kinds:

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from scripts.runtime.handlers import MetricsJSON, ReconstructionMontage
+from scripts.runtime.progress import EngineProgress
 
 
 # ------------------------------------------------------------------------------------------------------ distributed
@@ -44,10 +45,11 @@ def unwrap(network: nn.Module) -> nn.Module:
 
 def rank_handlers(handlers: Sequence) -> list:
     """Every handler on rank 0; on other ranks, those that only log or write files are dropped (MONAI model zoo's
-    multi-GPU convention). Validation, learning-rate and resume handlers run on every rank."""
+    multi-GPU convention; the TensorBoard handlers are disabled there already). Validation, learning-rate and resume
+    handlers run on every rank."""
     if idist.get_rank() == 0:
         return list(handlers)
-    writers = (StatsHandler, CheckpointSaver, MetricsJSON, ReconstructionMontage)
+    writers = (StatsHandler, CheckpointSaver, MetricsJSON, ReconstructionMontage, EngineProgress)
     return [h for h in handlers if not isinstance(h, writers)]
 
 

@@ -36,14 +36,24 @@ def grid(tiles: Sequence[np.ndarray], ncols: int, captions: Sequence[str] | None
     return image
 
 
+def montage(frames: Sequence[np.ndarray], ncols: int, captions: Sequence[str] | None = None,
+            scale: int = 2) -> Image.Image:
+    """2D frames (windowed per frame) as one grid image."""
+    return grid([to_uint8(f) for f in frames], ncols, captions, scale)
+
+
+def save_png(image: Image.Image, path: str | Path) -> Path:
+    """Write `image` as a PNG, atomically; returns the path."""
+    with atomic_write(path) as tmp:
+        image.save(tmp, format="PNG")
+    return Path(path)
+
+
 def save_montage(
     frames: Sequence[np.ndarray], path: str | Path, ncols: int, captions: Sequence[str] | None = None, scale: int = 2
 ) -> Path:
     """Write 2D frames (windowed per frame) as one PNG grid, atomically; returns the path."""
-    image = grid([to_uint8(f) for f in frames], ncols, captions, scale)
-    with atomic_write(path) as tmp:
-        image.save(tmp, format="PNG")
-    return Path(path)
+    return save_png(montage(frames, ncols, captions, scale), path)
 
 
 def save_cine_gif(cines: Sequence[np.ndarray], path: str | Path, ncols: int, fps: int = 25, scale: int = 2) -> Path:

@@ -25,7 +25,7 @@ def on_terminal() -> bool:
 
 def _duration(seconds: float) -> str:
     """`1h02m`, `3m05s` or `42s`."""
-    s = int(round(seconds))
+    s = round(seconds)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
@@ -81,9 +81,10 @@ class EngineProgress:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._update)
 
     def _start(self, engine: Engine) -> None:
-        per_epoch = engine.state.epoch_length or 0
-        total = per_epoch * (engine.state.max_epochs or 0) - engine.state.iteration  # resumed runs start midway
-        self.log, self.first = PeriodicLog(self.desc or "iterations", total or None, self.every_s), engine.state.iteration
+        self.log, self.first = PeriodicLog(self.desc or "iterations", None, self.every_s), engine.state.iteration
 
     def _update(self, engine: Engine) -> None:
+        # read the total each time: a time budget may change max_epochs after the first epochs; resumed runs start midway
+        total = (engine.state.epoch_length or 0) * (engine.state.max_epochs or 0) - self.first
+        self.log.total = total if total > 0 else None
         self.log.update(engine.state.iteration - self.first)

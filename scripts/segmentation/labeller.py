@@ -15,6 +15,7 @@ from torch.nn import functional as F
 from scripts.data.cine_files import load_subject
 from scripts.data.prepare import box_fraction, crop_pad, heart_box, prepare
 from scripts.data.shapes import IMAGE_SIZE
+from scripts.runtime.progress import track
 from scripts.segmentation.segmenter import dice_per_label, load_prepared, load_segmenter, read_info, segment_cines
 
 
@@ -92,7 +93,7 @@ def crop_agreement(dataset_dir: str | Path, checkpoint: str | Path, network: nn.
     """{subject: {"box_iou", "heart_fraction", "side_ratio", "dice"}}: the heart crop of the segmenter's full-view
     labels against the label file's (IoU, true heart voxels inside, side ratio) and the full-view Dice per label."""
     labeller, out = CineLabeller(checkpoint, network), {}
-    for subject in subjects:
+    for subject in track(subjects, "crop agreement"):
         folder = Path(dataset_dir) / subject
         image, label = load_subject(folder / image_name, folder / label_name, subject)
         pred = labeller(image.array, image.spacing_mm)  # (X, Y, T)

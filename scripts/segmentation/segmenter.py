@@ -18,14 +18,16 @@ from monai.networks import eval_mode
 from monai.networks.utils import one_hot
 from monai.transforms import DivisiblePad
 from monai.utils import CommonKeys
+from PIL import Image
 from torch import nn
 
 from scripts.data.cohort import load_cines, split_items
 from scripts.data.phenotypes import LABELS, largest_components
 from scripts.runtime.checkpoints import load_weights
-from scripts.runtime.files import atomic_write, write_json
+from scripts.runtime.files import write_json
 from scripts.runtime.handlers import ReconstructionMontage
 from scripts.runtime.montage import grid, to_uint8
+from scripts.runtime.progress import track
 
 logger = logging.getLogger(__name__)
 
@@ -109,14 +111,13 @@ class SegmentationMontage(ReconstructionMontage):
         labels = [out[k][:need].argmax(1).cpu().float() for k in (CommonKeys.LABEL, CommonKeys.PRED)]  # (b, T, H, W)
         self.cines += list(zip(out[CommonKeys.IMAGE][:need, 0].cpu().float(), *labels))
 
-    def write(self, engine: Engine) -> None:
+    def image(self) -> Image.Image:
+        """The montage of the collected cines: labels on one fixed grey scale, images windowed."""
         rows = [[cine[row][t].numpy() for cine in self.cines for t in self.frames] for row in range(3)]
         tiles = [to_uint8(f) for f in rows[0]] + [to_uint8(f, 0.0, NUM_CLASSES - 1.0) for r in rows[1:] for f in r]
         captions = [f"{name} {k} t{t}" for name in ("image", "truth", "pred") for k in range(len(self.cines))
                     for t in self.frames]
-        image = grid(tiles, len(rows[0]), captions, scale=2)  # labels on one fixed grey scale, images windowed
-        with atomic_write(self.path) as tmp:
-            image.save(tmp, format="PNG")
+        return grid(tiles, len(rows[0]), captions, scale=2)
 
 
 # ------------------------------------------------------------------------------------------------- run-level steps
@@ -164,7 +165,7 @@ def split_dice(network: nn.Module, prepared_dir: str | Path, split: str = "test"
     if not items:
         raise ValueError(f"{prepared_dir}: the datalist has no {split!r} items to measure the segmenter on")
     preds, truths = [], []
-    for start in range(0, len(items), batch_size):
+    for start in track(range(0, len(items), batch_size), f"segmenter Dice on {split}"):
         images, labels = load_prepared(prepared_dir, items[start:start + batch_size])
         preds.append(segment_cines(network, images))
         truths.append(labels)
