@@ -67,8 +67,12 @@ def test_training_writes_ema_checkpoint_with_the_scale(mar_runs: dict) -> None:
     metrics = json.loads((mar_runs["root"] / "out" / "metrics.json").read_text())
     assert metrics["epoch"] == 3 and np.isfinite(metrics["val_loss"])
     events = tensorboard_events(mar_runs["root"] / "out" / "tensorboard")  # both runs: 3 epochs of 4 iterations
-    assert set(events.Tags()["scalars"]) == {"iteration_loss", "train_loss", "val_loss"}
+    quality = {f"sample_quality/{k}" for k in ("fjd", "fd", "fd_limit", "adherence")}
+    assert set(events.Tags()["scalars"]) == {"iteration_loss", "train_loss", "val_loss"} | quality
     assert len(events.Scalars("iteration_loss")) == 12 and [s.step for s in events.Scalars("val_loss")] == [1, 2, 3]
+    record = json.loads((mar_runs["root"] / "out" / "sample_quality.json").read_text())
+    assert [s.value for s in events.Scalars("sample_quality/adherence")] == pytest.approx(
+        [r["adherence"] for r in record["history"]])  # every check, quality_interval 1 in tiny
     assert "1 of 9 cines have no phenotypes" in mar_runs["first"].stderr + mar_runs["first"].stdout
 
 

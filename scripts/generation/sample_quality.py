@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ignite.distributed as idist
 import torch
@@ -27,6 +28,9 @@ from scripts.runtime.files import atomic_write, file_digest, write_json
 from scripts.runtime.handlers import autocast
 from scripts.runtime.precision import precision_name
 from scripts.runtime.progress import track
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 logger = logging.getLogger(__name__)
 
@@ -164,15 +168,17 @@ class SampleQuality:
     """Ignite handler of the MAR trainer: every `interval` epochs and at the last, FJD, FD and latent adherence of
     `num_samples` seeded EMA samples on the validation conditions (rank 0); saves <ckpt_dir>/<filename> when they rank
     above the saved ones (`rank`, FD limit fd_tolerance x the real floor) and, when training completes, writes the
-    best-ranked CFG scale to <ckpt_dir>/mar_sampling.json."""
+    best-ranked CFG scale to <ckpt_dir>/mar_sampling.json; with `summary_writer` also its scores as TensorBoard scalars
+    (sample_quality/fjd, fd, fd_limit, adherence, at the trainer's epoch)."""
 
     def __init__(self, ema: AveragedModel, train_data: Sequence[dict], val_data: Sequence[dict],
                  ckpt_dir: str | Path, output_dir: str | Path, interval: int = 10, num_samples: int = 50,
                  num_iter: int = 8, num_inference_steps: int = 25, cfg: float = 3.0, temperature: float = 1.0,
                  cfg_schedule: str = "linear", cfg_candidates: Sequence[float] = (1.0, 1.5, 2.0, 3.0, 4.0),
                  batch_size: int = 64, grid: Sequence[int] = (5, 3, 3), components: int = 16,
-                 ridge_alpha: float = 0.1, fd_tolerance: float = 1.5, filename: str = "mar.pt") -> None:
-        self.ema, self.train_data, self.val_data = ema, train_data, val_data
+                 ridge_alpha: float = 0.1, fd_tolerance: float = 1.5, filename: str = "mar.pt",
+                 summary_writer: SummaryWriter | None = None) -> None:
+        self.ema, self.train_data, self.val_data, self.writer = ema, train_data, val_data, summary_writer
         self.ckpt, self.record_path = Path(ckpt_dir) / filename, Path(output_dir) / "sample_quality.json"
         self.interval, self.num_samples, self.batch_size = max(1, interval), num_samples, batch_size
         self.sampling = {"num_iter": num_iter, "num_inference_steps": num_inference_steps,
@@ -248,6 +254,9 @@ class SampleQuality:
                 torch.save(network.state_dict(), tmp)  # a plain MAR state dict, as load_weights reads it
             self.best, self.best_epoch = scores, epoch
         self.history.append({"epoch": epoch, **scores, "saved": improved})
+        if self.writer is not None:
+            for name, value in {**scores, "fd_limit": limit}.items():
+                self.writer.add_scalar(f"sample_quality/{name}", value, epoch)
         logger.info("sample quality epoch %d: FJD %.4g, FD %.4g (limit %.4g), latent adherence r %.3f (real "
                     "validation %.3f)%s", epoch, scores["fjd"], scores["fd"], limit, scores["adherence"],
                     val.adherence_real, f"; saved {self.ckpt}" if improved else f"; kept epoch {self.best_epoch}")
