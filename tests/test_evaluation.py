@@ -22,7 +22,8 @@ from scripts.evaluation import adherence, fidelity, privacy
 from scripts.evaluation.protocol import value_rows
 from scripts.generation.autoencoder import CineAutoencoderKL
 from scripts.generation.mar import MAR
-from scripts.runtime.features import frechet_distance
+from scripts.runtime.features import frechet_distance, load_feature_network
+from scripts.runtime.files import file_digest
 from scripts.runtime.stages import section_overrides, select
 from tests.conftest import run_bundle
 from tests.networks import build, def_kwargs
@@ -292,3 +293,13 @@ def test_evaluation_config_on_a_tiny_pipeline_run(tiny_pipeline: Path, i3d_stand
     assert {"measured", "generation_run"} <= set(metrics["speed"]["cfg"]) and "skipped" in metrics["speed"]["absent"]
     report = (out / "report.md").read_text()
     assert "real-vs-real FID" in report and "real held-out (floor)" in report and "chance" in report
+
+
+def test_a_pinned_torchscript_file_loads_only_with_its_digest(tmp_path: Path) -> None:
+    path = tmp_path / "features.ts"
+    torch.jit.script(nn.Conv2d(1, 2, 3)).save(str(path))
+    digest = file_digest(path)
+    network = load_feature_network(path, "i3d_path", sha256=digest.upper())  # hex in either case
+    assert network(torch.zeros(1, 1, 8, 8)).shape == (1, 2, 6, 6)
+    with pytest.raises(ValueError, match=rf"features\.ts: i3d_path has SHA-256 {digest}, not the pinned 0+: not loaded"):
+        load_feature_network(path, "i3d_path", sha256="0" * 64)

@@ -58,7 +58,7 @@ def measure_speed(mar: nn.Module, autoencoder: nn.Module, settings: dict, condit
 
 
 # ---------------------------------------------------------------------------------------------------------- sections
-def fidelity_section(data: Loaded, autoencoder: nn.Module, protocol: Protocol, i3d_path: str | None, seed: int,
+def fidelity_section(data: Loaded, autoencoder: nn.Module, protocol: Protocol, inputs: Inputs, seed: int,
                      device: torch.device) -> dict:
     """{"fid", "fvd", "vae_fd"} -> set name -> fd_with_floor result (or {"skipped": reason}); FID and FVD also of
     RECONSTRUCTION, half B's cines through the autoencoder (what a generator decoded by it can reach)."""
@@ -72,8 +72,8 @@ def fidelity_section(data: Loaded, autoencoder: nn.Module, protocol: Protocol, i
     inception = fidelity.load_torchscript(fidelity.inception_path(), device, "Inception-v3")
     features["fid"] = lambda x, desc: fidelity.inception_features(inception, x, protocol.fid_frame_step, bs, device,
                                                                   desc)
-    if i3d_path:
-        i3d = fidelity.load_torchscript(i3d_path, device, "i3d_path")
+    if inputs.i3d_path:
+        i3d = fidelity.load_torchscript(inputs.i3d_path, device, "i3d_path", inputs.i3d_sha256)
         features["fvd"] = lambda x, desc: fidelity.i3d_features(i3d, x, bs, device, desc)
     out = {}
     for metric, extract in features.items():
@@ -82,7 +82,7 @@ def fidelity_section(data: Loaded, autoencoder: nn.Module, protocol: Protocol, i
         out[metric] = {name: fidelity.fd_with_floor(real, extract(x[:len(halves[0])],
                                                                   f"evaluation: {metric} features of {name}"), halves)
                        for name, x in cines.items()}
-    if not i3d_path:
+    if not inputs.i3d_path:
         out["fvd"] = {name: {"skipped": "no I3D TorchScript file given (i3d_path null): FVD not computed"}
                       for name in cines}
     out["vae_fd"] = {name: fidelity.fd_with_floor(fidelity.pool_latents(means[HELDOUT]), fidelity.pool_latents(m),
@@ -195,7 +195,7 @@ def evaluate(inputs: Inputs, networks: Networks, protocol: Protocol, seed: int =
         "heldout": {"splits": list(inputs.heldout_splits), "n": len(heldout)}, "n_training": len(data.training),
         "sets": {k: {"dir": v["dir"], "status": v["status"], "n": len(v["items"]),
                      "generation_settings": v["record"].get("settings")} for k, v in data.found.items()},
-        "fidelity": fidelity_section(data, networks.autoencoder, protocol, inputs.i3d_path, seed, device)
+        "fidelity": fidelity_section(data, networks.autoencoder, protocol, inputs, seed, device)
         if len(heldout) >= 2 else {"skipped": f"{len(heldout)} held-out cine(s); need >= 2 for two halves"},
         "adherence": adherence_section(data, segment, reason, protocol.batch_size, device, out_dir),
         "privacy": privacy_section(data, networks, protocol, seed, out_dir, drop_flagged),

@@ -41,9 +41,11 @@ def inception_path() -> Path:
     return path
 
 
-def load_torchscript(path: str | Path, device: torch.device | str, what: str = "feature network") -> nn.Module:
-    """A TorchScript feature network in eval mode on `device` (loaded on the CPU first)."""
-    return load_feature_network(path, what).to(device)
+def load_torchscript(path: str | Path, device: torch.device | str, what: str = "feature network",
+                     sha256: str | None = None) -> nn.Module:
+    """A TorchScript feature network in eval mode on `device` (loaded on the CPU first; its digest checked against
+    `sha256` where given)."""
+    return load_feature_network(path, what, sha256).to(device)
 
 
 @torch.no_grad()

@@ -50,6 +50,7 @@ class Inputs:
     sets: Mapping[str, str]
     heldout_splits: Sequence[str] = ("validation", "test")
     i3d_path: str | None = None
+    i3d_sha256: str | None = None
     segmenter_path: str | None = None
 
 

@@ -8,6 +8,8 @@ import torch
 from monai.metrics import FIDMetric
 from torch import nn
 
+from scripts.runtime.files import file_digest
+
 LOW_RANK_MIN_DIM = 128  # below it scipy's sqrtm is cheap: the phenotype vectors keep MONAI's FIDMetric
 
 
@@ -26,12 +28,16 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(diff @ diff + ca.pow(2).sum() + cb.pow(2).sum() - 2 * trace_sqrt)
 
 
-def load_feature_network(path: str | Path, what: str = "perceptual_weights") -> nn.Module:
+def load_feature_network(path: str | Path, what: str = "perceptual_weights", sha256: str | None = None) -> nn.Module:
     """A local TorchScript feature network (perceptual (N, 1, H, W) frames -> features, Inception, I3D), eval mode,
-    no gradients, on the CPU; FileNotFoundError names `what` (local file only: MONAI's PerceptualLoss downloads)."""
+    no gradients, on the CPU; FileNotFoundError names `what` (local file only: MONAI's PerceptualLoss downloads).
+    TorchScript is code: with `sha256` the file's digest is checked before it is loaded (ValueError on a mismatch)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: {what} file not found (a TorchScript feature network)")
+    if sha256 and file_digest(path) != sha256.strip().lower():
+        raise ValueError(f"{path}: {what} has SHA-256 {file_digest(path)}, not the pinned {sha256.strip().lower()}: "
+                         "not loaded (TorchScript files run code; check where the file came from)")
     network = torch.jit.load(str(path), map_location="cpu").eval()
     for parameter in network.parameters():  # a loaded ScriptModule rejects requires_grad_
         parameter.requires_grad_(False)
