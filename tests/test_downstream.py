@@ -65,6 +65,21 @@ def test_pretraining_mix_draws_ratio_times_the_real_count(cohort: tuple[Path, Pa
     assert len(capped) == 4 + round(ratio * 4)
 
 
+def test_cines_flagged_as_copies_never_enter_pretraining(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    prepared, generated = write_cohort(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        unaudited = pretrain_datalist(prepared, generated, 1, ["training"], None, 2, 0)["training"]
+    assert "no privacy audit" in caplog.text and "G000003" in {d["subject"] for d in unaudited}
+    (generated / "privacy_audit.json").write_text(json.dumps({"flagged": ["G000003", "G000007"]}))
+    lists = pretrain_datalist(prepared, generated, 1, ["training"], None, 2, 0)["training"]
+    synthetic = [d["subject"] for d in lists if d.get("synthetic")]
+    assert len(synthetic) == 10 and not {"G000003", "G000007"} & set(synthetic)
+    assert synthetic == [f"G{i:06d}" for i in range(12) if i not in (3, 7)]
+    (generated / "privacy_audit.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"privacy_audit.json: not a privacy audit record"):
+        pretrain_datalist(prepared, generated, 1, ["training"], None, 2, 0)
+
+
 def test_too_few_synthetic_cines_names_the_command(cohort: tuple[Path, Path]) -> None:
     prepared, generated = cohort
     with pytest.raises(ValueError, match=r"16 usable synthetic cines, 20 needed.*configs/generate.json.*--num_samples 20"):

@@ -16,6 +16,7 @@ from scripts.data.phenotypes import normalise
 
 DATALIST = "datalist.json"
 STATS = "phenotype_stats.json"
+AUDIT = "privacy_audit.json"  # a generated folder's copy audit (configs/evaluate_generation.json): {"flagged": [...]}
 
 
 # ---------------------------------------------------------------------------------------------------------- datalist
@@ -48,6 +49,19 @@ def split_items(folder: str | Path, splits: Sequence[str], absolute: bool = Fals
     if absolute:
         return [d for s in splits for d in load_decathlon_datalist(Path(folder) / DATALIST, True, s, folder)]
     return [d for s in splits for d in datalist[s]]
+
+
+def flagged_copies(folder: str | Path) -> set[str] | None:
+    """Subjects of a generated folder that its privacy audit (<folder>/privacy_audit.json) flagged as copies of
+    training cines; None where the folder has not been audited. ValueError naming the file if it is unreadable."""
+    path = Path(folder) / AUDIT
+    if not path.is_file():
+        return None
+    try:
+        return set(json.loads(path.read_text(encoding="utf-8"))["flagged"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: not a privacy audit record ({error}); rerun configs/evaluate_generation.json") \
+            from error
 
 
 def has_phenotypes(item: dict, columns: Sequence[str]) -> bool:

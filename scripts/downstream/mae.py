@@ -20,7 +20,7 @@ from monai.transforms import Compose, EnsureTyped, LoadImaged, SqueezeDimd
 from monai.utils import CommonKeys
 from torch import nn
 
-from scripts.data.cohort import split_items
+from scripts.data.cohort import AUDIT, flagged_copies, split_items
 from scripts.data.shapes import IMAGE_SIZE, NUM_FRAMES
 from scripts.runtime.checkpoints import check_state_dict
 from scripts.runtime.distributed import unwrap
@@ -56,11 +56,19 @@ def usable(items: Sequence[dict]) -> list[dict]:
 
 
 def synthetic_items(generated_dir: str | Path, n: int) -> list[dict]:
-    """The first `n` usable synthetic cines (by name) of a generated folder; an error naming the command if too few."""
+    """The first `n` usable synthetic cines (by name) of a generated folder, without those its privacy audit flagged
+    as copies (cohort.flagged_copies); an error naming the command if too few."""
     if n <= 0:
         return []
-    items = usable(sorted((d for d in split_items(generated_dir, ["training"], absolute=True) if d.get("synthetic")),
-                          key=lambda d: d["subject"]))
+    flagged = flagged_copies(generated_dir)
+    if flagged is None:
+        logger.warning("%s has no privacy audit (%s): its cines are used unaudited; run configs/evaluate_generation.json "
+                       "first to keep copies of training cines out", generated_dir, AUDIT)
+    items = [d for d in split_items(generated_dir, ["training"], absolute=True)
+             if d.get("synthetic") and d["subject"] not in (flagged or ())]
+    if flagged:
+        logger.info("%s: %d cine(s) flagged as copies by its privacy audit left out", generated_dir, len(flagged))
+    items = usable(sorted(items, key=lambda d: d["subject"]))
     if len(items) < n:
         raise ValueError(
             f"{generated_dir}: {len(items)} usable synthetic cines, {n} needed. Generate more into the same folder "

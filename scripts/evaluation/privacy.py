@@ -17,6 +17,7 @@ from monai.networks import eval_mode
 from sklearn.metrics import roc_curve
 from torch import nn
 
+from scripts.data.cohort import AUDIT
 from scripts.runtime.files import write_json
 from scripts.runtime.handlers import seeded
 from scripts.runtime.montage import save_montage
@@ -156,6 +157,15 @@ def membership_inference(training_loss: Sequence[float], heldout_loss: Sequence[
             "null_auc_95": float(np.quantile(null, 0.95)) if null else None, "permutations": permutations,
             "n_training": len(training_loss), "n_heldout": len(heldout_loss),
             "training_loss_mean": float(np.mean(training_loss)), "heldout_loss_mean": float(np.mean(heldout_loss))}
+
+
+def record_audit(generated_dir: str | Path, flagged: Sequence[str], audit: dict, evaluation_dir: str | Path) -> Path:
+    """Write <generated_dir>/privacy_audit.json: the flagged subjects, the thresholds and which evaluation made it
+    (downstream stages leave the flagged cines out, cohort.flagged_copies)."""
+    path = Path(generated_dir) / AUDIT
+    write_json(path, {"flagged": sorted(flagged), "thresholds": audit["thresholds"],
+                      "evaluation_dir": str(Path(evaluation_dir).resolve())})
+    return path
 
 
 def drop_flagged(datalist_path: str | Path, flagged: Sequence[str], out_path: str | Path, audit: dict) -> Path:
