@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from scripts.runtime.cli import DEBUG_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 UKBB_DEMO = REPO.parent / "shared" / "data" / "ukbb_demo"
 
@@ -32,7 +34,7 @@ def run_bundle(configs: str | Sequence[str], *args: str, expect_failure: bool = 
     cmd = [sys.executable, "-m", *module, "run", "--config_file", config_file, *args,
            *[a for k, v in overrides.items() for a in (f"--{k}", str(v))]]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False,
-                          env={**os.environ, **(env or {})})
+                          env={**os.environ, DEBUG_ENV: "1", **(env or {})})  # full tracebacks in test logs
     tail = f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     assert (done.returncode != 0) == expect_failure, tail
     return done

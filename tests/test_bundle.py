@@ -100,6 +100,18 @@ def test_mlflow_tracking_through_monai_run_option(tmp_path: Path) -> None:
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_frechet")] == [1, 2]
 
 
+def test_a_user_error_ends_in_one_line_unless_debugging() -> None:
+    args = ("configs/make_phantom.json", "--num_subjects", "abc")
+    short = run_bundle(*args, expect_failure=True, env={cli.DEBUG_ENV: "0"}).stderr
+    assert "error: wrong kind of value on the command line: --num_subjects takes a whole number (default 500), got " \
+           "'abc' (set CPGG_DEBUG=1 for the traceback)" in short and "Traceback" not in short
+    full = run_bundle(*args, expect_failure=True, env={cli.DEBUG_ENV: "1"}).stderr
+    assert "Traceback" in full and "ValueError: wrong kind of value" in full
+    chained = RuntimeError("Failed to evaluate")
+    chained.__cause__ = FileNotFoundError("x.csv: not found")
+    assert cli.user_error(chained) is chained.__cause__ and cli.user_error(RuntimeError("a bug")) is None
+
+
 @pytest.mark.parametrize("key, value, python", [("resume", "false", "False"), ("resume", "true", "True"),
                                                ("mar#time_budget_s", "null", "None")])
 def test_json_literals_on_the_command_line_are_refused(key: str, value: str, python: str) -> None:

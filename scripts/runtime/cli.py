@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import difflib
 import inspect
+import os
 import sys
 from collections.abc import Iterator, Sequence
 
@@ -154,13 +155,40 @@ def hint(key: str, known: Sequence[str]) -> str:
     return "".join(f" (did you mean --{c}?)" for c in difflib.get_close_matches(key, known, n=1))
 
 
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+DEBUG_ENV = "CPGG_DEBUG"  # set to 1 for full tracebacks of user errors
+
+
+def user_error(error: BaseException) -> BaseException | None:
+    """The innermost user error (bad value, file, table or cine: USER_ERRORS) in `error`'s chain of causes, or None."""
+    found, seen = None, set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        found = error if isinstance(error, USER_ERRORS) else found
+        error = error.__cause__ or error.__context__
+    return found
+
+
+def one_line_errors(kind: type, error: BaseException, trace: object) -> None:
+    """sys.excepthook of a bundle run: a user error ends with one line `error: <its message>` (and exit status 1)
+    instead of MONAI's nested tracebacks; other exceptions, or any with CPGG_DEBUG=1, print the full traceback."""
+    cause = user_error(error)
+    if cause is None or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        sys.__excepthook__(kind, error, trace)
+        return
+    message = " ".join(str(cause).split()) or type(cause).__name__
+    print(f"error: {message} (set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+
+
 def check_overrides(argv: Sequence[str] | None = None) -> None:
     """Raise `ValueError` naming each unknown `--key` (with the id that replaced it or a close match, if any),
-    JSON-literal value or value of the wrong kind (`kind_errors`).
-    Only acts when the process is `python -m monai.bundle run ...`; inside other programs it does nothing."""
+    JSON-literal value or value of the wrong kind (`kind_errors`), and make user errors of the run end in one line
+    (`one_line_errors`). Only acts when the process is `python -m monai.bundle run ...`; inside other programs it does
+    nothing."""
     argv = list(sys.argv if argv is None else argv)
     if not (argv and argv[0].replace("\\", "/").endswith("monai/bundle/__main__.py") and "run" in argv[1:2]):
         return
+    sys.excepthook = one_line_errors
     literals = json_literal_values(argv[2:])
     if literals:
         raise ValueError(f"the command line takes Python literals: {', '.join(literals)}")
