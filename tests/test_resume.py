@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
+
+from scripts.runtime.checkpoints import DATA_KEY
+from tests.conftest import run_bundle
 
 
 def _phenotype_metrics_reach_the_last_epoch(runs: dict, latest: dict) -> None:
@@ -38,6 +43,20 @@ def test_rerun_continues_from_the_saved_epoch(request: pytest.FixtureRequest, ru
     log = runs["second"].stdout
     assert f"at epoch {start} of {end}" in log and f"Epoch[{start + 1}] Metrics" in log and "Epoch[1] Metrics" not in log
     latest = torch.load(runs["root"] / "models" / latest_name, weights_only=True)
-    assert set(latest) == keys and latest["trainer"]["iteration"] == iterations
+    assert set(latest) == keys | {DATA_KEY} and latest["trainer"]["iteration"] == iterations
+    assert len(latest[DATA_KEY]) == 64  # the SHA-256 of the training data's file
     if extra is not None:
         extra(runs, latest)
+
+
+def test_resume_on_other_training_data_is_refused(phenotype_vae_runs: dict, tmp_path: Path) -> None:
+    root = phenotype_vae_runs["root"]
+    shutil.copytree(root / "models", tmp_path / "models")
+    shutil.copytree(root / "prepared", tmp_path / "prepared")
+    with (tmp_path / "prepared" / "datalist.json").open("a") as f:
+        f.write("\n")  # the same items, another file: the check is by content digest, conservative
+    done = run_bundle("configs/train_phenotype_vae.json", expect_failure=True, dataset_dir=tmp_path / "prepared",
+                      ckpt_dir=tmp_path / "models", output_dir=tmp_path / "out", num_epochs=5)
+    assert "phenotype_vae_latest.pt: trained on other data than" in done.stdout + done.stderr
+    run_bundle("configs/train_phenotype_vae.json", "--resume", "False", dataset_dir=tmp_path / "prepared",
+               ckpt_dir=tmp_path / "models", output_dir=tmp_path / "out", num_epochs=1)  # afresh: allowed

@@ -89,7 +89,7 @@ def test_cli_training_writes_checkpoints_metrics_montage_and_test_dice(segmenter
     assert metrics["epoch"] == 2 and set(metrics) == {"epoch", "precision", "val_mean_dice", *names}
     assert metrics["precision"] == "fp32"  # bf16 autocast is CUDA-only for the segmenter
     assert all(0.0 <= metrics[k] <= 1.0 for k in names | {"val_mean_dice"})
-    assert set(segmenter_runs["latest_first"]) == {"network", "optimizer", "lr_scheduler", "best_saver", "trainer"}
+    assert set(segmenter_runs["latest_first"]) == {"network", "optimizer", "lr_scheduler", "best_saver", "trainer", "data_sha256"}
     assert segmenter_runs["latest_first"]["trainer"]["iteration"] == 6  # 6 cines, batch 2, 2 epochs
     info = read_info(root / "models" / "segmenter.pt")
     datalist = json.loads((segmenter_prepared / "datalist.json").read_text())

@@ -116,7 +116,7 @@ def test_cli_training_writes_checkpoints_metrics_and_montage(autoencoder_runs: d
     assert metrics["epoch"] == 2 and set(metrics) == {"epoch", "val_psnr", "val_ssim", "precision"}
     assert np.isfinite(metrics["val_psnr"]) and np.isfinite(metrics["val_ssim"]) and -1 <= metrics["val_ssim"] <= 1
     latest = autoencoder_runs["latest_first"]
-    assert set(latest) == {"network", "discriminator", "optimizer", "d_optimizer", "lr_scheduler", "best_saver", "budget", "trainer"}
+    assert set(latest) == {"network", "discriminator", "optimizer", "d_optimizer", "lr_scheduler", "best_saver", "budget", "trainer", "data_sha256"}
     assert latest["trainer"]["iteration"] == 4  # 4 cines, batch 2
     assert "d_weight" in autoencoder_runs["first"].stdout  # the GAN started at step 3 (tiny profile)
     with Image.open(root / "out" / "reconstruction.png") as png:  # 2 rows x (2 cines x 2 frames) of 96 px, x2

@@ -61,7 +61,7 @@ def test_training_writes_ema_checkpoint_with_the_scale(mar_runs: dict) -> None:
     model.load_state_dict(state)  # a plain MAR state dict (the EMA network)
     assert model.latent_scale.item() == pytest.approx(stats["scale_factor"])
     latest = mar_runs["latest_first"]
-    assert set(latest) == {"network", "ema", "optimizer", "lr_scheduler", "best_saver", "budget", "trainer"}
+    assert set(latest) == {"network", "ema", "optimizer", "lr_scheduler", "best_saver", "budget", "trainer", "data_sha256"}
     assert latest["trainer"]["iteration"] == 8  # 8 latents with phenotypes, batch 2, 2 epochs
     assert latest["ema"]["n_averaged"].item() == 8
     metrics = json.loads((mar_runs["root"] / "out" / "metrics.json").read_text())

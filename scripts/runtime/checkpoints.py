@@ -14,7 +14,7 @@ from monai.handlers import CheckpointLoader, CheckpointSaver
 from torch import nn
 
 from scripts.runtime.distributed import unwrap
-from scripts.runtime.files import atomic_write, remove_orphans
+from scripts.runtime.files import atomic_write, file_digest, remove_orphans
 
 logger = logging.getLogger(__name__)
 
@@ -81,14 +81,21 @@ def load_weights(network: nn.Module, path: str | Path, run: str = "", trained_by
     return network
 
 
+DATA_KEY = "data_sha256"  # LatestCheckpoint: digest of the file standing for the training data
+
+
 class LatestCheckpoint:
     """Resumable checkpoint at `path` (state dicts of `save_dict` plus "trainer"), rewritten every `interval` epochs.
-    With `resume` an existing file is loaded at start; attach after the ValidationHandler (keeps the best record)."""
+    With `resume` an existing file is loaded at start; attach after the ValidationHandler (keeps the best record).
+    `data`: a file standing for the training data (a datalist, a latent cache); its SHA-256 is saved, and a resume
+    on other data is refused."""
 
     def __init__(self, path: str | Path, save_dict: dict, resume: bool = True, interval: int = 1,
-                 map_location: str | torch.device | None = None, run: str = "") -> None:
+                 map_location: str | torch.device | None = None, run: str = "", data: str | Path | None = None) -> None:
         self.path, self.save_dict, self.resume = Path(path), save_dict, resume
         self.interval, self.map_location, self.run = interval, map_location, run
+        self.data = Path(data) if data else None
+        self.data_sha256 = file_digest(self.data) if self.data and self.data.is_file() else ""
 
     def attach(self, engine: Engine) -> None:
         # not MONAI's CheckpointSaver: it names interval files by epoch (no fixed file to resume) and is not atomic
@@ -104,6 +111,11 @@ class LatestCheckpoint:
             logger.info("no checkpoint at %s: training from scratch", self.path)
             return
         state = torch.load(self.path, map_location=self.map_location, weights_only=True)
+        saved = state.get(DATA_KEY, "") if isinstance(state, Mapping) else ""
+        if saved and self.data_sha256 and saved != self.data_sha256:
+            raise ValueError(f"{self.path}: trained on other data than {self.data} (SHA-256 {saved[:12]}... then, "
+                             f"{self.data_sha256[:12]}... now): resume with the same dataset_dir, or start afresh with "
+                             "--resume False or another ckpt_dir")
         for key, obj in self.save_dict.items():
             if isinstance(obj, nn.Module):
                 check_state_dict(state.get(key) if isinstance(state, Mapping) else state, unwrap(obj), self.path,
@@ -116,7 +128,8 @@ class LatestCheckpoint:
         # rank 0 writes, without the DistributedDataParallel wrapper
         if idist.get_rank() != 0:
             return
-        state = {k: unwrap(v).state_dict() for k, v in self.save_dict.items()} | {"trainer": engine.state_dict()}
+        state = {k: unwrap(v).state_dict() for k, v in self.save_dict.items()} | {"trainer": engine.state_dict(),
+                                                                                  DATA_KEY: self.data_sha256}
         with atomic_write(self.path) as tmp:
             torch.save(state, tmp)
 
