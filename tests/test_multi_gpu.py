@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 import torch
 
 from scripts.generation.autoencoder import CineAutoencoderKL
+from scripts.runtime.distributed import distributed, init_distributed, unwrap
 from tests.conftest import ONE_THREAD, run_bundle
 from tests.networks import def_kwargs
 from tests.stage_runs import write_phenotype_prepared
@@ -96,3 +99,50 @@ def test_two_gloo_ranks_train_and_a_single_process_resumes(cohort: Path, config:
     assert "resumed from" in resumed and "at epoch 2 of 3" in resumed
     after = torch.load(models / latest, weights_only=True)["trainer"]
     assert after["epoch"] == 3 if "epoch" in after else after["iteration"] > state["trainer"]["iteration"]
+
+
+def _ddp_step(rank: int, world: int, port: int, out: str) -> None:
+    """One rank: the network wrapped by scripts.runtime.distributed, one SGD step on its half of the global batch."""
+    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": str(world)}
+    torch.set_num_threads(1)
+    device = torch.device("cpu")
+    init_distributed(device)
+    network = distributed(_step_network(), device)
+    x, y = _global_batch()
+    half = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+    _sgd_step(network, x[half], y[half])
+    torch.save(unwrap(network).state_dict(), Path(out) / f"rank{rank}.pt")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def _step_network() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+
+def _global_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(8, 6, generator=generator), torch.randn(8, 1, generator=generator)
+
+
+def _sgd_step(network: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.5)
+    torch.nn.functional.mse_loss(network(x), y).backward()
+    optimizer.step()
+
+
+def test_two_ranks_take_the_step_one_process_takes_on_the_global_batch(tmp_path: Path) -> None:
+    """Ranks that trained unwrapped copies on their halves would differ from each other and from the global step."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_step, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    single = _step_network()
+    _sgd_step(single, *_global_batch())
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    start = _step_network().state_dict()
+    for key, value in single.state_dict().items():
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+        assert torch.allclose(ranks[0][key], value, atol=1e-6), key
+        assert not torch.allclose(value, start[key]), key  # the step moved every tensor
