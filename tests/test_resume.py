@@ -58,5 +58,3 @@ def test_resume_on_other_training_data_is_refused(phenotype_vae_runs: dict, tmp_
     done = run_bundle("configs/train_phenotype_vae.json", expect_failure=True, dataset_dir=tmp_path / "prepared",
                       ckpt_dir=tmp_path / "models", output_dir=tmp_path / "out", num_epochs=5)
     assert "phenotype_vae_latest.pt: trained on other data than" in done.stdout + done.stderr
-    run_bundle("configs/train_phenotype_vae.json", "--resume", "False", dataset_dir=tmp_path / "prepared",
-               ckpt_dir=tmp_path / "models", output_dir=tmp_path / "out", num_epochs=1)  # afresh: allowed
