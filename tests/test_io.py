@@ -224,6 +224,11 @@ def test_remove_orphans_deletes_only_old_temporaries(tmp_path: Path) -> None:
     assert remove_orphans(tmp_path) == [old]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([young.name, "model.pt"])
     assert remove_orphans(tmp_path / "absent") == []
+    series = tmp_path / f".tmp-{'c' * 32}-G000000"  # an atomic_folder of a killed DICOM export
+    (series / "IM0001.dcm").parent.mkdir()
+    (series / "IM0001.dcm").write_bytes(b"frame")
+    os.utime(series, (time.time() - 7200, time.time() - 7200))
+    assert remove_orphans(tmp_path) == [series] and not series.exists()
 
 
 def test_best_checkpoint_survives_a_failed_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

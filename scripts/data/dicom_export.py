@@ -6,10 +6,8 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import time
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,7 @@ from pydicom.uid import PYDICOM_ROOT_UID, ExplicitVRLittleEndian, MRImageStorage
 from pydicom.valuerep import DSfloat
 
 from scripts.data.orientation import RAS_TO_LPS
-from scripts.runtime.files import ORPHAN_AGE_S, TMP_PATTERN
+from scripts.runtime.files import atomic_folder
 
 SCALE = 50_000  # stored = round(value * SCALE) for values in [0, 1]; RescaleSlope 1 / SCALE = 0.00002
 EMPTY = ("PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID",
@@ -102,18 +100,6 @@ def frame_dataset(header: Dataset, frame: np.ndarray, t: int, frame_interval_s: 
     return ds
 
 
-@contextmanager
-def atomic_folder(path: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `path` (files.TMP_PATTERN); renamed to `path` on success, removed on failure."""
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        os.rename(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def remove_series(folder: Path) -> None:
     """Remove a series folder if there is one: renamed to a temporary name first (atomic), so that a kill midway
     never leaves a partial series under the series' name."""
@@ -121,16 +107,6 @@ def remove_series(folder: Path) -> None:
         tmp = folder.with_name(f".tmp-{uuid.uuid4().hex}-{folder.name}")
         os.rename(folder, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def remove_orphan_folders(folder: Path, min_age_s: float = ORPHAN_AGE_S) -> list[Path]:
-    """Delete atomic_folder temporaries in `folder` older than `min_age_s` (left by killed runs); returns them."""
-    now = time.time()
-    orphans = [f for f in folder.iterdir() if TMP_PATTERN.fullmatch(f.name) and f.is_dir()
-               and now - f.stat().st_mtime >= min_age_s] if folder.is_dir() else []
-    for f in orphans:
-        shutil.rmtree(f, ignore_errors=True)
-    return orphans
 
 
 def write_dicom_cine(folder: str | Path, cine: np.ndarray, affine: np.ndarray, frame_interval_s: float,

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from scripts.data.cine_files import write_cine
-from scripts.data.dicom_export import remove_orphan_folders, remove_series, write_dicom_cine
+from scripts.data.dicom_export import remove_series, write_dicom_cine
 from scripts.data.orientation import canonical_affine
 from scripts.data.phenotypes import normalise, read_phenotype_table
 from scripts.data.shapes import IMAGE_SIZE, NUM_FRAMES
@@ -220,7 +220,7 @@ def write_missing_dicom(output_dir: Path, indices: range, geometry: np.ndarray, 
     """DICOM series dicom/<sample>/ of the finished samples among `indices` that have none yet, from their .npy (so a
     resumed run, or a first run with dicom on an existing folder, finishes them); returns how many were written."""
     folder = output_dir / "dicom"
-    remove_orphan_folders(folder)  # unfinished series of a killed run
+    remove_orphans(folder)  # unfinished series of a killed run
     missing = [i for i in indices if is_done(output_dir, i) and not (folder / sample_name(i)).is_dir()]
     for i in track(missing, "DICOM series"):
         cine = np.load(paths(output_dir, i)[0])[0].astype(np.float32).transpose(1, 2, 0)  # (X, Y, T)

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -60,6 +61,19 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+@contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `path` (TMP_PATTERN); renamed to `path` on success, removed on failure."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        os.rename(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def save_npy(path: str | Path, array: np.ndarray) -> None:
     """np.save, atomically."""
     with atomic_write(path) as tmp:
@@ -80,14 +94,16 @@ def write_json(path: str | Path, obj: object) -> None:
 
 
 def remove_orphans(folder: str | Path, min_age_s: float = ORPHAN_AGE_S) -> list[Path]:
-    """Delete atomic_write temporaries in `folder` older than `min_age_s` (left by killed runs; younger ones may
-    belong to a running writer) and log each; returns them."""
+    """Delete atomic_write and atomic_folder temporaries in `folder` older than `min_age_s` (left by killed runs;
+    younger ones may belong to a running writer) and log each; returns them."""
     folder, now = Path(folder), time.time()
     if not folder.is_dir():
         return []
-    orphans = [f for f in folder.iterdir() if TMP_PATTERN.fullmatch(f.name) and f.is_file()
-               and now - f.stat().st_mtime >= min_age_s]
+    orphans = [f for f in folder.iterdir() if TMP_PATTERN.fullmatch(f.name) and now - f.stat().st_mtime >= min_age_s]
     for f in orphans:
-        f.unlink(missing_ok=True)
+        if f.is_dir():
+            shutil.rmtree(f, ignore_errors=True)
+        else:
+            f.unlink(missing_ok=True)
         logger.warning("removed %s: an unfinished write of a killed run", f)
     return orphans
