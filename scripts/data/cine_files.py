@@ -313,31 +313,101 @@ def load_cine(path: str | Path, subject: str = "") -> Cine:
     return _reoriented(*_stored(path, subject))
 
 
+def _check_label_values(values: np.ndarray, where: str, path: str | Path) -> None:
+    """CineError (naming `path`) for label values that are not integers 0..MAX_LABEL."""
+    fractional = values[values != np.rint(values)]
+    if fractional.size:
+        raise CineError(f"{where}: {fractional.size} non-integer label value(s), e.g. {fractional[0]}; "
+                        f"expected integer labels 0..{MAX_LABEL}", path)
+    outside = np.unique(values[(values < 0) | (values > MAX_LABEL)])
+    if outside.size:
+        raise CineError(f"{where}: label values outside 0..{MAX_LABEL}: {outside.astype(int).tolist()}", path)
+
+
+def _orientation_note(label_codes: str, codes: str) -> str:
+    """A note where a label's affine orients it (`label_codes`) otherwise than its image's (`codes`), else ""."""
+    if label_codes == codes:
+        return ""
+    return (f"its affine orients it {describe(label_codes)}, its image {describe(codes)}: the image's reorientation "
+            "was applied to both (voxels taken to correspond)")
+
+
 def load_subject(image_path: str | Path, label_path: str | Path, subject: str) -> tuple[Cine, Cine]:
     """Load an image cine and its label cine (returned as uint8), checking that they match and the labels are usable;
-    both get the image's reorientation (a label whose own affine orients otherwise is noted)."""
+    both get the image's reorientation (a label whose own affine orients otherwise is noted). Frames without any
+    label are allowed (partial labels: scripts.data.prepare)."""
     (image, codes), (label, label_codes) = _stored(image_path, subject), _stored(label_path, subject)
     where = _where(Path(label_path), subject)
     if image.array.shape != label.array.shape:
         raise CineError(f"subject {subject!r}: image {image_path} has shape {image.array.shape} (X, Y, T) but label "
                         f"{label_path} has shape {label.array.shape}", label_path)
     values = label.array
-    fractional = values[values != np.rint(values)]
-    if fractional.size:
-        raise CineError(f"{where}: {fractional.size} non-integer label value(s), e.g. {fractional[0]}; "
-                        f"expected integer labels 0..{MAX_LABEL}", label_path)
-    outside = np.unique(values[(values < 0) | (values > MAX_LABEL)])
-    if outside.size:
-        raise CineError(f"{where}: label values outside 0..{MAX_LABEL}: {outside.astype(int).tolist()}", label_path)
+    _check_label_values(values, where, label_path)
     if not values.any():
         raise CineError(f"{where}: label cine is empty (no foreground in any frame)", label_path)
     if not (values == LV_LABEL).any():
         raise CineError(f"{where}: label cine has no LV (label {LV_LABEL}) in any frame", label_path)
-    if label_codes != codes:
-        label = replace(label, note="; ".join(n for n in (label.note, (
-            f"its affine orients it {describe(label_codes)}, its image {describe(codes)}: the image's reorientation "
-            "was applied to both (voxels taken to correspond)")) if n))
+    label = replace(label, note="; ".join(n for n in (label.note, _orientation_note(label_codes, codes)) if n))
     return _reoriented(image, codes), _reoriented(replace(label, array=values.astype(np.uint8)), codes)
+
+
+# ---------------------------------------------------------------------------------------- per-frame label files
+def label_frame_files(label_path: str | Path, subject: str = "") -> dict[int, Path]:
+    """{frame: path} of the per-frame label files beside a label cine `<stem>.<ext>`: `<stem>_frame<k>.<ext>`
+    (e.g. seg4_la_4ch_frame0.nii.gz), k the 0-based index of the frame in the image cine's time order; {} if none.
+    CineError where two files name one frame (frame1, frame01)."""
+    path = Path(label_path)
+    stem, dot, ext = path.name.partition(".")
+    pattern = re.compile(rf"{re.escape(stem)}_frame(\d+){re.escape(dot + ext)}\Z")
+    names = sorted(path.parent.iterdir()) if path.parent.is_dir() else []
+    found = sorted((int(m[1]), p) for p in names if (m := pattern.match(p.name)))
+    frames = dict(found)
+    if len(frames) < len(found):
+        raise CineError(f"{_where(path.parent, subject)}: several label files name one frame: "
+                        f"{', '.join(p.name for _, p in found)}", path.parent)
+    return frames
+
+
+def _read_frame(path: Path, shape: tuple[int, ...], subject: str) -> tuple[np.ndarray, str]:
+    """The (X, Y) label frame of a NIfTI file (X x Y, X x Y x 1 or X x Y x 1 x 1) and its in-plane codes; CineError
+    naming the file where it is unreadable, of another in-plane shape than `shape`, or has unusable values."""
+    where = _where(path, subject)
+    try:
+        with reading(where, "cannot read the label frame, file truncated or corrupt"):
+            image = nib.load(path)
+            _check_data_size(path, image, where)
+            if tuple(n for n in image.shape[2:] if n != 1) or image.shape[:2] != tuple(shape):
+                raise CineError(f"{where}: found shape {image.shape}; expected one label frame {tuple(shape)} "
+                                f"(X x Y, optionally x 1 x 1), the in-plane shape of the image")
+            frame = image.get_fdata(dtype=np.float32).reshape(shape)
+            codes = in_plane_codes(image.affine)
+        _check_label_values(frame, where, path)
+        if not frame.any():
+            raise CineError(f"{where}: label frame is empty (no foreground)", path)
+    except CineError as error:
+        error.path = error.path or str(path)
+        raise
+    return frame, codes
+
+
+def load_label_frames(image_path: str | Path, frames: dict[int, Path], subject: str) -> tuple[Cine, Cine]:
+    """Load an image cine and a uint8 label cine assembled from per-frame label files ({frame: path},
+    `label_frame_files`), 0 in the other frames; as `load_subject` otherwise."""
+    image, codes = _stored(image_path, subject)
+    nx, ny, nt = image.array.shape
+    label, notes = np.zeros((nx, ny, nt), np.uint8), []
+    for k, path in frames.items():
+        if k >= nt:
+            raise CineError(f"{_where(path, subject)}: frame {k} named in the file name, but the image {image_path} "
+                            f"has {nt} frames (0..{nt - 1})", path)
+        frame, frame_codes = _read_frame(path, (nx, ny), subject)
+        label[:, :, k] = frame
+        notes += [f"{path.name}: {_orientation_note(frame_codes, codes)}"] if frame_codes != codes else []
+    if not (label == LV_LABEL).any():
+        raise CineError(f"{_where(Path(image_path), subject)}: no LV (label {LV_LABEL}) in any of the label frame "
+                        f"files {', '.join(p.name for p in frames.values())}", next(iter(frames.values())))
+    cine = Cine(label, image.spacing_mm, image.frame_interval_s, image.affine, "; ".join(notes))
+    return _reoriented(image, codes), _reoriented(cine, codes)
 
 
 def write_cine(path: str | Path, array: np.ndarray, affine: np.ndarray, frame_interval_s: float,
