@@ -16,14 +16,17 @@ from PIL import Image
 
 from scripts.data.prepare import crop_pad, prepare
 from scripts.segmentation.labeller import CineLabeller, _uncrop, crop_agreement, real_subject_dice
+from scripts.segmentation.randomise import RandLabelRenderd
 from scripts.segmentation.segmenter import (
     LABEL_NAMES,
     NUM_CLASSES,
+    SelectLabelledFramesd,
     dice_per_label,
     load_segmenter,
     read_info,
     segment_cines,
     split_dice,
+    validation_batch_size,
 )
 from tests.conftest import ONE_THREAD, REPO, run_bundle, tensorboard_events
 from tests.networks import build
@@ -79,6 +82,71 @@ def test_dice_per_label_against_hand_counts() -> None:
         dice_per_label(pred[:, :, :3], truth)
 
 
+# ------------------------------------------------------------------------------------------ domain randomisation
+def _label_map() -> torch.Tensor:
+    """(1, 48, 48) label map: the five labels as touching blocks of 8 rows over a background."""
+    label = torch.zeros(1, 48, 48, dtype=torch.uint8)
+    for value in range(1, 6):
+        label[0, 8 * value - 4:8 * value + 4, 6:40] = value
+    return label
+
+
+def test_label_render_gives_each_region_one_random_intensity_and_keeps_the_label() -> None:
+    label = _label_map()
+    image = torch.linspace(0, 1, 48)[None, :, None].expand(1, 48, 48).clone()  # background: a ramp across rows
+    render = RandLabelRenderd(prob=1.0, background_classes=3, max_texture_sd=0.0, blur_sigma=(0.0, 0.0),
+                              blood_pool_prob=0.0, wall_prob=0.0)
+    render.set_random_state(0)
+    out = render({"image": image, "label": label})
+    x = out["image"]
+    assert out["label"] is label and x.shape == image.shape and x.dtype == image.dtype
+    assert float(x.min()) == 0.0 and float(x.max()) == 1.0
+    means = [x[label == v] for v in range(1, 6)]
+    assert all(float(m.std()) < 1e-6 for m in means)  # one intensity per label
+    assert len({round(float(m[0]), 4) for m in means}) == 5  # drawn independently
+    background = x[label == 0]
+    assert len(torch.unique(background.round(decimals=4))) == 3  # the background's intensity thirds
+    render.set_random_state(0)
+    assert torch.equal(render({"image": image, "label": label})["image"], x)  # seeded
+    render.set_random_state(1)
+    assert not torch.equal(render({"image": image, "label": label})["image"], x)
+
+
+def test_label_render_blood_pools_share_one_intensity_and_walls_part_them() -> None:
+    label = _label_map()  # LV, Myo, RV, LA, RA blocks: RV touches LA, LA touches RA
+    kwargs = {"prob": 1.0, "max_texture_sd": 0.0, "blur_sigma": (0.0, 0.0), "blood_pool_prob": 1.0, "blood_jitter": 0.0}
+    render = RandLabelRenderd(**kwargs, wall_prob=0.0)
+    render.set_random_state(0)
+    x = render({"image": torch.rand(1, 48, 48), "label": label})["image"]
+    pools = [x[label == v] for v in (1, 3, 4, 5)]
+    assert len({round(float(p[0]), 5) for p in pools}) == 1 and all(float(p.std()) < 1e-6 for p in pools)
+    walled = RandLabelRenderd(**kwargs, wall_prob=1.0)
+    walled.set_random_state(0)
+    y = walled({"image": torch.rand(1, 48, 48), "label": label})["image"]
+    blood = torch.isin(label[0], torch.tensor([1, 3, 4, 5], dtype=torch.uint8))
+    pool = y[0][blood].mode().values  # the shared blood intensity (rescaling may move it)
+    wall = blood & (y[0] != pool)
+    rows = torch.nonzero(wall)[:, 0].unique().tolist()
+    assert rows and set(rows) <= {26, 27, 28, 29, 34, 35, 36, 37}  # only beside the RV/LA and LA/RA edges (rows 28, 36)
+    assert len(torch.unique(y[0][wall])) == 1 and float(y[0][label[0] == 2].std()) < 1e-6  # one wall value
+
+
+def test_label_render_probability_zero_and_shape_errors() -> None:
+    label, image = _label_map(), torch.rand(1, 48, 48)
+    assert RandLabelRenderd(prob=0.0)({"image": image, "label": label})["image"] is image
+    with pytest.raises(ValueError, match=r"expects \(1, H, W\) image and label"):
+        RandLabelRenderd(prob=1.0)({"image": image[None], "label": label[None]})
+
+
+def test_partially_labelled_cines_keep_only_their_labelled_frames() -> None:
+    image, label = torch.rand(1, 50, 8, 8), torch.randint(0, 6, (1, 50, 8, 8))
+    out = SelectLabelledFramesd(["image", "label"])({"image": image, "label": label, "labelled_frames": [0, 25]})
+    assert "labelled_frames" not in out and torch.equal(out["image"], image[:, [0, 25]])
+    assert torch.equal(out["label"], label[:, [0, 25]])
+    assert SelectLabelledFramesd(["image", "label"])({"image": image, "label": label})["image"] is image
+    assert validation_batch_size([{}, {"labelled_frames": [0]}], 4) == 1 and validation_batch_size([{}], 4) == 4
+
+
 # ------------------------------------------------------------------------------------------------------ bundle CLI
 def test_cli_training_writes_checkpoints_metrics_montage_and_test_dice(segmenter_runs: dict,
                                                                       segmenter_prepared: Path) -> None:
@@ -119,6 +187,18 @@ def test_wrong_shape_checkpoint_is_an_error_naming_the_file(segmenter_runs: dict
     assert f"{models / 'segmenter_latest.pt'}: checkpoint does not match UNet of segmenter profile 'tiny'" in log
     with pytest.raises(ValueError, match="segmenter.pt: checkpoint does not match UNet of this segmenter_def"):
         load_segmenter(segmenter_runs["root"] / "models" / "segmenter.pt", build("segmenter_def", "cpu"), "cpu")
+
+
+def test_fine_tuning_starts_from_init_checkpoint(segmenter_runs: dict, segmenter_prepared: Path,
+                                                 tmp_path: Path) -> None:
+    """--init_checkpoint loads a trained segmenter before training: at learning rate 0 the best checkpoint of the
+    fine-tune holds exactly its weights (a run from scratch would hold fresh random ones)."""
+    init = segmenter_runs["root"] / "models" / "segmenter.pt"
+    _bundle("--dataset_dir", str(segmenter_prepared), "--ckpt_dir", str(tmp_path / "models"), "--output_dir",
+            str(tmp_path / "out"), "--init_checkpoint", str(init), "--segmenter#learning_rate", "0.0",
+            "--segmenter#num_epochs", "1")
+    tuned, start = (torch.load(p, weights_only=True) for p in (tmp_path / "models" / "segmenter.pt", init))
+    assert set(tuned) == set(start) and all(torch.equal(tuned[k], start[k]) for k in start)
 
 
 # -------------------------------------------------------------------------------------- preprocessing without labels

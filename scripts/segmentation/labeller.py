@@ -12,7 +12,7 @@ from scipy import ndimage
 from torch import nn
 from torch.nn import functional as F
 
-from scripts.data.cine_files import load_subject
+from scripts.data.cine_files import LV_LABEL, load_subject
 from scripts.data.prepare import box_fraction, crop_pad, heart_box, prepare
 from scripts.data.shapes import IMAGE_SIZE
 from scripts.runtime.progress import track
@@ -90,8 +90,9 @@ def _largest_components_3d(mask: np.ndarray) -> np.ndarray:
 def crop_agreement(dataset_dir: str | Path, checkpoint: str | Path, network: nn.Module, subjects: Sequence[str],
                    margin: float = 0.15, image_name: str = "la_4ch.nii.gz",
                    label_name: str = "seg4_la_4ch.nii.gz") -> dict[str, dict]:
-    """{subject: {"box_iou", "heart_fraction", "side_ratio", "dice"}}: the heart crop of the segmenter's full-view
-    labels against the label file's (IoU, true heart voxels inside, side ratio) and the full-view Dice per label."""
+    """{subject: {"box_iou", "heart_fraction", "side_ratio", "ed_frame_error", "dice"}}: the heart crop of the
+    segmenter's full-view labels against the label file's (IoU, true heart voxels inside, side ratio), the cyclic
+    distance (frames) between their end-diastoles (largest LV area) and the full-view Dice per label."""
     labeller, out = CineLabeller(checkpoint, network), {}
     for subject in track(subjects, "crop agreement"):
         folder = Path(dataset_dir) / subject
@@ -103,8 +104,19 @@ def crop_agreement(dataset_dir: str | Path, checkpoint: str | Path, network: nn.
         out[subject] = {"box_iou": float(inter / (areas[0] + areas[1] - inter)),
                         "heart_fraction": box_fraction((label.array > 0).sum(2), boxes[0].astype(int).tolist()),
                         "side_ratio": float((boxes[0][0, 1] - boxes[0][0, 0]) / (boxes[1][0, 1] - boxes[1][0, 0])),
+                        "ed_frame_error": _cyclic_distance(*(end_diastole(x) for x in (pred, label.array)),
+                                                           pred.shape[2]),
                         "dice": dice_per_label(pred[None], label.array[None])}
     return out
+
+
+def end_diastole(labels: np.ndarray) -> int:
+    """Frame of largest LV area of an (X, Y, T) label cine (the rule of scripts.data.prepare.AlignEndDiastoled)."""
+    return int(np.argmax((labels == LV_LABEL).sum((0, 1))))
+
+
+def _cyclic_distance(a: int, b: int, frames: int) -> int:
+    return min((a - b) % frames, (b - a) % frames)
 
 
 def real_subject_dice(dataset_dir: str | Path, checkpoint: str | Path, network: nn.Module, work_dir: str | Path,

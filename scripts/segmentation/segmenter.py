@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
 import ignite.distributed as idist
@@ -16,7 +16,7 @@ from monai.handlers import MeanDice
 from monai.metrics import DiceMetric
 from monai.networks import eval_mode
 from monai.networks.utils import one_hot
-from monai.transforms import DivisiblePad
+from monai.transforms import DivisiblePad, MapTransform
 from monai.utils import CommonKeys
 from PIL import Image
 from torch import nn
@@ -88,6 +88,25 @@ def dice_handlers(prefix: str = "val_dice_") -> dict[str, MeanDice]:
         return lambda out: (out[CommonKeys.PRED][:, [k]], out[CommonKeys.LABEL][:, [k]])
 
     return {prefix + name: MeanDice(output_transform=channel(k)) for k, name in enumerate(LABEL_NAMES, 1)}
+
+
+# -------------------------------------------------------------------------------------------------------- transforms
+class SelectLabelledFramesd(MapTransform):
+    """Keep only an item's "labelled_frames" (datalist key of partially labelled cines, scripts.data.prepare) of its
+    (C, T, H, W) arrays, so that unlabelled frames never count as background; items without the key pass unchanged."""
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        frames = d.pop("labelled_frames", None)
+        if frames is not None:
+            for key in self.key_iterator(d):
+                d[key] = d[key][:, list(frames)]
+        return d
+
+
+def validation_batch_size(datalist: Sequence[dict], batch_size: int) -> int:
+    """`batch_size`, or 1 where some item is partially labelled (whole cines of unequal frame counts)."""
+    return 1 if any("labelled_frames" in d for d in datalist) else batch_size
 
 
 # ------------------------------------------------------------------------------------------------------ engine steps
