@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 from test_io import synthetic_cine, write_nifti
 
+from scripts.data.heart_crop import heart_box
+from scripts.data.labels import frame_sources, implausible
 from scripts.data.orientation import canonical_affine
-from scripts.data.prepare import frame_sources, heart_box, implausible, prepare
+from scripts.data.prepare import prepare
 
 FRAME_COUNTS = (10, 25, 30, 50, 64)
 PHASES = dict(zip(FRAME_COUNTS, np.random.default_rng(7).integers(0, FRAME_COUNTS)))  # ED frame of each cine

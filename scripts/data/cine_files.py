@@ -70,7 +70,8 @@ def reading(where: str, what: str) -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------------------------------------ reading
-def _where(path: Path, subject: str) -> str:
+def where_of(path: Path, subject: str) -> str:
+    """How messages name a file: `subject '<subject>': <path>`, or the path alone without a subject."""
     return f"subject {subject!r}: {path}" if subject else str(path)
 
 
@@ -95,7 +96,7 @@ def _xyt(shape: tuple[int, ...], where: str) -> tuple[int, int, int]:
     raise CineError(f"{where}: found shape {tuple(shape)}, {kind}; expected {EXPECTED}")
 
 
-def _check_data_size(path: Path, image: nib.Nifti1Image, where: str) -> None:
+def check_data_size(path: Path, image: nib.Nifti1Image, where: str) -> None:
     """CineError where the header claims more voxel bytes than the file can hold (corrupt header, truncated file),
     checked before any voxel is read."""
     need = math.prod(image.shape) * image.header.get_data_dtype().itemsize
@@ -111,7 +112,7 @@ def _read_nifti(path: Path, where: str) -> Cine:
     with reading(where, "cannot read the image, file truncated or corrupt"):
         image = nib.load(path)
         shape = _xyt(image.shape, where)
-        _check_data_size(path, image, where)
+        check_data_size(path, image, where)
         data = image.get_fdata(dtype=np.float32).reshape(shape)
         spacing = tuple(float(v) for v in image.header["pixdim"][1:3])
         affine, note = np.asarray(image.affine), ""
@@ -282,11 +283,11 @@ def _validate(cine: Cine, where: str) -> None:
         raise CineError(f"{where}: frame interval must be positive, got {cine.frame_interval_s} s")
 
 
-def _stored(path: str | Path, subject: str) -> tuple[Cine, str]:
+def load_stored(path: str | Path, subject: str) -> tuple[Cine, str]:
     """A validated cine as stored and the directions its affine gives its X and Y axes (orientation.in_plane_codes);
     CineError (its `path` set) for any problem."""
     path = Path(path)
-    where = _where(path, subject)
+    where = where_of(path, subject)
     try:
         if not path.exists():
             raise CineError(f"{where}: file not found")
@@ -301,7 +302,7 @@ def _stored(path: str | Path, subject: str) -> tuple[Cine, str]:
     return cine, codes
 
 
-def _reoriented(cine: Cine, codes: str) -> Cine:
+def reoriented(cine: Cine, codes: str) -> Cine:
     """`cine`, stored toward `codes`, in the canonical orientation, its affine and pixel size to match."""
     array, affine, spacing = reorient(cine.array, cine.affine, cine.spacing_mm, codes)
     return replace(cine, array=array, affine=affine, spacing_mm=spacing, orientation=describe(codes))
@@ -310,10 +311,10 @@ def _reoriented(cine: Cine, codes: str) -> Cine:
 def load_cine(path: str | Path, subject: str = "") -> Cine:
     """Load and validate a cine: a NIfTI file (X x Y x 1 x T) or a DICOM series folder (one file per frame), in the
     canonical in-plane orientation (scripts.data.orientation)."""
-    return _reoriented(*_stored(path, subject))
+    return reoriented(*load_stored(path, subject))
 
 
-def _check_label_values(values: np.ndarray, where: str, path: str | Path) -> None:
+def check_label_values(values: np.ndarray, where: str, path: str | Path) -> None:
     """CineError (naming `path`) for label values that are not integers 0..MAX_LABEL."""
     fractional = values[values != np.rint(values)]
     if fractional.size:
@@ -324,7 +325,7 @@ def _check_label_values(values: np.ndarray, where: str, path: str | Path) -> Non
         raise CineError(f"{where}: label values outside 0..{MAX_LABEL}: {outside.astype(int).tolist()}", path)
 
 
-def _orientation_note(label_codes: str, codes: str) -> str:
+def orientation_note(label_codes: str, codes: str) -> str:
     """A note where a label's affine orients it (`label_codes`) otherwise than its image's (`codes`), else ""."""
     if label_codes == codes:
         return ""
@@ -335,79 +336,20 @@ def _orientation_note(label_codes: str, codes: str) -> str:
 def load_subject(image_path: str | Path, label_path: str | Path, subject: str) -> tuple[Cine, Cine]:
     """Load an image cine and its label cine (returned as uint8), checking that they match and the labels are usable;
     both get the image's reorientation (a label whose own affine orients otherwise is noted). Frames without any
-    label are allowed (partial labels: scripts.data.prepare)."""
-    (image, codes), (label, label_codes) = _stored(image_path, subject), _stored(label_path, subject)
-    where = _where(Path(label_path), subject)
+    label are allowed (partial labels: scripts.data.labels)."""
+    (image, codes), (label, label_codes) = load_stored(image_path, subject), load_stored(label_path, subject)
+    where = where_of(Path(label_path), subject)
     if image.array.shape != label.array.shape:
         raise CineError(f"subject {subject!r}: image {image_path} has shape {image.array.shape} (X, Y, T) but label "
                         f"{label_path} has shape {label.array.shape}", label_path)
     values = label.array
-    _check_label_values(values, where, label_path)
+    check_label_values(values, where, label_path)
     if not values.any():
         raise CineError(f"{where}: label cine is empty (no foreground in any frame)", label_path)
     if not (values == LV_LABEL).any():
         raise CineError(f"{where}: label cine has no LV (label {LV_LABEL}) in any frame", label_path)
-    label = replace(label, note="; ".join(n for n in (label.note, _orientation_note(label_codes, codes)) if n))
-    return _reoriented(image, codes), _reoriented(replace(label, array=values.astype(np.uint8)), codes)
-
-
-# ---------------------------------------------------------------------------------------- per-frame label files
-def label_frame_files(label_path: str | Path, subject: str = "") -> dict[int, Path]:
-    """{frame: path} of the per-frame label files beside a label cine `<stem>.<ext>`: `<stem>_frame<k>.<ext>`
-    (e.g. seg4_la_4ch_frame0.nii.gz), k the 0-based index of the frame in the image cine's time order; {} if none.
-    CineError where two files name one frame (frame1, frame01)."""
-    path = Path(label_path)
-    stem, dot, ext = path.name.partition(".")
-    pattern = re.compile(rf"{re.escape(stem)}_frame(\d+){re.escape(dot + ext)}\Z")
-    names = sorted(path.parent.iterdir()) if path.parent.is_dir() else []
-    found = sorted((int(m[1]), p) for p in names if (m := pattern.match(p.name)))
-    frames = dict(found)
-    if len(frames) < len(found):
-        raise CineError(f"{_where(path.parent, subject)}: several label files name one frame: "
-                        f"{', '.join(p.name for _, p in found)}", path.parent)
-    return frames
-
-
-def _read_frame(path: Path, shape: tuple[int, ...], subject: str) -> tuple[np.ndarray, str]:
-    """The (X, Y) label frame of a NIfTI file (X x Y, X x Y x 1 or X x Y x 1 x 1) and its in-plane codes; CineError
-    naming the file where it is unreadable, of another in-plane shape than `shape`, or has unusable values."""
-    where = _where(path, subject)
-    try:
-        with reading(where, "cannot read the label frame, file truncated or corrupt"):
-            image = nib.load(path)
-            _check_data_size(path, image, where)
-            if tuple(n for n in image.shape[2:] if n != 1) or image.shape[:2] != tuple(shape):
-                raise CineError(f"{where}: found shape {image.shape}; expected one label frame {tuple(shape)} "
-                                f"(X x Y, optionally x 1 x 1), the in-plane shape of the image")
-            frame = image.get_fdata(dtype=np.float32).reshape(shape)
-            codes = in_plane_codes(image.affine)
-        _check_label_values(frame, where, path)
-        if not frame.any():
-            raise CineError(f"{where}: label frame is empty (no foreground)", path)
-    except CineError as error:
-        error.path = error.path or str(path)
-        raise
-    return frame, codes
-
-
-def load_label_frames(image_path: str | Path, frames: dict[int, Path], subject: str) -> tuple[Cine, Cine]:
-    """Load an image cine and a uint8 label cine assembled from per-frame label files ({frame: path},
-    `label_frame_files`), 0 in the other frames; as `load_subject` otherwise."""
-    image, codes = _stored(image_path, subject)
-    nx, ny, nt = image.array.shape
-    label, notes = np.zeros((nx, ny, nt), np.uint8), []
-    for k, path in frames.items():
-        if k >= nt:
-            raise CineError(f"{_where(path, subject)}: frame {k} named in the file name, but the image {image_path} "
-                            f"has {nt} frames (0..{nt - 1})", path)
-        frame, frame_codes = _read_frame(path, (nx, ny), subject)
-        label[:, :, k] = frame
-        notes += [f"{path.name}: {_orientation_note(frame_codes, codes)}"] if frame_codes != codes else []
-    if not (label == LV_LABEL).any():
-        raise CineError(f"{_where(Path(image_path), subject)}: no LV (label {LV_LABEL}) in any of the label frame "
-                        f"files {', '.join(p.name for p in frames.values())}", next(iter(frames.values())))
-    cine = Cine(label, image.spacing_mm, image.frame_interval_s, image.affine, "; ".join(notes))
-    return _reoriented(image, codes), _reoriented(cine, codes)
+    label = replace(label, note="; ".join(n for n in (label.note, orientation_note(label_codes, codes)) if n))
+    return reoriented(image, codes), reoriented(replace(label, array=values.astype(np.uint8)), codes)
 
 
 def write_cine(path: str | Path, array: np.ndarray, affine: np.ndarray, frame_interval_s: float,

@@ -13,6 +13,7 @@ import numpy as np
 from scipy import ndimage
 
 from scripts.data.cine_files import load_cine, one_line
+from scripts.data.heart_crop import largest_components
 from scripts.runtime.files import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -32,8 +33,6 @@ ATRIAL_LINE_HALF_PX = 100  # half-length of the rasterised atrial major axis, in
 VALVE_GAP_MM = 4.5  # valve band: ventricle and atrium pixels this close (centre to centre) face each other across
 # the valve. Bridges the 1-px gaps automatic segmentations leave (centres 2 px or sqrt(5) px apart, 3.7-4.1 mm at
 # 1.83 mm pixels) but not 2-px gaps (3 px, 5.5 mm); docs/phenotypes.md
-_IN_PLANE_8 = np.zeros((3, 3, 3), bool)
-_IN_PLANE_8[1] = True  # (T, X, Y) arrays: 8-connected within a frame, never across frames
 
 
 class PhenotypeError(ValueError):
@@ -49,21 +48,6 @@ def _where(subject: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------- geometry
-def largest_components(mask: np.ndarray) -> np.ndarray:
-    """Largest 8-connected component of every frame of a (T, X, Y) boolean mask."""
-    lab, n = ndimage.label(mask, structure=_IN_PLANE_8)
-    t = np.nonzero(mask)[0]
-    comp = lab[mask]
-    sizes = np.bincount(comp, minlength=n + 1)
-    frame_of = np.zeros(n + 1, np.int64)
-    frame_of[comp] = t
-    order = np.lexsort((sizes[1:], frame_of[1:])) + 1  # by frame, then by size
-    last = np.r_[frame_of[order][1:] != frame_of[order][:-1], True]
-    keep = np.zeros(n + 1, bool)
-    keep[order[last]] = True
-    return keep[lab]
-
-
 def _pixels(mask: np.ndarray, spacing: tuple[float, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Frame index, mm coordinates (N, 2) and per-frame counts of the pixels of a (T, X, Y) mask (sorted by frame)."""
     t, i, j = np.nonzero(mask)

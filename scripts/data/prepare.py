@@ -8,7 +8,6 @@ import logging
 from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -25,16 +24,9 @@ from monai.transforms import (
 )
 from torch.utils.data import DataLoader, Dataset
 
-from scripts.data.cine_files import (
-    LV_LABEL,
-    Cine,
-    CineError,
-    label_frame_files,
-    load_cine,
-    load_label_frames,
-    load_subject,
-    one_line,
-)
+from scripts.data.cine_files import CineError, one_line
+from scripts.data.heart_crop import box_fraction, crop_pad, heart_box
+from scripts.data.labels import Labeller, LoadSubjectd, ResampleLabelTimed, partial_record
 from scripts.data.phenotypes import LABELS, fit_normaliser, read_eid_table, read_phenotype_table, write_phenotype_table
 from scripts.data.shapes import IMAGE_SIZE, NUM_FRAMES
 from scripts.runtime.files import check_disjoint, save_npy, write_json, write_text
@@ -47,114 +39,7 @@ SPLITS = ("training", "validation", "test")
 RESERVED = {"image", "label", "subject", "has_phenotypes", "spacing_mm", "frame_interval_s"}
 
 
-class Labeller(Protocol):
-    """Labels a full-view cine (scripts.segmentation.labeller.CineLabeller); `checkpoint` names its weights."""
-
-    checkpoint: str
-
-    def __call__(self, image: np.ndarray, spacing_mm: Sequence[float]) -> np.ndarray:
-        """(X, Y, T) image with its pixel size (mm) -> (X, Y, T) uint8 labels."""
-
-
-# --------------------------------------------------------------------------------------------------- segmenter labels
-HEART_EXTENT_MM = (40.0, 250.0)  # plausible largest extent of the heart over a cine (infant to dilated adult heart)
-
-
-def implausible(label: np.ndarray, spacing_mm: Sequence[float]) -> str:
-    """Why an (X, Y, T) label cine from the segmenter is no heart, "" where it is plausible: the LV in at least half
-    the frames, each of the 5 labels in some frame, the heart's largest extent (all frames) within HEART_EXTENT_MM."""
-    frames = label.shape[2]
-    with_lv = int((label == LV_LABEL).any(axis=(0, 1)).sum())
-    if 2 * with_lv < frames:
-        return f"LV (label {LV_LABEL}) in {with_lv} of {frames} frames, expected in at least half"
-    missing = [f"{name} ({k})" for name, k in LABELS.items() if not (label == k).any()]
-    if missing:
-        return f"{', '.join(missing)} in no frame, expected each of the 5 labels"
-    extent = max((i.max() - i.min() + 1) * s for i, s in zip(np.nonzero(label.any(axis=2)), spacing_mm))
-    low, high = HEART_EXTENT_MM
-    if not low <= extent <= high:
-        return f"heart extent {extent:.0f} mm, outside the plausible {low:.0f}-{high:.0f} mm"
-    return ""
-
-
-def _frame_list(frames: np.ndarray) -> str:
-    """The indices of a boolean per-frame mask, as "0, 12"."""
-    return ", ".join(str(k) for k in np.flatnonzero(frames))
-
-
-def _no_labels(subject: str, label_path: str) -> CineError:
-    """The error of a subject without any label file and without a segmenter."""
-    stem, dot, ext = Path(label_path).name.partition(".")
-    return CineError(f"subject {subject!r}: {label_path}: file not found, nor per-frame label files "
-                     f"{stem}_frame<k>{dot}{ext}; a segmenter would label this cine: pass --segmenter_checkpoint "
-                     "<segmenter.pt> (configs/train_segmenter.json, docs/segmenter.md)", label_path)
-
-
 # --------------------------------------------------------------------------------------------------------- transforms
-class LoadSubjectd(MapTransform):
-    """Load and validate a subject's image and labels (scripts.data.cine_files) as (X, Y, T) arrays in the canonical
-    in-plane orientation. Labels: the label cine, else per-frame label files, else `labeller` (output checked by
-    `implausible`), else a CineError. Frames without labels in a file (partial labels: "labelled" holds the mask
-    of labelled frames) are labelled by `labeller` where given and plausible, else stay 0. "labels": "file",
-    "segmenter" or "file+segmenter"."""
-
-    def __init__(self, labeller: Labeller | None = None) -> None:
-        super().__init__(KEYS)
-        self.labeller = labeller
-
-    def _segment(self, image: Cine) -> tuple[np.ndarray, str]:
-        """The labeller's (X, Y, T) uint8 labels of `image` and why they are no heart ("" if plausible)."""
-        label = self.labeller(image.array, image.spacing_mm)
-        return label, implausible(label, image.spacing_mm)
-
-    def _load(self, subject: str, image_path: str, label_path: str) -> tuple[Cine, np.ndarray, str, str]:
-        """Image, (X, Y, T) uint8 labels, their source and the note."""
-        if Path(label_path).exists():
-            image, label = load_subject(image_path, label_path, subject)
-            paths = ((image_path, image), (label_path, label))
-        elif frames := label_frame_files(label_path, subject):
-            image, label = load_label_frames(image_path, frames, subject)
-            paths = ((image_path, image), (str(Path(label_path).parent), label))
-        elif self.labeller is not None:
-            image = load_cine(image_path, subject)
-            label, problem = self._segment(image)
-            if problem:
-                raise CineError(f"subject {subject!r}: {image_path}: no label file, and the segmenter "
-                                f"{self.labeller.checkpoint} finds no plausible heart: {problem}", image_path)
-            return image, label, "segmenter", image.note
-        else:
-            load_cine(image_path, subject)  # a problem of the image is reported first
-            raise _no_labels(subject, label_path)
-        note = "; ".join(f"{path}: {c.note}" for path, c in paths if c.note)
-        return image, label.array, "file", note
-
-    def _complete(self, d: dict, image: Cine, label: np.ndarray) -> np.ndarray:
-        """Partial file labels: the labeller's labels in the unlabelled frames where plausible; notes the frames."""
-        labelled = label.any(axis=(0, 1))
-        d["labelled"] = labelled
-        found = (f"labels in {labelled.sum()} of {labelled.size} frames ({_frame_list(labelled)}): end-diastole is the "
-                 "labelled frame of largest LV area")
-        rest = "unlabelled frames are 0 (datalist labelled_frames; --segmenter_checkpoint labels them)"
-        if self.labeller is not None:
-            segmented, problem = self._segment(image)
-            rest = f"the segmenter's labels are implausible ({problem}): unlabelled frames are 0"
-            if not problem:
-                label, d["labels"] = np.where(labelled, label, segmented).astype(np.uint8), "file+segmenter"
-                rest = f"the other {(~labelled).sum()} frames labelled by the segmenter (report.json segmenter_frames)"
-        d["note"] = "; ".join(n for n in (d["note"], found, rest) if n)
-        return label
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        image, label, d["labels"], d["note"] = self._load(str(d["subject"]), d["image"], d["label"])
-        if d["labels"] == "file" and not label.any(axis=(0, 1)).all():
-            label = self._complete(d, image, label)
-        d["image"], d["label"] = image.array, label
-        d["original_shape"], d["orientation"] = list(image.array.shape), image.orientation  # shape as oriented
-        d["spacing_mm"], d["frame_interval_s"] = list(image.spacing_mm), image.frame_interval_s
-        return d
-
-
 class AlignEndDiastoled(MapTransform):
     """Roll (C, T, H, W) arrays in time so that frame 0 is the frame of largest LV area, among the "labelled" frames
     where the item has that mask (MONAI has no cyclic shift)."""
@@ -169,64 +54,6 @@ class AlignEndDiastoled(MapTransform):
             d[key] = torch.roll(torch.as_tensor(d[key]), -shift, dims=1)
         d["ed_shift"] = shift
         return d
-
-
-def frame_sources(frames: int, keep: np.ndarray | None = None) -> np.ndarray:
-    """The source frame of each of the NUM_FRAMES output frames when a cyclic cine of `frames` frames is resampled in
-    time: the input frame nearest to the output frame's time (output frame j lies at input frame j * frames /
-    NUM_FRAMES, as in the images' resampling); a frame in the mask `keep` that no output frame takes
-    (frames > NUM_FRAMES) replaces the output frame beside it in time whose source is not in `keep`."""
-    sources = np.rint(np.arange(NUM_FRAMES) * frames / NUM_FRAMES).astype(int) % frames
-    for s in np.flatnonzero(keep) if keep is not None else []:
-        time = s * NUM_FRAMES / frames  # in output frames
-        beside = sorted({int(np.floor(time)), int(np.ceil(time)) % NUM_FRAMES}, key=lambda j: abs(j - time))
-        free = [j for j in beside if not keep[sources[j]]]
-        if s not in sources and free:
-            sources[free[0]] = s
-    return sources
-
-
-class ResampleLabelTimed(MapTransform):
-    """Resample a (C, T, H, W) label cine to NUM_FRAMES frames by `frame_sources` (the "labelled" frames kept where
-    the item has that mask, rolled by "ed_shift"); "frame_sources": the source frame of each output frame."""
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        keep = np.roll(d["labelled"], -d["ed_shift"]) if "labelled" in d else None
-        for key in self.key_iterator(d):
-            label = torch.as_tensor(d[key])
-            d["frame_sources"] = frame_sources(label.shape[1], keep)
-            d[key] = label[:, torch.from_numpy(d["frame_sources"])]
-        return d
-
-
-def heart_box(heart: np.ndarray, spacing_mm: Sequence[float], margin: float) -> list[list[int]]:
-    """[[x0, x1], [y0, y1]] (pixels, end exclusive, may leave the image): a square in mm around a 2D mask's bounding
-    box, its side the larger mm extent times (1 + 2 * margin)."""
-    idx = np.nonzero(heart)
-    lo = np.array([i.min() for i in idx], float)
-    hi = np.array([i.max() + 1 for i in idx], float)
-    spacing = np.asarray(spacing_mm, float)
-    side_mm = ((hi - lo) * spacing).max() * (1.0 + 2.0 * margin)
-    size = np.ceil(side_mm / spacing - 1e-6)
-    start = np.floor((lo + hi - size) / 2.0 + 0.5)
-    return [[int(a), int(a + n)] for a, n in zip(start, size)]
-
-
-def crop_pad(x: torch.Tensor, box: Sequence[Sequence[int]]) -> torch.Tensor:
-    """Crop the last two axes of `x` to `box`, with zeros where the box leaves the array."""
-    (x0, x1), (y0, y1) = box
-    nx, ny = x.shape[-2:]
-    pads = [max(0, -y0), max(0, y1 - ny), max(0, -x0), max(0, x1 - nx)]
-    x = torch.nn.functional.pad(torch.as_tensor(x), pads)
-    return x[..., x0 + pads[2]:x1 + pads[2], y0 + pads[0]:y1 + pads[0]]
-
-
-def box_fraction(heart_counts: np.ndarray, box: Sequence[Sequence[int]]) -> float:
-    """Share of the (X, Y) per-pixel heart voxel counts that lies inside the box."""
-    (x0, x1), (y0, y1) = box
-    inside = heart_counts[max(x0, 0):max(x1, 0), max(y0, 0):max(y1, 0)].sum()
-    return float(inside / heart_counts.sum())
 
 
 class CropHeartd(MapTransform):
@@ -293,25 +120,13 @@ def _skip_record(item: dict, error: Exception) -> dict:
             "reason": f"subject {item['subject']!r}: {item['image']}: preprocessing failed ({one_line(root)})"}
 
 
-def _partial(d: dict) -> dict:
-    """Of a subject with partial file labels: "original_labelled_frames" (input frames), "labelled_frames" (prepared
-    frames whose labels come from those) and, where the segmenter labelled the others, "segmenter_frames"; {} else."""
-    if "labelled" not in d:
-        return {}
-    labelled = d["labelled"]
-    from_file = labelled[(d["frame_sources"] + d["ed_shift"]) % labelled.size]
-    out = {"original_labelled_frames": np.flatnonzero(labelled).tolist(),
-           "labelled_frames": np.flatnonzero(from_file).tolist()}
-    return out | ({"segmenter_frames": np.flatnonzero(~from_file).tolist()} if d["labels"] == "file+segmenter" else {})
-
-
 def _record(d: dict) -> dict:
     """What the report keeps of a preprocessed subject; output spacing = box side (mm) / 96, interval = T * dt / 50."""
     keys = ("subject", "labels", "note", "orientation", "original_shape", "ed_shift", "crop_box", "heart_fraction")
     return {**{k: d[k] for k in keys}, "original_spacing_mm": d["spacing_mm"],
             "original_frame_interval_s": d["frame_interval_s"],
             "spacing_mm": [(b - a) * s / IMAGE_SIZE for (a, b), s in zip(d["crop_box"], d["spacing_mm"])],
-            "frame_interval_s": d["frame_interval_s"] * d["original_shape"][2] / NUM_FRAMES, **_partial(d)}
+            "frame_interval_s": d["frame_interval_s"] * d["original_shape"][2] / NUM_FRAMES, **partial_record(d)}
 
 
 class _PrepareSubjects(Dataset):

@@ -22,7 +22,8 @@ from PIL import Image
 from torch import nn
 
 from scripts.data.cohort import load_cines, split_items
-from scripts.data.phenotypes import LABELS, largest_components
+from scripts.data.heart_crop import largest_components
+from scripts.data.phenotypes import LABELS
 from scripts.runtime.checkpoints import load_weights
 from scripts.runtime.files import write_json
 from scripts.runtime.handlers import ReconstructionMontage
