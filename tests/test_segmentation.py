@@ -14,8 +14,9 @@ import torch
 from monai.networks.nets import UNet
 from PIL import Image
 
-from scripts.data.prepare import crop_pad, prepare
-from scripts.segmentation.labeller import CineLabeller, _uncrop, crop_agreement, real_subject_dice
+from scripts.data.heart_crop import crop_pad, uncrop
+from scripts.data.prepare import prepare
+from scripts.segmentation.labeller import CineLabeller, crop_agreement, real_subject_dice
 from scripts.segmentation.randomise import RandLabelRenderd
 from scripts.segmentation.segmenter import (
     LABEL_NAMES,
@@ -251,7 +252,7 @@ def test_prepare_labels_subjects_without_a_label_file(segmenter_cohort: Path, se
 @pytest.mark.parametrize("box", [[[10, 40], [5, 25]], [[-6, 30], [20, 44]]])  # inside; leaving the view
 def test_uncrop_inverts_crop_pad(box: list[list[int]]) -> None:
     x = torch.rand(3, 32, 40)
-    back = _uncrop(crop_pad(x, box), box, x.shape)
+    back = uncrop(crop_pad(x, box), box, x.shape)
     inside = torch.zeros_like(x, dtype=torch.bool)
     inside[:, max(box[0][0], 0):box[0][1], max(box[1][0], 0):box[1][1]] = True
     assert torch.equal(back[inside], x[inside]) and not back[~inside].any()
