@@ -15,7 +15,7 @@ from test_io import synthetic_cine, write_nifti
 from scripts.data.heart_crop import heart_box
 from scripts.data.labels import frame_sources, implausible
 from scripts.data.orientation import canonical_affine
-from scripts.data.prepare import prepare
+from scripts.data.prepare import end_diastole, prepare
 
 FRAME_COUNTS = (10, 25, 30, 50, 64)
 PHASES = dict(zip(FRAME_COUNTS, np.random.default_rng(7).integers(0, FRAME_COUNTS)))  # ED frame of each cine
@@ -261,3 +261,12 @@ def test_bad_frame_file_skips_the_subject(cohort: tuple[Path, StandIn], tmp_path
     file = root / "files" / ("" if "several" in reason else name)
     assert report["prepared"] == 1 and report["skipped"][0]["file"] == str(file).rstrip("/")
     assert reason in report["skipped"][0]["reason"]
+
+
+def test_end_diastole_smoothing_finds_the_broad_peak() -> None:
+    """A one-frame spike beside a broad plateau: the raw argmax takes the spike, the cyclic +-2-frame mean the
+    plateau (across the wrap: frames 48, 49, 0, 1, 2)."""
+    area = np.full(50, 100.0)
+    area[[48, 49, 0, 1, 2]] = [900, 950, 960, 940, 910]
+    area[20] = 1000
+    assert end_diastole(area) == 20 and end_diastole(area, 2) == 0

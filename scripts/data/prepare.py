@@ -40,16 +40,27 @@ RESERVED = {"image", "label", "subject", "has_phenotypes", "spacing_mm", "frame_
 
 
 # --------------------------------------------------------------------------------------------------------- transforms
+SEGMENTER_ED_SMOOTHING = 2  # frames each side: the segmenter's per-frame LV areas are noisy on the flat ED plateau
+
+
+def end_diastole(lv_area: np.ndarray, smooth: int = 0) -> int:
+    """Frame of largest LV area in a cyclic (T,) curve, averaged over `smooth` frames each side first (0: as is)."""
+    kernel = np.ones(2 * smooth + 1) / (2 * smooth + 1)
+    padded = np.take(lv_area.astype(float), np.arange(-smooth, len(lv_area) + smooth), mode="wrap")
+    return int(np.argmax(np.convolve(padded, kernel, mode="valid")))
+
+
 class AlignEndDiastoled(MapTransform):
     """Roll (C, T, H, W) arrays in time so that frame 0 is the frame of largest LV area, among the "labelled" frames
-    where the item has that mask (MONAI has no cyclic shift)."""
+    where the item has that mask; labels from the segmenter alone use the area averaged over
+    SEGMENTER_ED_SMOOTHING frames each side (MONAI has no cyclic shift)."""
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         area = (torch.as_tensor(d["label"]) == LABELS["LV"]).sum(dim=(0, 2, 3)).numpy()
         if "labelled" in d:
             area = np.where(d["labelled"], area, -1)
-        shift = int(np.argmax(area))
+        shift = end_diastole(area, SEGMENTER_ED_SMOOTHING if d.get("labels") == "segmenter" else 0)
         for key in self.key_iterator(d):
             d[key] = torch.roll(torch.as_tensor(d[key]), -shift, dims=1)
         d["ed_shift"] = shift

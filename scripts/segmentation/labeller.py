@@ -12,7 +12,7 @@ from torch import nn
 
 from scripts.data.cine_files import LV_LABEL, load_subject
 from scripts.data.heart_crop import box_fraction, heart_box
-from scripts.data.prepare import prepare
+from scripts.data.prepare import SEGMENTER_ED_SMOOTHING, end_diastole, prepare
 from scripts.runtime.progress import track
 from scripts.segmentation.cine_bundle import CineInferer
 from scripts.segmentation.segmenter import dice_per_label, load_prepared, load_segmenter, read_info, segment_cines
@@ -40,7 +40,8 @@ def crop_agreement(dataset_dir: str | Path, checkpoint: str | Path, network: nn.
                    label_name: str = "seg4_la_4ch.nii.gz") -> dict[str, dict]:
     """{subject: {"box_iou", "heart_fraction", "side_ratio", "ed_frame_error", "dice"}}: the heart crop of the
     segmenter's full-view labels against the label file's (IoU, true heart voxels inside, side ratio), the cyclic
-    distance (frames) between their end-diastoles (largest LV area) and the full-view Dice per label."""
+    distance (frames) between their end-diastoles (largest LV area, as prepare picks each) and the full-view Dice per
+    label."""
     labeller, out = CineLabeller(checkpoint, network), {}
     for subject in track(subjects, "crop agreement"):
         folder = Path(dataset_dir) / subject
@@ -52,15 +53,11 @@ def crop_agreement(dataset_dir: str | Path, checkpoint: str | Path, network: nn.
         out[subject] = {"box_iou": float(inter / (areas[0] + areas[1] - inter)),
                         "heart_fraction": box_fraction((label.array > 0).sum(2), boxes[0].astype(int).tolist()),
                         "side_ratio": float((boxes[0][0, 1] - boxes[0][0, 0]) / (boxes[1][0, 1] - boxes[1][0, 0])),
-                        "ed_frame_error": _cyclic_distance(*(end_diastole(x) for x in (pred, label.array)),
-                                                           pred.shape[2]),
+                        "ed_frame_error": _cyclic_distance(*(end_diastole((x == LV_LABEL).sum((0, 1)), k)
+                                                             for x, k in ((pred, SEGMENTER_ED_SMOOTHING),
+                                                                          (label.array, 0))), pred.shape[2]),
                         "dice": dice_per_label(pred[None], label.array[None])}
     return out
-
-
-def end_diastole(labels: np.ndarray) -> int:
-    """Frame of largest LV area of an (X, Y, T) label cine (the rule of scripts.data.prepare.AlignEndDiastoled)."""
-    return int(np.argmax((labels == LV_LABEL).sum((0, 1))))
 
 
 def _cyclic_distance(a: int, b: int, frames: int) -> int:
