@@ -67,6 +67,14 @@ def largest_components(mask: np.ndarray) -> np.ndarray:
     return keep[lab]
 
 
+def keep_largest_per_label(labels: np.ndarray) -> np.ndarray:
+    """(T, X, Y) integer labels with only the largest 8-connected component of every label (> 0) in every frame."""
+    out = np.zeros_like(labels)
+    for value in np.unique(labels[labels > 0]):
+        out[largest_components(labels == value)] = value
+    return out
+
+
 def largest_component_3d(mask: np.ndarray) -> np.ndarray:
     """The largest connected component of a (T, X, Y) mask, frames connected through time (one heart per cine)."""
     lab, n = ndimage.label(mask)

@@ -91,8 +91,6 @@ def write_json(path: str | Path, obj: object) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-
-
 def remove_orphans(folder: str | Path, min_age_s: float = ORPHAN_AGE_S) -> list[Path]:
     """Delete atomic_write and atomic_folder temporaries in `folder` older than `min_age_s` (left by killed runs;
     younger ones may belong to a running writer) and log each; returns them."""

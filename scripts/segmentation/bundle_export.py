@@ -14,7 +14,7 @@ from monai.networks.nets import UNet
 from torch import nn
 
 from scripts.runtime.checkpoints import load_weights
-from scripts.runtime.files import atomic_folder, atomic_write
+from scripts.runtime.files import atomic_folder, write_json
 from scripts.segmentation.cine_bundle import IMAGE_SIZE, LABEL_NAMES
 from scripts.segmentation.segmenter import TRAINED_BY, read_info
 
@@ -244,12 +244,6 @@ def _version(module: str) -> str:
     return str(__import__(module).__version__).split("+")[0]
 
 
-def _write_json(path: Path, obj: object) -> None:
-    """Indented JSON, atomically."""
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=4) + "\n", encoding="utf-8")
-
-
 def export_bundle(checkpoint: str | Path, network: nn.Module, output_dir: str | Path, name: str = BUNDLE_NAME,
                   version: str = "0.1.0", overwrite: bool = False) -> Path:
     """Write the standalone bundle `<output_dir>/<name>/` of a segmenter.pt (with segmenter.json beside it; weights
@@ -269,12 +263,12 @@ def export_bundle(checkpoint: str | Path, network: nn.Module, output_dir: str | 
             shutil.copy2(repo / module, tmp / module)
         (tmp / "models").mkdir()
         torch.save(network.state_dict(), tmp / "models" / "model.pt")
-        _write_json(tmp / "models" / "segmenter.json", info)
+        write_json(tmp / "models" / "segmenter.json", info)
         configs = {"metadata.json": _metadata(info, version),
                    "inference.json": inference_config(unet_config(network), float(info["spacing_mm"])),
                    "train.json": train_config(unet_config(network))}
         for config, obj in configs.items():
-            _write_json(tmp / "configs" / config, obj)
+            write_json(tmp / "configs" / config, obj)
         shutil.copy2(repo / "configs" / "logging.conf", tmp / "configs" / "logging.conf")
         (tmp / "docs").mkdir()
         shutil.copy2(repo / "LICENSE", tmp / "LICENSE")

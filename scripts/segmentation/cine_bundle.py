@@ -23,7 +23,7 @@ from nibabel.orientations import apply_orientation
 from torch import nn
 from torch.nn import functional as F
 
-from scripts.data.heart_crop import crop_pad, heart_box, largest_component_3d, largest_components, uncrop
+from scripts.data.heart_crop import crop_pad, heart_box, keep_largest_per_label, largest_component_3d, uncrop
 from scripts.data.orientation import in_plane_codes, orientation, reorient
 from scripts.runtime.files import atomic_write
 
@@ -69,8 +69,7 @@ class CanonicalCined(MapTransform):
             where = str(meta.get("filename_or_obj", key))
             array = _xyt(torch.as_tensor(image), where).float().numpy()
             codes, affine = _codes(meta), _file_affine(meta)
-            spacing = np.linalg.norm(affine[:3, :2], axis=0)
-            oriented, new_affine, _ = reorient(array, affine, spacing, codes)
+            oriented, new_affine, _ = reorient(array, affine, _spacing(affine), codes)
             meta.update(orientation_codes=codes, original_affine=affine, spatial_shape=np.asarray(array.shape))
             meta.pop("affine", None)
             d[key] = MetaTensor(torch.from_numpy(oriented)[None], affine=torch.as_tensor(new_affine), meta=meta)
@@ -186,10 +185,7 @@ class CineInferer(Inferer):
         device = next(network.parameters()).device
         with eval_mode(network):
             labels = torch.cat([network(b.to(device)).argmax(1).cpu() for b in x.split(self.frame_batch)]).numpy()
-        kept = np.zeros_like(labels)
-        for value in range(1, len(LABEL_NAMES)):
-            if (mask := labels == value).any():
-                kept[largest_components(mask)] = value
+        kept = keep_largest_per_label(labels)
         kept = kept * largest_component_3d(kept > 0)
         return F.interpolate(torch.from_numpy(kept).float()[:, None], size=list(view.shape[-2:]),
                              mode="nearest-exact")[:, 0]

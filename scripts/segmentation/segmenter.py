@@ -22,7 +22,7 @@ from PIL import Image
 from torch import nn
 
 from scripts.data.cohort import load_cines, split_items
-from scripts.data.heart_crop import largest_components
+from scripts.data.heart_crop import keep_largest_per_label
 from scripts.data.phenotypes import LABELS
 from scripts.runtime.checkpoints import load_weights
 from scripts.runtime.files import write_json
@@ -45,16 +45,6 @@ def load_segmenter(path: str | Path, network: nn.Module, device: torch.device | 
     return network.eval()
 
 
-def keep_largest_components(labels: torch.Tensor) -> torch.Tensor:
-    """(N, H, W) integer labels: only the largest 8-connected component of every label in every frame is kept."""
-    x = labels.cpu().numpy()
-    out = np.zeros_like(x)
-    for value in range(1, NUM_CLASSES):
-        if (mask := x == value).any():
-            out[largest_components(mask)] = value  # the measurement's own component rule (scripts.data.phenotypes)
-    return torch.from_numpy(out)
-
-
 @torch.no_grad()
 def segment_cines(network: nn.Module, cines: torch.Tensor, frame_batch: int = 64,
                   largest_component: bool = True) -> torch.Tensor:
@@ -66,7 +56,7 @@ def segment_cines(network: nn.Module, cines: torch.Tensor, frame_batch: int = 64
     with eval_mode(network):
         labels = torch.cat([network(x[:, None].to(device, torch.float32)).argmax(1).cpu()
                             for x in torch.as_tensor(frames).split(frame_batch)])[:, :h, :w]  # (B*T, H, W)
-    labels = keep_largest_components(labels) if largest_component else labels
+    labels = torch.from_numpy(keep_largest_per_label(labels.numpy())) if largest_component else labels
     return labels.to(torch.uint8).reshape(b, t, h, w)
 
 
