@@ -107,7 +107,7 @@ DICOM_TAGS = {
 
 
 def _jpeg_ls(ds: pydicom.Dataset) -> None:
-    """Mark the file JPEG-LS compressed (no decoder installed here), its pixel data an encapsulated junk stream."""
+    """Mark the file JPEG-LS compressed, its pixel data an encapsulated junk stream that pyjpegls refuses."""
     ds.file_meta.TransferSyntaxUID = JPEGLSLossless
     ds.PixelData = encapsulate([b"\xff\xd8 not a JPEG-LS stream \xff\xd9"])
     ds["PixelData"].VR = "OB"

@@ -16,9 +16,12 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.encaps import encapsulate
+from pydicom.pixels import get_decoder
+from pydicom.uid import ExplicitVRLittleEndian, JPEGExtended12Bit, JPEGLosslessSV1, MRImageStorage, generate_uid
 
-from scripts.data.cine_files import CineError, load_cine, load_subject
+from scripts.data.cine import CineError
+from scripts.data.cine_files import load_cine, load_subject
 from scripts.data.orientation import canonical_affine
 from scripts.runtime.checkpoints import BestCheckpointSaver
 from scripts.runtime.files import atomic_write, check_disjoint, remove_orphans
@@ -297,18 +300,22 @@ def test_dicom_non_numeric_pixel_spacing(tmp_path: Path) -> None:
     _raises(folder, str(folder), "PixelSpacing is not 2 numbers in every file", "abc")
 
 
-def test_dicom_compressed_without_decoder(tmp_path: Path) -> None:
-    from pydicom.encaps import encapsulate
-    from pydicom.uid import JPEGLSLossless
-
+@pytest.mark.parametrize("syntax, bits, name", [
+    (JPEGLosslessSV1, 16, "JPEG Lossless, Non-Hierarchical, First-Order Prediction"),
+    (JPEGExtended12Bit, 12, "JPEG Extended (Process 2 and 4)"),  # Pillow decodes its 8-bit variant only
+])
+def test_dicom_compressed_without_decoder(tmp_path: Path, syntax: str, bits: int, name: str) -> None:
+    if get_decoder(syntax).available_plugins not in ((), ("pillow",)):
+        pytest.skip(f"a decoder for {name} is installed here (python-gdcm or pylibjpeg-libjpeg)")
     folder = _series(tmp_path)
     for path in folder.iterdir():
         ds = pydicom.dcmread(path)
-        ds.file_meta.TransferSyntaxUID = JPEGLSLossless
-        ds.PixelData = encapsulate([b"\xff\xd8 not a JPEG-LS stream \xff\xd9"])
+        ds.file_meta.TransferSyntaxUID = syntax
+        ds.BitsStored, ds.HighBit = bits, bits - 1
+        ds.PixelData = encapsulate([b"\xff\xd8 not a JPEG stream \xff\xd9"])
         ds["PixelData"].VR = "OB"
         ds.save_as(path, enforce_file_format=True)
-    _raises(folder, str(folder), "unsupported compressed transfer syntax JPEG-LS Lossless Image Compression")
+    _raises(folder, str(folder), f"unsupported compressed transfer syntax {name}")
 
 
 def test_dicom_folder_with_two_series_reads_one(tmp_path: Path) -> None:

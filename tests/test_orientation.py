@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from nibabel.orientations import apply_orientation, inv_ornt_aff
 
-from scripts.data.cine_files import CineError, load_cine, load_subject
+from scripts.data.cine import CineError
+from scripts.data.cine_files import load_cine, load_subject
 from scripts.data.dicom_export import write_dicom_cine
 from scripts.data.orientation import in_plane_codes
 from scripts.data.prepare import prepare

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from scripts.data.cine_files import CineError
+from scripts.data.cine import CineError
 from scripts.data.phenotypes import (
     LABELS,
     PHENOTYPE_COLUMNS,

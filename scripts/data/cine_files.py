@@ -1,72 +1,23 @@
-"""Reading 2D+time cines (NIfTI, or a DICOM series folder) with validation, in the canonical in-plane orientation
-(scripts.data.orientation), and writing them as NIfTI. A cine is (X, Y, T) in NIfTI index order (X = DICOM columns,
-Y = rows), spacing (mm), frame interval (s), affine."""
+"""Reading 2D+time cines (NIfTI here, DICOM through scripts.data.dicom_read) with validation, in the canonical
+in-plane orientation (scripts.data.orientation), and writing them as NIfTI. A cine is (X, Y, T) in NIfTI index order
+(X = DICOM columns, Y = rows), spacing (mm), frame interval (s), affine."""
 
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pydicom
-from monai.data import PydicomReader
-from pydicom.pixels import get_decoder
 
+from scripts.data.cine import EXPECTED, LV_LABEL, MAX_LABEL, MIN_FRAMES, Cine, CineError, reading
+from scripts.data.dicom_read import read_dicom
 from scripts.data.orientation import canonical_affine, describe, in_plane_codes, reorient
 from scripts.runtime.files import atomic_write
 
-MIN_FRAMES = 10
-MAX_LABEL = 5  # labels 0 background, 1 LV, 2 Myo, 3 RV, 4 LA, 5 RA
-LV_LABEL = 1
-EXPECTED = "a 2D cine X x Y x 1 x T"
-GEOMETRY_TAGS = {"ImagePositionPatient": [0, 0, 0], "ImageOrientationPatient": [1, 0, 0, 0, 1, 0],
-                 "PixelSpacing": [1, 1]}  # DICOM geometry tags and the value assumed where a file has none
-UNEVEN_STEP = 2.0  # a TriggerTime step this many times the median one: a missing frame (two steps in one)
 DEFLATE_MAX_RATIO = 1032  # the most a deflate (gzip) stream can expand: a format limit (RFC 1951), not a measurement
-
-
-class CineError(ValueError):
-    """A cine or label cine that cannot be used; the message names the file (and subject) and the problem, `path` the
-    file (`load_cine` sets it where the raiser did not)."""
-
-    def __init__(self, message: str, path: str | Path | None = None) -> None:
-        super().__init__(message)
-        self.path = str(path) if path else None
-
-
-@dataclass(frozen=True)
-class Cine:
-    """One 2D+time cine: `array` (X, Y, T) (float32; uint8 for label cines from `load_subject`); `note`: what the
-    reader chose or found odd but usable (e.g. which of several DICOM series it read), "" if nothing; `orientation`:
-    how the loaders turned the stored array into the canonical orientation (orientation.describe), "" before."""
-
-    array: np.ndarray
-    spacing_mm: tuple[float, float]
-    frame_interval_s: float
-    affine: np.ndarray
-    note: str = ""
-    orientation: str = ""
-
-
-def one_line(error: BaseException) -> str:
-    """`<type>: <message>` of an exception on one line."""
-    return f"{type(error).__name__}: {' '.join(str(error).split())}"
-
-
-@contextmanager
-def reading(where: str, what: str) -> Iterator[None]:
-    """Turn any error in the block (a CineError or MemoryError aside) into a CineError `<where>: <what> (<error>)`."""
-    try:
-        yield
-    except (CineError, MemoryError):
-        raise
-    except Exception as e:  # a corrupt file can raise anything inside nibabel or pydicom
-        raise CineError(f"{where}: {what} ({one_line(e)})") from e
 
 
 # ------------------------------------------------------------------------------------------------------------ reading
@@ -122,154 +73,6 @@ def _read_nifti(path: Path, where: str) -> Cine:
         return Cine(data, spacing, frame_interval_from_header(image.header), affine, note)
 
 
-def _dicom_frame_interval(headers: list[pydicom.Dataset], where: str) -> float:
-    """From TriggerTime steps (ms), else NominalInterval (ms) or HeartRate (bpm) over the number of frames."""
-    n = len(headers)
-    trigger = np.array([float(h.get("TriggerTime", np.nan)) for h in headers])
-    if np.isfinite(trigger).all() and trigger[-1] > trigger[0]:
-        return float(trigger[-1] - trigger[0]) / (n - 1) / 1000.0
-    nominal, rate = float(headers[0].get("NominalInterval", 0) or 0), float(headers[0].get("HeartRate", 0) or 0)
-    if nominal > 0:
-        return nominal / n / 1000.0
-    if rate > 0:
-        return 60.0 / rate / n
-    raise CineError(f"{where}: no TriggerTime, NominalInterval or HeartRate: cannot tell the frame interval")
-
-
-def _dicom_headers(folder: Path, where: str) -> dict[Path, pydicom.Dataset]:
-    """Headers (no pixel data) of the DICOM files of a folder, by path, sorted by name."""
-    headers = {}
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and pydicom.misc.is_dicom(p)):
-        with reading(where, f"{path.name}: cannot read the DICOM header, file truncated or corrupt"):
-            headers[path] = pydicom.dcmread(path, stop_before_pixels=True)
-    if not headers:
-        raise CineError(f"{where}: no DICOM file in the folder; expected one file per frame of {EXPECTED}")
-    return headers
-
-
-def _distinct(headers: list[pydicom.Dataset], key: str) -> int:
-    """How many different values (numbers rounded to 0.01) the GEOMETRY_TAGS `key` takes over the headers."""
-    return len({tuple(np.round(np.asarray(h.get(key, GEOMETRY_TAGS[key]), float), 2)) for h in headers})
-
-
-def _series_problem(headers: list[pydicom.Dataset]) -> str:
-    """Why the headers of one series are not a single-slice cine, one file per frame ("" if they are)."""
-    for key, default in GEOMETRY_TAGS.items():
-        try:
-            np.asarray([h.get(key, default) for h in headers], float)
-        except (ValueError, TypeError):
-            values = sorted({str(h.get(key, default)) for h in headers})
-            return f"{key} is not {len(default)} numbers in every file (values {', '.join(values[:3])})"
-    instance = [h.get("InstanceNumber") for h in headers]
-    positions = _distinct(headers, "ImagePositionPatient")
-    problems = [
-        (len(headers) < MIN_FRAMES, f"only {len(headers)} frame(s); a cine needs at least {MIN_FRAMES}"),
-        (None in instance, f"{instance.count(None)} file(s) without InstanceNumber"),
-        (len(set(instance)) < len(instance), "duplicate InstanceNumber"),
-        (positions > 1, f"{positions} slice positions (a 3D volume)"),
-        (_distinct(headers, "ImageOrientationPatient") > 1, "ImageOrientationPatient changes between frames"),
-        (_distinct(headers, "PixelSpacing") > 1, "PixelSpacing changes between frames"),
-        (len({(h.get("Rows"), h.get("Columns")) for h in headers}) > 1, "frames of different sizes (Rows, Columns)"),
-    ]
-    return next((text for bad, text in problems if bad), "")
-
-
-def _series_key(headers: list[pydicom.Dataset]) -> tuple[bool, int]:
-    """Preference among cine series: original (not derived) images first, then the latest (highest SeriesNumber)."""
-    return "DERIVED" not in str(headers[0].get("ImageType", "")), int(headers[0].get("SeriesNumber") or 0)
-
-
-def _choose_series(headers: dict[Path, pydicom.Dataset], where: str) -> tuple[list[Path], str]:
-    """Files of the series to read (grouped by SeriesInstanceUID) and a note naming the others ("" for one series):
-    of the series that are single-slice cines, the one `_series_key` prefers; CineError where none is."""
-    groups: dict[str, list[Path]] = {}
-    for path, header in headers.items():
-        groups.setdefault(str(header.get("SeriesInstanceUID", "")), []).append(path)
-    series = {uid: [headers[p] for p in files] for uid, files in groups.items()}
-    problems = {uid: _series_problem(hs) for uid, hs in series.items()}
-    if len(groups) == 1 and problems[next(iter(groups))]:
-        raise CineError(f"{where}: {problems[next(iter(groups))]}; expected {EXPECTED}")
-
-    def name(uid: str) -> str:
-        number = series[uid][0].get("SeriesNumber", "without number")
-        return f"series {number} ({len(groups[uid])} files, SeriesInstanceUID {uid or 'missing'})"
-
-    fits = sorted((uid for uid in groups if not problems[uid]), key=lambda uid: (_series_key(series[uid]), uid))
-    if not fits:
-        raise CineError(f"{where}: none of the {len(groups)} DICOM series in the folder is {EXPECTED}: "
-                        + "; ".join(f"{name(uid)}: {problems[uid]}" for uid in groups))
-    others = [f"{name(uid)}" + (f" ({problems[uid]})" if problems[uid] else "") for uid in groups if uid != fits[-1]]
-    note = f"{len(groups)} DICOM series in the folder: read {name(fits[-1])}; ignored {'; '.join(others)}"
-    return groups[fits[-1]], note if others else ""
-
-
-def _check_decodable(headers: dict[Path, pydicom.Dataset], where: str) -> None:
-    """CineError naming the transfer syntax of a compressed file that no installed pydicom decoder reads."""
-    for path, header in headers.items():
-        uid = getattr(header, "file_meta", {}).get("TransferSyntaxUID")  # dir() would list every element per file
-        with reading(where, f"{path.name}: unknown transfer syntax {uid}"):
-            if uid is None or not uid.is_compressed:
-                continue
-            try:
-                available = get_decoder(uid).is_available
-            except NotImplementedError:  # pydicom has no decoder for this syntax at all
-                available = False
-        if not available:
-            raise CineError(f"{where}: {path.name}: unsupported compressed transfer syntax {uid.name} ({uid}): no "
-                            f"installed pixel data decoder reads it (pydicom plugins: pylibjpeg, gdcm)")
-
-
-def _frame_order(headers: list[pydicom.Dataset], where: str) -> tuple[np.ndarray, str]:
-    """Frame order (TriggerTime, InstanceNumber breaking ties) and a note on odd timing ("" if none); CineError where
-    TriggerTime is in some files only, or frames repeat one (two acquisitions mixed)."""
-    instance = np.array([int(h.InstanceNumber) for h in headers])
-    present = sum("TriggerTime" in h for h in headers)
-    if 0 < present < len(headers):
-        raise CineError(f"{where}: TriggerTime in {present} of {len(headers)} files; expected in all or none")
-    trigger = np.array([float(h.get("TriggerTime", 0.0)) for h in headers])
-    order = np.lexsort((instance, trigger))
-    times = trigger[order]
-    if np.ptp(times) == 0:  # no timing: InstanceNumber order
-        return order, ""
-    repeats = len(times) - len(np.unique(times))
-    if repeats:
-        raise CineError(f"{where}: {repeats} frame(s) repeat a TriggerTime; expected one frame per cardiac phase")
-    steps, notes = np.diff(times), []
-    if not np.array_equal(order, np.argsort(instance)):
-        notes.append("InstanceNumber order differs from TriggerTime order: frames ordered by TriggerTime")
-    if steps.max() >= UNEVEN_STEP * np.median(steps):
-        notes.append(f"uneven TriggerTime steps ({steps.min():g} to {steps.max():g} ms): a frame may be missing")
-    return order, "; ".join(notes)
-
-
-def _read_dicom_series(folder: Path, where: str) -> Cine:
-    """One slice over time, one file per frame, via MONAI's PydicomReader: one series of the folder
-    (`_choose_series`), its frames by TriggerTime then InstanceNumber."""
-    all_headers = _dicom_headers(folder, where)
-    with reading(where, "malformed DICOM header"):
-        files, series_note = _choose_series(all_headers, where)
-        headers = [all_headers[p] for p in files]
-        order, timing_note = _frame_order(headers, where)
-        stacked = np.argsort(np.argsort([int(h.InstanceNumber) for h in headers]))[order]  # reader: InstanceNumber
-        orientation = np.asarray(headers[0].get("ImageOrientationPatient", GEOMETRY_TAGS["ImageOrientationPatient"]),
-                                 float)
-        thickness = float(headers[0].get("SliceThickness", 1.0) or 1.0)
-        if "PixelSpacing" not in headers[0]:
-            raise CineError(f"{where}: no PixelSpacing in {files[0].name}")
-        dy, dx = (float(v) for v in headers[0].PixelSpacing)  # (between rows, between columns) = (along Y, along X)
-        interval = _dicom_frame_interval([headers[i] for i in order], where)
-    _check_decodable({p: all_headers[p] for p in files}, where)
-    with reading(where, "cannot read the DICOM pixel data, a file truncated or corrupt"):
-        reader = PydicomReader(fname_regex="(?:" + "|".join(re.escape(str(p)) for p in files) + r")\Z")
-        data, meta = reader.get_data(reader.read(folder))  # stacked by InstanceNumber, (columns, rows, files)
-        array = np.asarray(data, dtype=np.float32)[:, :, stacked]
-    affine = np.array(meta["affine"], dtype=np.float64)  # RAS, with a zero slice column: all frames at one position
-    normal_lps = np.cross(orientation[:3], orientation[3:])
-    affine[:3, 2] = normal_lps * [-1, -1, 1] * thickness
-    note = "; ".join(n for n in (series_note, timing_note) if n)
-    return Cine(array, (dx, dy), interval, affine, note)
-
-
 def _validate(cine: Cine, where: str) -> None:
     frames = cine.array.shape[2]
     if frames < MIN_FRAMES:
@@ -292,7 +95,8 @@ def load_stored(path: str | Path, subject: str) -> tuple[Cine, str]:
         if not path.exists():
             raise CineError(f"{where}: file not found")
         with reading(where, "cannot read the cine"):
-            cine = _read_dicom_series(path, where) if path.is_dir() else _read_nifti(path, where)
+            dicom = path.is_dir() or pydicom.misc.is_dicom(path)
+            cine = read_dicom(path, where) if dicom else _read_nifti(path, where)
             _validate(cine, where)
         with reading(where, "cannot orient the cine"):
             codes = in_plane_codes(cine.affine)
@@ -309,8 +113,9 @@ def reoriented(cine: Cine, codes: str) -> Cine:
 
 
 def load_cine(path: str | Path, subject: str = "") -> Cine:
-    """Load and validate a cine: a NIfTI file (X x Y x 1 x T) or a DICOM series folder (one file per frame), in the
-    canonical in-plane orientation (scripts.data.orientation)."""
+    """Load and validate a cine: a NIfTI file (X x Y x 1 x T), a DICOM folder (a series of one file per frame, or an
+    enhanced multi-frame file) or an enhanced multi-frame DICOM file, in the canonical in-plane orientation
+    (scripts.data.orientation)."""
     return reoriented(*load_stored(path, subject))
 
 

@@ -14,17 +14,14 @@ import numpy as np
 import torch
 from monai.transforms import MapTransform
 
+from scripts.data.cine import LV_LABEL, Cine, CineError, reading
 from scripts.data.cine_files import (
-    LV_LABEL,
-    Cine,
-    CineError,
     check_data_size,
     check_label_values,
     load_cine,
     load_stored,
     load_subject,
     orientation_note,
-    reading,
     reoriented,
     where_of,
 )

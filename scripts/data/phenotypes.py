@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from scripts.data.cine_files import load_cine, one_line
+from scripts.data.cine import one_line
+from scripts.data.cine_files import load_cine
 from scripts.data.heart_crop import largest_components
 from scripts.runtime.files import atomic_write
 

@@ -24,7 +24,7 @@ from monai.transforms import (
 )
 from torch.utils.data import DataLoader, Dataset
 
-from scripts.data.cine_files import CineError, one_line
+from scripts.data.cine import CineError, one_line
 from scripts.data.heart_crop import box_fraction, crop_pad, heart_box
 from scripts.data.labels import Labeller, LoadSubjectd, ResampleLabelTimed, partial_record
 from scripts.data.phenotypes import LABELS, fit_normaliser, read_eid_table, read_phenotype_table, write_phenotype_table

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from scripts.data.cine_files import LV_LABEL, load_subject
+from scripts.data.cine import LV_LABEL
+from scripts.data.cine_files import load_subject
 from scripts.data.heart_crop import box_fraction, heart_box
 from scripts.data.prepare import SEGMENTER_ED_SMOOTHING, end_diastole, prepare
 from scripts.runtime.progress import track
