@@ -23,18 +23,29 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 pytest_plugins = ["tests.stage_runs"]  # the stage training runs shared by the stage tests and tests/test_resume.py
 
 
+def bundle_command(configs: str | Sequence[str], *args: str, launcher: Sequence[str] = (), **overrides: object
+                   ) -> list[str]:
+    """`python -m monai.bundle run --config_file <configs> <args> --<key> <value>...`, or `python -m <launcher> -m
+    monai.bundle run ...` (e.g. torch.distributed.run), as an argument list."""
+    config_file = configs if isinstance(configs, str) else str(list(configs))
+    module = [*launcher, "-m", "monai.bundle"] if launcher else ["monai.bundle"]
+    return [sys.executable, "-m", *module, "run", "--config_file", config_file, *args,
+            *[a for k, v in overrides.items() for a in (f"--{k}", str(v))]]
+
+
+def bundle_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a bundle run in a test: full tracebacks of user errors in the test logs, then `env`."""
+    return {**os.environ, DEBUG_ENV: "1", **(env or {})}
+
+
 def run_bundle(configs: str | Sequence[str], *args: str, expect_failure: bool = False, launcher: Sequence[str] = (),
                env: Mapping[str, str] | None = None, timeout: int = 600, **overrides: object,
                ) -> subprocess.CompletedProcess:
-    """`python -m monai.bundle run --config_file <configs> <args> --<key> <value>...` from the repository root, or
-    `python -m <launcher> -m monai.bundle run ...` (e.g. torch.distributed.run); asserts it succeeds (fails, with
-    `expect_failure`), the tail of stdout and stderr in the message."""
-    config_file = configs if isinstance(configs, str) else str(list(configs))
-    module = [*launcher, "-m", "monai.bundle"] if launcher else ["monai.bundle"]
-    cmd = [sys.executable, "-m", *module, "run", "--config_file", config_file, *args,
-           *[a for k, v in overrides.items() for a in (f"--{k}", str(v))]]
+    """`bundle_command` run from the repository root; asserts it succeeds (fails, with `expect_failure`), the tail
+    of stdout and stderr in the message."""
+    cmd = bundle_command(configs, *args, launcher=launcher, **overrides)
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False,
-                          env={**os.environ, DEBUG_ENV: "1", **(env or {})})  # full tracebacks in test logs
+                          env=bundle_env(env))
     tail = f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     assert (done.returncode != 0) == expect_failure, tail
     return done

@@ -6,6 +6,12 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -20,10 +26,11 @@ from scripts.data.dicom_export import SCALE
 from scripts.data.phenotypes import PhenotypeTableError, normalise
 from scripts.generation.acquisition import fit_acquisition, noise_sd
 from scripts.generation.autoencoder import CineAutoencoderKL
-from scripts.generation.generate import Sampling, generate, read_conditions, sample_seed
+from scripts.generation.generate import CHECKPOINTS_KEY, Sampling, generate, is_done, read_conditions, sample_seed
 from scripts.generation.mar import MAR
 from scripts.generation.phenotype_vae import PhenotypeVAE, phenotype_vectors
-from tests.conftest import ONE_THREAD, run_bundle
+from scripts.runtime.files import ORPHAN_AGE_S
+from tests.conftest import ONE_THREAD, REPO, bundle_command, bundle_env, run_bundle
 from tests.networks import def_kwargs
 
 torch.set_num_threads(1)
@@ -97,13 +104,20 @@ def batch4(setup: Path) -> Path:
     return out
 
 
+GENERATE = ["configs/generate.json", "configs/profiles/tiny.json"]
+
+
+def _bundle_args(setup: Path, out: Path, num_samples: int, batch_size: int, **more: object) -> dict:
+    """Overrides of configs/generate.json for the tiny networks of `setup`, few sampling steps, into `out`."""
+    return {"prepared_dir": setup / "prepared", "ckpt_dir": setup / "models", "output_dir": out,
+            "num_samples": num_samples, "batch_size": batch_size, "num_iter": 2, "num_inference_steps": 3, **more}
+
+
 def _bundle(setup: Path, out: Path, num_samples: int, batch_size: int, launcher: tuple[str, ...] = (),
             **more: object) -> None:
     """Run configs/generate.json with the tiny profile (through `launcher`, e.g. torchrun) in a subprocess."""
-    configs = ["configs/generate.json", "configs/profiles/tiny.json"]
-    args = {"prepared_dir": setup / "prepared", "ckpt_dir": setup / "models", "output_dir": out,
-            "num_samples": num_samples, "batch_size": batch_size, "num_iter": 2, "num_inference_steps": 3, **more}
-    run_bundle(configs, launcher=launcher, env=ONE_THREAD, timeout=300, **args)
+    run_bundle(GENERATE, launcher=launcher, env=ONE_THREAD, timeout=300,
+               **_bundle_args(setup, out, num_samples, batch_size, **more))
 
 
 def test_bundle_run(setup: Path) -> None:
@@ -195,6 +209,91 @@ def test_sharding(setup: Path, batch4: Path, monkeypatch: pytest.MonkeyPatch) ->
 def test_other_settings_refused(setup: Path, batch4: Path) -> None:
     with pytest.raises(ValueError, match="other settings.*cfg"):
         _run(setup, batch4, sampling=Sampling(cfg=2.0, num_iter=2, num_inference_steps=3))
+
+
+def test_a_changed_checkpoint_is_refused_naming_it(setup: Path, tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    ckpt, out = tmp_path / "models", tmp_path / "out"
+    shutil.copytree(setup / "models", ckpt)
+    first = _run(setup, out, ckpt_dir=ckpt, unconditional=True, num_samples=1)
+    assert set(first["settings"][CHECKPOINTS_KEY]) == {"autoencoder.pt", "mar.pt"}  # the VAE: not loaded
+    state = torch.load(ckpt / "mar.pt", weights_only=True)
+    torch.save({k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}, ckpt / "mar.pt")  # retrained
+    with pytest.raises(ValueError, match=re.escape(f"{out} holds samples generated with other settings or checkpoints")
+                       + r" \(mar\.pt changed \(SHA-256 [0-9a-f]{12}\.\.\. then, [0-9a-f]{12}\.\.\. now\)\)"):
+        _run(setup, out, ckpt_dir=ckpt, unconditional=True, num_samples=1)
+    record = json.loads((out / "generation.json").read_text())
+    del record["settings"][CHECKPOINTS_KEY]  # a folder of a version that recorded no digests: resumed, with a warning
+    (out / "generation.json").write_text(json.dumps(record))
+    with caplog.at_level(logging.WARNING, logger="scripts.generation"):
+        again = _run(setup, out, ckpt_dir=ckpt, unconditional=True, num_samples=1)
+    assert again["generated_this_run"] == 0 and "records no checkpoint digests" in caplog.text
+
+
+def test_a_folder_generate_did_not_make_is_refused_unless_overwrite(setup: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    (out / "images").mkdir(parents=True)
+    (out / "notes.txt").write_text("a user's file")
+    np.save(out / "images" / "G000000.npy", np.zeros(3))  # not a sample of this run
+    (out / "nifti").mkdir()
+    (out / "nifti" / "G000000.nii.gz").write_bytes(b"")
+    message = f"--output_dir {out} holds images/, nifti/, notes.txt but no generation.json: generate would write over"
+    with pytest.raises(ValueError, match=re.escape(message) + ".*--overwrite True"):
+        _run(setup, out, unconditional=True, num_samples=2)
+    assert not (out / "generation.json").exists()
+    record = _run(setup, out, unconditional=True, num_samples=2, overwrite=True)
+    assert record["generated_this_run"] == 2 and _cine(out, 0).shape == (1, 50, 96, 96)  # the stale file replaced
+    assert (out / "notes.txt").read_text() == "a user's file"  # other files are left alone
+    assert _run(setup, out, unconditional=True, num_samples=2)["generated_this_run"] == 0  # now it resumes
+
+
+def _sample_names(out: Path) -> dict[str, list[str]]:
+    return {sub: sorted(p.name for p in (out / sub).iterdir()) for sub in ("images", "nifti")}
+
+
+def _kill_point(out: Path) -> bool:
+    """2 samples finished (the NIfTI is written after the .npy) and an atomic write under way, or 8 finished."""
+    finished = len(list((out / "nifti").glob("G*.nii.gz")))
+    return finished >= 8 or (finished >= 2 and any(out.rglob(".tmp-*")))
+
+
+def test_kill_9_mid_run_then_a_rerun_leaves_every_sample_once(setup: Path, tmp_path: Path) -> None:
+    """SIGKILL once 2 samples are on disk and a file is being written (at the latest once 8 are), then the same
+    command again: the samples of an uninterrupted run, each once, no temporary file, an index listing each once."""
+    n, killed, reference, log = 12, tmp_path / "killed", tmp_path / "reference", tmp_path / "killed.log"
+    with log.open("w") as sink:  # a file, not a pipe: a full pipe would stall the run
+        proc = subprocess.Popen(bundle_command(GENERATE, **_bundle_args(setup, killed, n, 2)), cwd=REPO,
+                                env=bundle_env(ONE_THREAD), stdout=sink, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # its own process group: the kill reaches every process
+    deadline = time.monotonic() + 300
+    while not _kill_point(killed):
+        assert proc.poll() is None, f"generate ended before it could be killed:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, "no sample within 300 s"
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    finished = [i for i in range(n) if is_done(killed, i)]
+    assert 2 <= len(finished) < n, finished
+    left = list(killed.rglob(".tmp-*"))
+    print(f"killed with {len(finished)} of {n} samples finished, temporary files left: "
+          f"{[p.relative_to(killed).as_posix() for p in left]}")
+    hour_ago = time.time() - 2 * ORPHAN_AGE_S  # temporaries younger than an hour may be a running rank's: left alone
+    for tmp in left:
+        os.utime(tmp, (hour_ago, hour_ago))
+    _bundle(setup, killed, n, 2)
+    _bundle(setup, reference, n, 2)
+    record = json.loads((killed / "generation.json").read_text())
+    assert record["generated_this_run"] == n - len(finished)
+    assert _sample_names(killed) == _sample_names(reference) == {
+        "images": [f"G{i:06d}.npy" for i in range(n)], "nifti": [f"G{i:06d}.nii.gz" for i in range(n)]}
+    assert not list(killed.rglob(".tmp-*"))
+    assert _manifest(killed) == _manifest(reference) and len(_manifest(killed)) == n
+    items = json.loads((killed / "datalist.json").read_text())["training"]
+    assert [d["subject"] for d in items] == [f"G{i:06d}" for i in range(n)]
+    for i in range(n):  # a batch of other composition after the kill: float32 rounding (_assert_same_sample)
+        _assert_same_sample(_cine(killed, i), _cine(reference, i))
+        np.testing.assert_array_equal(load_cine(killed / "nifti" / f"G{i:06d}.nii.gz").array,
+                                      _cine(killed, i)[0].transpose(1, 2, 0))  # the pair is of one draw
 
 
 def test_output_overlapping_an_input_refused(setup: Path) -> None:

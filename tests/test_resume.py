@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from scripts.runtime.checkpoints import DATA_KEY
+from scripts.runtime.output_dirs import MARKER
 from tests.conftest import run_bundle
 
 
@@ -35,6 +36,12 @@ STAGES = [
 ]
 
 
+# fixture -> (the output_dir of its second run, the stage its marker names); the rerun of all but the phenotype VAE
+# (out2, then out4) went into the folder its first run marked: a resume is accepted
+OUTPUT_DIRS = {"phenotype_vae_runs": ("out4", "train_phenotype_vae"), "autoencoder_runs": ("out", "train_autoencoder"),
+               "mar_runs": ("out", "train_mar"), "segmenter_runs": ("out", "train_segmenter")}
+
+
 @pytest.mark.parametrize(("runs_fixture", "latest_name", "start", "end", "keys", "iterations", "extra"), STAGES)
 def test_rerun_continues_from_the_saved_epoch(request: pytest.FixtureRequest, runs_fixture: str, latest_name: str,
                                               start: int, end: int, keys: set[str], iterations: int,
@@ -47,6 +54,8 @@ def test_rerun_continues_from_the_saved_epoch(request: pytest.FixtureRequest, ru
     assert len(latest[DATA_KEY]) == 64  # the SHA-256 of the training data's file
     if extra is not None:
         extra(runs, latest)
+    folder, stage = OUTPUT_DIRS[runs_fixture]
+    assert json.loads((runs["root"] / folder / MARKER).read_text()) == {"stage": stage}
 
 
 def test_resume_on_other_training_data_is_refused(phenotype_vae_runs: dict, tmp_path: Path) -> None:

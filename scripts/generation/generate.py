@@ -26,8 +26,10 @@ from scripts.data.shapes import IMAGE_SIZE, NUM_FRAMES
 from scripts.generation.acquisition import add_noise, fit_acquisition
 from scripts.generation.phenotype_vae import draw_eids, draw_phenotypes, write_draws
 from scripts.runtime.checkpoints import load_weights
-from scripts.runtime.files import atomic_write, check_disjoint, remove_orphans, save_npy, write_json
+from scripts.runtime.cli import as_bool
+from scripts.runtime.files import atomic_write, check_disjoint, file_digest, remove_orphans, save_npy, write_json
 from scripts.runtime.montage import save_cine_gif, save_montage
+from scripts.runtime.output_dirs import entries, refuse_foreign
 from scripts.runtime.precision import autocast, precision_name
 from scripts.runtime.progress import track
 from scripts.runtime.timing import sync
@@ -39,6 +41,7 @@ FAR_OUT_Z = 5.0
 TRAINED_BY = {"phenotype_vae.pt": "configs/train_phenotype_vae.json", "autoencoder.pt": "configs/train_autoencoder.json",
               "mar.pt": "configs/train_mar.json"}
 MONTAGE_FRAMES = (0, 20)  # end-diastole and about end-systole
+CHECKPOINTS_KEY = "checkpoint_sha256"  # generation.json settings: checkpoint name -> SHA-256 of the file loaded
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -186,14 +189,48 @@ def required_checkpoints(ckpt_dir: str | Path, needs_vae: bool) -> dict[str, Pat
     return {n: require_checkpoint(Path(ckpt_dir) / n) for n in names}
 
 
+def setting_changes(old: dict, new: dict) -> list[str]:
+    """How `new` settings differ from the `old` ones of generation.json: each checkpoint whose SHA-256 changed, by
+    name, then each other setting (a checkpoint `old` does not record is not compared)."""
+    digests = old.get(CHECKPOINTS_KEY) or {}
+    remade = [f"{name} changed (SHA-256 {digests[name][:12]}... then, {digest[:12]}... now)"
+              for name, digest in new[CHECKPOINTS_KEY].items() if digests.get(name, digest) != digest]
+    return remade + [f"{k} {old.get(k)!r} then, {v!r} now" for k, v in new.items()
+                     if k != CHECKPOINTS_KEY and old.get(k) != v]
+
+
 def check_settings(output_dir: Path, settings: dict) -> None:
-    """ValueError if generation.json records other `settings` (samples already there would not match new ones)."""
+    """ValueError naming what differs where generation.json records other `settings` or checkpoints (samples already
+    there would not match new ones)."""
     path = output_dir / "generation.json"
-    old = json.loads(path.read_text(encoding="utf-8")).get("settings", {}) if path.is_file() else settings
-    diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-    if diff:
-        raise ValueError(f"{output_dir} holds samples generated with other settings {diff} (old, new); use "
-                         "another output_dir or remove it")
+    old = json.loads(path.read_text(encoding="utf-8")).get("settings", {})
+    if CHECKPOINTS_KEY not in old:
+        logger.warning("%s records no checkpoint digests (an earlier version): unchanged checkpoints assumed", path)
+    changes = setting_changes(old, settings)
+    if changes:
+        raise ValueError(f"{output_dir} holds samples generated with other settings or checkpoints "
+                         f"({'; '.join(changes)}): rerun with the same ones, give another --output_dir, or "
+                         "--overwrite True to generate every sample again")
+
+
+def check_output_dir(output_dir: Path, settings: dict, overwrite: bool) -> None:
+    """Refuse (ValueError) a non-empty `output_dir` that generate did not make (no generation.json) or made with
+    other settings or checkpoints (`check_settings`), unless `overwrite`."""
+    if overwrite:
+        return
+    if (output_dir / "generation.json").is_file():
+        check_settings(output_dir, settings)
+    else:
+        refuse_foreign(output_dir, "generate", entries(output_dir), "no generation.json", overwrite=False)
+
+
+def remove_samples(output_dir: Path, indices: range) -> None:
+    """Delete the files (.npy, NIfTI, DICOM series) of the samples `indices` that exist: --overwrite generates them
+    again, and none of them may pass for a finished sample of the new settings if the run is killed."""
+    for i in indices:
+        for path in paths(output_dir, i):
+            path.unlink(missing_ok=True)
+        remove_series(output_dir / "dicom" / sample_name(i))
 
 
 def shard(output_dir: Path, n: int) -> tuple[int, int, list[int]]:
@@ -272,11 +309,13 @@ def finish_index(output_dir: Path, n: int, seed: int, columns: list[str], values
 def generate(phenotype_vae: nn.Module, autoencoder: nn.Module, mar: nn.Module, ckpt_dir: str, output_dir: str,
              prepared_dir: str, stats: dict, profile: str, num_samples: int = 64, seed: int = 0, batch_size: int = 8,
              conditions_csv: str | None = None, unconditional: bool = False, sampling: Sampling = Sampling(),
-             montage_samples: int = 8, amp: bool = False, acquisition_noise: bool = True, dicom: bool = False) -> dict:
+             montage_samples: int = 8, amp: bool = False, acquisition_noise: bool = True, dicom: bool = False,
+             overwrite: bool | str = False) -> dict:
     """Generate this rank's missing samples of 0..N-1 (i % world == rank) with `stats` (read once by the config),
     then rebuild the index (bf16 autocast if `amp`); returns the generation.json record (conditions: none,
     `conditions_csv` or VAE draws). `acquisition_noise`: Rician noise at a training cine's level, drawn per sample;
-    `dicom`: also a DICOM series of each of this rank's samples that has none (write_missing_dicom)."""
+    `dicom`: also a DICOM series of each of this rank's samples that has none (write_missing_dicom); `overwrite`:
+    into any folder, this rank's samples generated again (`check_output_dir`, `remove_samples`)."""
     start, output_dir = time.perf_counter(), Path(output_dir)
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -286,13 +325,18 @@ def generate(phenotype_vae: nn.Module, autoencoder: nn.Module, mar: nn.Module, c
     acquisition = fit_acquisition(prepared_dir, stats, noise=acquisition_noise)
     source = "unconditional" if unconditional else str(conditions_csv) if conditions_csv else "phenotype_vae"
     settings = {"profile": profile, "seed": seed, "seed_formula": f"seed * {SEED_STRIDE} + index", **asdict(sampling),
-                "conditions": source, "precision": precision_name(amp), "acquisition_noise": acquisition_noise}
-    check_settings(output_dir, settings)
+                "conditions": source, "precision": precision_name(amp), "acquisition_noise": acquisition_noise,
+                CHECKPOINTS_KEY: {name: file_digest(path) for name, path in ckpts.items()}}
+    overwrite = as_bool(overwrite, "overwrite")
+    check_output_dir(output_dir, settings, overwrite)
     for folder in (output_dir, output_dir / "images", output_dir / "nifti"):
         remove_orphans(folder)  # unfinished writes of a killed run
+    if overwrite:
+        rank, world = rank_world()
+        remove_samples(output_dir, range(rank, num_samples, world))  # num_samples >= the samples of any source
+    write_json(output_dir / "generation.json", {"settings": settings})  # before any other file: marks the folder
     values = choose_conditions(stats, output_dir, num_samples, seed, unconditional, conditions_csv, phenotype_vae,
                                Path(ckpt_dir) / "phenotype_vae.pt")  # (N, F) physical, or None
-    write_json(output_dir / "generation.json", {"settings": settings})  # before any sample: guards a resumed run
     write_json(output_dir / "phenotype_stats.json", stats)
     n = len(values) if values is not None else num_samples
     seeds = [sample_seed(seed, i) for i in range(n)]
