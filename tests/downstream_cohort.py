@@ -17,15 +17,17 @@ def _cine(rng: np.random.Generator, level: float) -> np.ndarray:
     return np.clip(rng.random(SHAPE) * 0.5 + level, 0, 1).astype(np.float16)
 
 
-def write_cohort(root: Path, counts: tuple[int, int, int] = (12, 8, 8), n_generated: int = 16) -> tuple[Path, Path]:
-    """<root>/prepared (datalist.json with training/validation/test, phenotype_stats.json, images/) and
-    <root>/generated (datalist.json of synthetic items with phenotypes, images/); returns both folders."""
+def write_cohort(root: Path, counts: tuple[int, int, int] = (12, 8, 8), n_generated: int = 16,
+                 first: int = 0) -> tuple[Path, Path]:
+    """<root>/prepared (datalist.json with training/validation/test, phenotype_stats.json, images/; subjects
+    PH<first>, PH<first + 1>, ...) and <root>/generated (datalist.json of synthetic items with phenotypes, images/);
+    returns both folders."""
     rng = np.random.default_rng(0)
     prepared, generated = root / "prepared", root / "generated"
     (prepared / "images").mkdir(parents=True)
     (generated / "images").mkdir(parents=True)
     datalist: dict = {"phenotype_columns": COLUMNS}
-    k = 0
+    k = first
     for split, n in zip(("training", "validation", "test"), counts):
         datalist[split] = []
         for _ in range(n):

@@ -14,7 +14,7 @@ import torch
 from monai.metrics import FIDMetric
 from torch import nn
 
-from scripts.data.cohort import flagged_copies, load_cines
+from scripts.data.cohort import copy_audit, load_cines
 from scripts.data.phantom import make_cohort
 from scripts.data.phenotypes import PHENOTYPE_COLUMNS
 from scripts.data.prepare import prepare
@@ -291,7 +291,7 @@ def test_evaluation_config_on_a_tiny_pipeline_run(tiny_pipeline: Path, i3d_stand
     private = json.loads((out / "cfg_datalist_private.json").read_text())
     assert len(private["training"]) == 4 - len(audit["sets"]["cfg"]["flagged"])
     for name in ("cfg", "unconditional"):  # the audit beside each set, where downstream stages read it
-        assert flagged_copies(Path(sets[name])) == set(audit["sets"][name]["flagged"])
+        assert copy_audit(Path(sets[name])) == (set(audit["sets"][name]["flagged"]), {f"G{i:06d}" for i in range(4)})
     assert {"measured", "generation_run"} <= set(metrics["speed"]["cfg"]) and "skipped" in metrics["speed"]["absent"]
     report = (out / "report.md").read_text()
     assert "real-vs-real FID" in report and "real held-out (floor)" in report and "chance" in report

@@ -204,7 +204,7 @@ def test_valve_midpoint_is_centred_between_mirrored_shapes(spacing: float, gaps:
     # a 1-px gap (3.7 mm) but not a 2-px one (5.5 mm); at 0.9 mm pixels a 2-px gap (2.7 mm) but not a 5-px one (5.4 mm).
     i, j = np.meshgrid(np.arange(60), np.arange(90), indexing="ij")
     chamber, atrium = [], []
-    ellipse = lambda y0: ((i - 30) / 12.3) ** 2 + ((j - y0) / 20.5) ** 2 <= 1.0  # noqa: E731
+    ellipse = lambda y0: ((i - 30) / 12.3) ** 2 + ((j - y0) / 20.5) ** 2 <= 1.0
     for gap in gaps:
         chamber.append((j > 39.5) & ellipse(39.5))
         atrium.append((j < 39.5 - gap) & ellipse(39.5 - gap))  # the mirror image about y = 39.5 - gap / 2

@@ -16,7 +16,7 @@ from scripts.data.phenotypes import normalise
 
 DATALIST = "datalist.json"
 STATS = "phenotype_stats.json"
-AUDIT = "privacy_audit.json"  # a generated folder's copy audit (configs/evaluate_generation.json): {"flagged": [...]}
+AUDIT = "privacy_audit.json"  # a generated folder's copy audit (configs/evaluate_generation.json): {"flagged": [...], "audited": [...]}
 
 
 # ---------------------------------------------------------------------------------------------------------- datalist
@@ -34,7 +34,7 @@ def read_datalist(folder: str | Path, required: bool = True) -> dict | None:
     except ValueError as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from error
     if not isinstance(datalist, dict):
-        raise ValueError(f"{path}: not a JSON object of split -> items")
+        raise ValueError(f"{path}: not a JSON object of split -> items")  # noqa: TRY004 (a malformed file, not a caller error)
     return datalist
 
 
@@ -51,15 +51,17 @@ def split_items(folder: str | Path, splits: Sequence[str], absolute: bool = Fals
     return [d for s in splits for d in datalist[s]]
 
 
-def flagged_copies(folder: str | Path) -> set[str] | None:
-    """Subjects of a generated folder that its privacy audit (<folder>/privacy_audit.json) flagged as copies of
-    training cines; None where the folder has not been audited. ValueError naming the file if it is unreadable."""
+def copy_audit(folder: str | Path) -> tuple[set[str], set[str] | None] | None:
+    """(flagged, audited) subjects of a generated folder's privacy audit (<folder>/privacy_audit.json): those flagged
+    as copies of training cines and those it examined (None in a record of an earlier version); None where the folder
+    has not been audited. ValueError naming the file if it is unreadable."""
     path = Path(folder) / AUDIT
     if not path.is_file():
         return None
     try:
-        return set(json.loads(path.read_text(encoding="utf-8"))["flagged"])
-    except (ValueError, KeyError, TypeError) as error:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        return set(record["flagged"]), None if record.get("audited") is None else set(record["audited"])
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{path}: not a privacy audit record ({error}); rerun configs/evaluate_generation.json") \
             from error
 

@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 CLASSES = ("healthy", "dilated", "hypertrophic", "restrictive")
 LABEL_COLUMNS = ["diagnosis", "diagnosis_index", "disease", "sex"]
 SLICE_MM = 8.0  # slice thickness written in the header
+MAX_SUBJECTS = 1_000_000  # ids PH000000..PH999999
+UNRECORDED = {"first_subject": 0}  # settings a cohort.json of an earlier version lacks: their value then
 
 
 def subject_id(index: int) -> str:
@@ -89,19 +91,26 @@ def make_cohort(
     num_workers: int = 2,
     montage_subjects: int = 8,
     overwrite: bool | str = False,
+    first_subject: int = 0,
 ) -> dict:
     """Write a phantom cohort in UK Biobank layout plus phenotypes.csv, labels.csv, cohort.json and montage.png; into
-    a non-empty folder only where it is a cohort of the same settings (a rerun) or with `overwrite`."""
+    a non-empty folder only where it is a cohort of the same settings (a rerun) or with `overwrite`. Subjects are
+    numbered from `first_subject` (ids PH<index>), so cohorts of distinct ranges share no id and no draw."""
     if num_subjects < 1:
         raise ValueError(f"num_subjects must be >= 1, got {num_subjects}")
+    if not 0 <= first_subject <= MAX_SUBJECTS - num_subjects:
+        raise ValueError(f"subjects {first_subject}..{first_subject + num_subjects - 1} do not fit the ids PH000000.."
+                         f"PH{MAX_SUBJECTS - 1}: give first_subject in 0..{MAX_SUBJECTS - num_subjects}")
     if len(class_weights) != len(CLASSES) or min(class_weights) < 0 or sum(class_weights) <= 0:
         raise ValueError(f"class_weights must be {len(CLASSES)} non-negative numbers for {CLASSES}, got {class_weights}")
     out = Path(output_dir)
-    settings = {"num_subjects": num_subjects, "seed": seed, "class_weights": list(class_weights)}
+    settings = {"num_subjects": num_subjects, "seed": seed, "class_weights": list(class_weights),
+                "first_subject": first_subject}
     check_output_dir(out, settings, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    args = [(out, seed, i, tuple(class_weights), i < montage_subjects) for i in range(num_subjects)]
+    indices = range(first_subject, first_subject + num_subjects)
+    args = [(out, seed, i, tuple(class_weights), i < first_subject + montage_subjects) for i in indices]
     pool = ProcessPoolExecutor(max_workers=num_workers) if num_workers > 1 else None
     try:
         mapped = pool.map(make_subject, *zip(*args), chunksize=4) if pool else map(make_subject, *zip(*args))
@@ -121,8 +130,7 @@ def make_cohort(
             captions=[f"{r['eid']} {r['row']['diagnosis'][:4]} ED" for r in shown] + [f"{r['eid']} ES" for r in shown],
         )
     counts = {c: sum(r["row"]["diagnosis"] == c for r in results) for c in CLASSES}
-    summary = {"num_subjects": num_subjects, "seed": seed, "class_weights": list(class_weights), "classes": counts,
-               "seconds": round(time.perf_counter() - start, 1)}
+    summary = {**settings, "classes": counts, "seconds": round(time.perf_counter() - start, 1)}
     write_json(out / "cohort.json", summary)
     logger.info("phantom cohort written to %s: %s", out, summary)
     return summary
@@ -137,7 +145,7 @@ def check_output_dir(out: Path, settings: dict, overwrite: bool | str) -> None:
         made = json.loads((out / "cohort.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         made = None
-    if isinstance(made, dict) and all(made.get(k) == v for k, v in settings.items()):
+    if isinstance(made, dict) and all(made.get(k, UNRECORDED.get(k)) == v for k, v in settings.items()):
         return
     found = "a phantom cohort of other settings" if isinstance(made, dict) else "not a phantom cohort (no cohort.json)"
     raise ValueError(f"--output_dir {out} is not empty and {found}: writing would overwrite its files (phenotypes.csv, "

@@ -1,1 +1,2 @@
-"""Downstream tasks: MAE pretraining, ViT fine-tuning and the Table 2 runner."""
+"""Downstream tasks: MAE pretraining, the labelled cohort and its folds, the linear probe, ViT fine-tuning, paired
+statistics and the Table 2 runner."""

@@ -1,5 +1,5 @@
-"""ViT fine-tuning (MAE encoder or scratch) with subject-level stratified k-fold CV on the real `cv_splits` cines, and
-inference (`configs/train_classifier.json`, `train_regressor.json`, `inference.json`); protocol: docs/downstream.md."""
+"""ViT fine-tuning networks (MAE encoder or scratch), their metrics and inference (`configs/train_classifier.json`,
+`train_regressor.json`, `inference.json`); the folds they train on: scripts.downstream.folds, docs/downstream.md."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import csv
 import io
 import logging
 import re
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -20,28 +19,15 @@ from ignite.metrics import Metric
 from monai.metrics import compute_roc_auc
 from monai.networks.nets import ViT
 from monai.utils import CommonKeys, evenly_divisible_all_gather
-from sklearn.model_selection import StratifiedKFold
 from torch import nn
 
-from scripts.data.cohort import has_phenotypes, read_stats, split_items
-from scripts.data.phenotypes import normalise
+from scripts.data.cohort import read_stats
 from scripts.data.shapes import IMAGE_SIZE, NUM_FRAMES
-from scripts.downstream.mae import (
-    ENCODER_KEYS,
-    IMAGE,
-    LABEL,
-    freeze_unused_norms,
-    load_encoder,
-    synthetic_items,
-    usable,
-)
+from scripts.downstream.folds import TASKS
+from scripts.downstream.mae import ENCODER_KEYS, IMAGE, freeze_unused_norms, load_encoder, usable
 from scripts.runtime.files import write_text
 
 logger = logging.getLogger(__name__)
-
-
-TASKS = ("classification", "regression")
-MIN_TRAINING = 2  # a lone training cine is dropped by the loader (drop_last when one is left over): an empty epoch
 
 
 # ---------------------------------------------------------------------------------------------------------- network
@@ -70,97 +56,6 @@ def vit_network(mae: Mapping, num_outputs: int, pretrained: str | Path | None = 
     if pretrained:
         load_encoder(net.vit, pretrained, net.num_layers)
     return net
-
-
-# ------------------------------------------------------------------------------------------------------- cohorts
-def task_items(prepared_dir: str | Path, splits: Sequence[str], task: str, label_key: str | None = None,
-               num_classes: int | None = None) -> list[dict]:
-    """Usable real cines of `splits` with their target as "label": the class index `label_key` (classification) or
-    the z-scored phenotype vector of phenotype_stats.json (regression). Items without the target are left out."""
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    items = usable(split_items(prepared_dir, splits, absolute=True))
-    if any(d.get("synthetic") for d in items):
-        raise ValueError(f"{prepared_dir}: holds synthetic items; the cross-validation cohort must be real cines")
-    if task == "regression":
-        stats = read_stats(Path(prepared_dir) / "phenotype_stats.json")
-        kept = [d for d in items if has_phenotypes(d, stats["columns"])]
-        return with_phenotype_labels(kept, stats)
-    kept = [d for d in items if d.get(label_key) is not None]
-    bad = [(d["subject"], d[label_key]) for d in kept
-           if not (isinstance(d[label_key], int) and 0 <= d[label_key] < num_classes)]
-    if bad:
-        raise ValueError(f"{prepared_dir}: label_key {label_key!r} must hold class indices 0..{num_classes - 1}; found "
-                         f"{bad[:5]} (subject, value); for the phantom use 'disease' (2 classes) or 'diagnosis_index' "
-                         "(4 classes)")
-    logger.info("%s: %d of %d cines in %s have %r", prepared_dir, len(kept), len(items), list(splits), label_key)
-    return [{**d, LABEL: d[label_key]} for d in kept]
-
-
-def with_phenotype_labels(items: Sequence[dict], stats: Mapping) -> list[dict]:
-    """Items with "label" = their phenotypes of stats["columns"], z-scored with `stats`, as float32 (F,) arrays."""
-    if not items:
-        return []
-    values = normalise([[d[c] for c in stats["columns"]] for d in items], stats)
-    return [{**d, LABEL: np.asarray(v, dtype=np.float32)} for d, v in zip(items, values)]
-
-
-def cv_folds(items: Sequence[dict], num_folds: int, seed: int, stratify_key: str | None = None) -> np.ndarray:
-    """The fold index (0..num_folds-1) of each item: StratifiedKFold over subjects (shuffled with `seed`), so no
-    subject is in two folds and each fold keeps the class mix of `stratify_key` (a subject's first item's value)."""
-    subjects = list(dict.fromkeys(d["subject"] for d in items))
-    first = {d["subject"]: d for d in reversed(items)}
-    y = [first[s][stratify_key] if stratify_key else 0 for s in subjects]
-    if stratify_key and any(v is None for v in y):
-        raise ValueError(f"stratify_key {stratify_key!r} is missing for some subjects; set it to null or to a key "
-                         "every item has")
-    if len(subjects) < num_folds:
-        raise ValueError(f"{len(subjects)} labelled subjects for {num_folds} folds: give a larger labelled cohort "
-                         "or fewer folds (finetune#num_folds)")
-    counts = dict(sorted(Counter(y).items()))
-    few = {c: n for c, n in counts.items() if n < num_folds}
-    if stratify_key and len(few) == len(counts):
-        raise ValueError(f"{num_folds} folds stratified by {stratify_key!r} need at least {num_folds} subjects of a "
-                         f"class; subjects per class: {counts}. Give a larger labelled cohort or fewer folds "
-                         "(finetune#num_folds)")
-    if stratify_key and few:
-        logger.warning("classes %s have fewer subjects than the %d folds (%s): some validation folds miss them",
-                       sorted(few), num_folds, counts)
-    fold_of = {}
-    splitter = StratifiedKFold(n_splits=num_folds, shuffle=True, random_state=seed)
-    for k, (_, val) in enumerate(splitter.split(np.zeros(len(subjects)), y)):
-        fold_of |= {subjects[i]: k for i in val}
-    return np.array([fold_of[d["subject"]] for d in items])
-
-
-def fold_datalists(prepared_dir: str | Path, cv_splits: Sequence[str], task: str, num_folds: int, fold: int,
-                   seed: int = 0, label_key: str | None = None, num_classes: int | None = None,
-                   stratify_key: str | None = None, generated_dir: str | Path | None = None,
-                   mix_ratio: float = 0.0) -> dict[str, list[dict]]:
-    """{"training", "validation"} items of one fold; with `mix_ratio` > 0 (regression only), round(mix_ratio x the
-    real training count) synthetic cines labelled with their conditioning phenotypes join the training part."""
-    if not 0 <= fold < num_folds:
-        raise ValueError(f"fold must be in 0..{num_folds - 1}, got {fold}")
-    items = task_items(prepared_dir, cv_splits, task, label_key, num_classes)
-    folds = cv_folds(items, num_folds, seed, stratify_key)
-    train = [d for d, k in zip(items, folds) if k != fold]
-    val = [d for d, k in zip(items, folds) if k == fold]
-    if len(train) < MIN_TRAINING or not val:
-        raise ValueError(f"fold {fold} of {num_folds}: {len(train)} training and {len(val)} validation cines of the "
-                         f"{len(items)} labelled real cines ({task}, {list(cv_splits)} of {prepared_dir}); "
-                         f"fine-tuning needs at least {MIN_TRAINING} training and 1 validation cine per fold: give a "
-                         "larger labelled cohort or fewer folds (finetune#num_folds)")
-    if mix_ratio > 0:
-        if task != "regression":
-            raise ValueError("mix_ratio > 0 in fine-tuning (mix*) is for regression only: synthetic cines have "
-                             "phenotypes but no diagnosis label")
-        stats = read_stats(Path(prepared_dir) / "phenotype_stats.json")
-        train += with_phenotype_labels(synthetic_items(generated_dir, round(mix_ratio * len(train))), stats)
-    if any(d.get("synthetic") for d in val):  # by construction never; a guard against future edits
-        raise AssertionError("a synthetic cine is in a validation fold")
-    logger.info("fold %d of %d: %d training (%d synthetic), %d validation cines", fold, num_folds, len(train),
-                sum(bool(d.get("synthetic")) for d in train), len(val))
-    return {"training": train, "validation": val}
 
 
 # --------------------------------------------------------------------------------------------------------- metrics

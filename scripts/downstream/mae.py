@@ -20,7 +20,7 @@ from monai.transforms import Compose, EnsureTyped, LoadImaged, SqueezeDimd
 from monai.utils import CommonKeys
 from torch import nn
 
-from scripts.data.cohort import AUDIT, flagged_copies, split_items
+from scripts.data.cohort import AUDIT, copy_audit, split_items
 from scripts.data.shapes import IMAGE_SIZE, NUM_FRAMES
 from scripts.runtime.checkpoints import check_state_dict
 from scripts.runtime.distributed import unwrap
@@ -57,15 +57,17 @@ def usable(items: Sequence[dict]) -> list[dict]:
 
 def synthetic_items(generated_dir: str | Path, n: int) -> list[dict]:
     """The first `n` usable synthetic cines (by name) of a generated folder, without those its privacy audit flagged
-    as copies (cohort.flagged_copies); an error naming the command if too few."""
+    as copies (cohort.copy_audit; cines it did not examine are named in a warning); an error naming the command if
+    too few."""
     if n <= 0:
         return []
-    flagged = flagged_copies(generated_dir)
-    if flagged is None:
+    audit = copy_audit(generated_dir)
+    flagged, audited = audit or (set(), None)
+    if audit is None:
         logger.warning("%s has no privacy audit (%s): its cines are used unaudited; run configs/evaluate_generation.json "
                        "first to keep copies of training cines out", generated_dir, AUDIT)
     items = [d for d in split_items(generated_dir, ["training"], absolute=True)
-             if d.get("synthetic") and d["subject"] not in (flagged or ())]
+             if d.get("synthetic") and d["subject"] not in flagged]
     if flagged:
         logger.info("%s: %d cine(s) flagged as copies by its privacy audit left out", generated_dir, len(flagged))
     items = usable(sorted(items, key=lambda d: d["subject"]))
@@ -75,6 +77,11 @@ def synthetic_items(generated_dir: str | Path, n: int) -> list[dict]:
             "(generation resumes and adds samples; use the settings recorded in its generation.json): python -m "
             "monai.bundle run --config_file \"['configs/generate.json','configs/profiles/<profile>.json']\" "
             f"--output_dir {generated_dir} --prepared_dir <prepared folder> --num_samples {n}")
+    unaudited = [d["subject"] for d in items[:n] if audited is not None and d["subject"] not in audited]
+    if unaudited:
+        logger.warning("%s: %d of the %d synthetic cines used were generated after its privacy audit (%s) and are used "
+                       "unaudited (first: %s); rerun configs/evaluate_generation.json to audit them", generated_dir,
+                       len(unaudited), n, AUDIT, unaudited[0])
     return [{**d, "synthetic": True} for d in items[:n]]
 
 

@@ -143,7 +143,7 @@ def privacy_section(data: Loaded, networks: Networks, protocol: Protocol, seed: 
                                             lambda i: np.load(data.prepared / training[i]["image"]),
                                             evaluation_dir / f"closest_pairs_{name}.png", protocol.closest_pairs)
         audit["sets"][name]["closest_pairs_image"] = image.name if image else None
-        privacy.record_audit(sets[name]["dir"], audit["sets"][name]["flagged"], audit, evaluation_dir)
+        privacy.record_audit(sets[name]["dir"], audit["sets"][name]["flagged"], subjects[name], audit, evaluation_dir)
         if drop:
             out = privacy.drop_flagged(Path(sets[name]["dir"]) / "datalist.json", audit["sets"][name]["flagged"],
                                        evaluation_dir / f"{name}_datalist_private.json", audit)

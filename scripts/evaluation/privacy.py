@@ -159,11 +159,12 @@ def membership_inference(training_loss: Sequence[float], heldout_loss: Sequence[
             "training_loss_mean": float(np.mean(training_loss)), "heldout_loss_mean": float(np.mean(heldout_loss))}
 
 
-def record_audit(generated_dir: str | Path, flagged: Sequence[str], audit: dict, evaluation_dir: str | Path) -> Path:
-    """Write <generated_dir>/privacy_audit.json: the flagged subjects, the thresholds and which evaluation made it
-    (downstream stages leave the flagged cines out, cohort.flagged_copies)."""
+def record_audit(generated_dir: str | Path, flagged: Sequence[str], audited: Sequence[str], audit: dict,
+                 evaluation_dir: str | Path) -> Path:
+    """Write <generated_dir>/privacy_audit.json: the flagged and the audited subjects, the thresholds and which
+    evaluation made it (downstream stages leave the flagged cines out and report unaudited ones, cohort.copy_audit)."""
     path = Path(generated_dir) / AUDIT
-    write_json(path, {"flagged": sorted(flagged), "thresholds": audit["thresholds"],
+    write_json(path, {"flagged": sorted(flagged), "audited": sorted(audited), "thresholds": audit["thresholds"],
                       "evaluation_dir": str(Path(evaluation_dir).resolve())})
     return path
 
