@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,8 +15,9 @@ import pytest
 import torch
 
 from scripts.runtime.checkpoints import DATA_KEY
+from scripts.runtime.files import TMP_PATTERN
 from scripts.runtime.output_dirs import MARKER
-from tests.conftest import run_bundle
+from tests.conftest import ONE_THREAD, bundle_env, run_bundle
 
 
 def _phenotype_metrics_reach_the_last_epoch(runs: dict, latest: dict) -> None:
@@ -67,3 +72,61 @@ def test_resume_on_other_training_data_is_refused(phenotype_vae_runs: dict, tmp_
     done = run_bundle("configs/train_phenotype_vae.json", expect_failure=True, dataset_dir=tmp_path / "prepared",
                       ckpt_dir=tmp_path / "models", output_dir=tmp_path / "out", num_epochs=5)
     assert "phenotype_vae_latest.pt: trained on other data than" in done.stdout + done.stderr
+
+
+def _temporary(models: Path) -> set[str]:
+    """Names of atomic_write's temporary files in `models`."""
+    return {p.name for p in models.iterdir() if TMP_PATTERN.fullmatch(p.name)}
+
+
+def _checkpoints(models: Path) -> list[Path]:
+    """The checkpoint files of `models`, without temporary ones."""
+    return [p for p in models.glob("*.pt") if not TMP_PATTERN.fullmatch(p.name)]
+
+
+def _kill_at_first_save(cmd: list[str], models: Path, timeout_s: float = 240.0) -> str:
+    """Start `cmd` in its own process group, SIGKILL it as soon as a temporary checkpoint file appears in `models`
+    (mid-save), else once a checkpoint's mtime changes (just after a save); returns which happened."""
+    before = {p: p.stat().st_mtime_ns for p in _checkpoints(models)}
+    orphans = _temporary(models)  # left by an earlier kill: not this run's save
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], env=bundle_env(ONE_THREAD),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline, when = time.monotonic() + timeout_s, ""
+    while not when and time.monotonic() < deadline and proc.poll() is None:
+        if _temporary(models) - orphans:
+            when = "mid-save"
+        elif any(p.stat().st_mtime_ns != before.get(p) for p in _checkpoints(models)):
+            when = "after a save"
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert when, f"no checkpoint save seen within {timeout_s} s (exit {proc.returncode})"
+    return when
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("runs_fixture", "latest_name", "start", "end", "keys", "iterations", "extra"), STAGES)
+def test_kill_9_during_a_save_leaves_loadable_checkpoints(request: pytest.FixtureRequest, tmp_path: Path,
+                                                         runs_fixture: str, latest_name: str, start: int, end: int,
+                                                         keys: set[str], iterations: int, extra: object) -> None:
+    """Three SIGKILLs at checkpoint saves of a resumed run (each rerun resumes from what the last kill left), then a
+    rerun to the end: every checkpoint loads (weights_only) after each kill and the rerun trains each epoch once."""
+    runs = request.getfixturevalue(runs_fixture)
+    root = tmp_path / "root"
+    shutil.copytree(runs["root"], root, symlinks=True)
+    second = runs["second"].args  # the fixture's resumed command, retargeted at the copy
+    cmd = [str(a).replace(str(runs["root"]), str(root)) for a in second]
+    epochs_flag = next(i for i, a in enumerate(cmd) if a.endswith("num_epochs"))
+    cmd[epochs_flag + 1] = str(end + 6)
+    models = root / "models"
+    for _ in range(3):
+        print(f"{runs_fixture}: killed {_kill_at_first_save(cmd, models)}")
+        for path in _checkpoints(models):
+            torch.load(path, weights_only=True)  # a truncated or half-written file would raise here
+    left = _temporary(models)  # the kills' (removed by a run an hour later: they may be a running writer's)
+    done = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=bundle_env(ONE_THREAD),
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    latest = torch.load(models / latest_name, weights_only=True)
+    assert latest["trainer"]["iteration"] == iterations // end * (end + 6)  # every epoch to the end, once
+    assert _temporary(models) <= left  # the rerun's saves left none
