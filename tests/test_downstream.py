@@ -271,6 +271,10 @@ def test_encoder_features_come_from_the_pretrained_encoder(cohort: tuple[Path, P
     again = encoder_features(TINY_MAE, str(tmp_path / "mae.pt"), items[:2], "mean", batch_size=1)
     np.testing.assert_allclose(again[items[1]["image"]], mean[items[1]["image"]], atol=1e-5)  # per cine, any batch
     cls = encoder_features(TINY_MAE, str(tmp_path / "mae.pt"), items, "cls")
+    tokens = encoder_features(TINY_MAE, str(tmp_path / "mae.pt"), items, batch_size=2)  # the default: patch tokens
+    patches = (96 // TINY_MAE["patch_size"]) ** 2
+    assert tokens[items[0]["image"]].shape == (patches * TINY_MAE["hidden_size"],)
+    np.testing.assert_allclose(tokens[items[0]["image"]].reshape(patches, -1).mean(0), mean[items[0]["image"]], atol=1e-5)
     scratch = encoder_features(TINY_MAE, "", items, "mean", seed=0)
     assert not np.allclose(cls[items[0]["image"]], mean[items[0]["image"]])
     assert not np.allclose(scratch[items[0]["image"]], mean[items[0]["image"]])

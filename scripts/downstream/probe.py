@@ -20,12 +20,14 @@ from scripts.downstream.mae import IMAGE, LABEL, cine_dataset
 
 logger = logging.getLogger(__name__)
 
-POOLINGS = ("mean", "cls")  # the mean of the patch tokens, or the [CLS] token, after the encoder's final LayerNorm
+# after the encoder's final LayerNorm: every patch token in grid order (N_patches x hidden_size values; keeps where
+# things are, which sizes and volumes need), their mean, or the [CLS] token
+POOLINGS = ("tokens", "mean", "cls")
 
 
-def encoder_features(mae: Mapping, weights: str | None, items: Sequence[dict], pooling: str = "mean",
+def encoder_features(mae: Mapping, weights: str | None, items: Sequence[dict], pooling: str = "tokens",
                      batch_size: int = 32, seed: int = 0) -> dict[str, np.ndarray]:
-    """{image path: (hidden_size,) float32 feature} of `items` through the ViT encoder of the MAE checkpoint `weights`
+    """{image path: float32 feature (N_patches x hidden_size for "tokens", else hidden_size)} of `items` through the ViT encoder of the MAE checkpoint `weights`
     (loaded as fine-tuning loads it; None or "": initialised with `seed`, the scratch row)."""
     if pooling not in POOLINGS:
         raise ValueError(f"probe#pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -38,7 +40,8 @@ def encoder_features(mae: Mapping, weights: str | None, items: Sequence[dict], p
         for batch in loader:
             _, hidden = vit(batch[IMAGE].to(device))  # the last block's (B, 1 + patches, hidden_size) tokens
             tokens = vit.norm(hidden[-1])
-            out.append((tokens[:, 0] if pooling == "cls" else tokens[:, 1:].mean(1)).float().cpu().numpy())
+            pooled = {"tokens": tokens[:, 1:].flatten(1), "mean": tokens[:, 1:].mean(1), "cls": tokens[:, 0]}[pooling]
+            out.append(pooled.float().cpu().numpy())
     return dict(zip((d[IMAGE] for d in items), np.concatenate(out) if out else np.zeros((0, mae["hidden_size"]))))
 
 
