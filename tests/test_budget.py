@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from ignite.engine import Engine, Events
 
 from scripts.runtime.budget import EpochBudget
+from scripts.runtime.schedules import WarmupCosine
 
 
 def _engine(seconds_per_epoch: float) -> Engine:
@@ -71,3 +74,31 @@ def test_budget_stretches_a_cosine_schedule_to_the_derived_length(tmp_path: Path
     engine.run([0, 1], max_epochs=50)
     assert engine.state.epoch == 4 and cosine.T_max == 8
     assert optimizer.param_groups[0]["lr"] < 1e-9  # the schedule's end, reached with the run's
+
+
+def test_budget_stretches_a_warmup_cosine_factor_and_it_resumes(tmp_path: Path) -> None:
+    """MAR's LambdaLR(WarmupCosine): warm-up, then a cosine to `final` at the derived end; its total is checkpointed."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup=2, total=2 * 50, final=0.1))
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5)  # first warm-up step
+    budget = EpochBudget(1e6, tmp_path / "b.json", scheduler=schedule)
+    budget.load_state_dict({"derived": 4})
+    lrs: list[float] = []
+    engine = _engine(0.0)
+    engine.add_event_handler(Events.ITERATION_COMPLETED,
+                             lambda e: (optimizer.step(), schedule.step(), lrs.append(optimizer.param_groups[0]["lr"])))
+    budget.attach(engine)
+    engine.run([0, 1], max_epochs=50)
+    assert engine.state.epoch == 4 and schedule.lr_lambdas[0].total == 8
+    assert lrs[0] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1)  # warm-up done; the end reached at step 8
+    assert all(a >= b for a, b in itertools.pairwise(lrs))
+    again = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup=2, total=100, final=0.1))
+    again.load_state_dict(schedule.state_dict())
+    assert again.lr_lambdas[0].total == 8 and again.last_epoch == schedule.last_epoch
+
+
+def test_warmup_cosine_constant_and_bad_final() -> None:
+    constant = WarmupCosine(warmup=4, total=10, final=1.0)
+    assert [constant(i) for i in (0, 3, 4, 9, 20)] == [0.25, 1.0, 1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="final learning-rate factor"):
+        WarmupCosine(1, 10, final=1.5)

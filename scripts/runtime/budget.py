@@ -20,7 +20,8 @@ class EpochBudget:
     """Derive max_epochs = min(max_epochs, the epochs that fit in `budget_s` seconds at the mean wall time of the first
     `measure_epochs` epochs of this run), rounded down to a multiple of `round_to` (a validation interval, so the last
     epoch is validated), at least `min_epochs`; budget_s None: off. Writes the decision to `path`; a
-    per-iteration `scheduler` with a `T_max` (cosine) is stretched to the derived length. Attach after
+    per-iteration `scheduler` with a `T_max` (cosine) or a LambdaLR of a factor with a `total` (WarmupCosine) is
+    stretched to the derived length. Attach after
     LatestCheckpoint: a resumed run applies the checkpointed decision once the checkpoint is loaded."""
 
     def __init__(self, budget_s: float | None, path: str | Path, min_epochs: int = 1, measure_epochs: int = 2,
@@ -58,8 +59,12 @@ class EpochBudget:
 
     def _apply(self, engine: Engine, max_epochs: int) -> None:
         engine.state.max_epochs = max_epochs
+        total = max(1, max_epochs * engine.state.epoch_length)  # the schedule ends with the run
         if self.scheduler is not None and hasattr(self.scheduler, "T_max"):
-            self.scheduler.T_max = max(1, max_epochs * engine.state.epoch_length)  # the cosine ends with the run
+            self.scheduler.T_max = total
+        for factor in getattr(self.scheduler, "lr_lambdas", []):
+            if hasattr(factor, "total"):
+                factor.total = total
 
     def state_dict(self) -> dict:
         return {"derived": -1 if self.derived is None else self.derived}
