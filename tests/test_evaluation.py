@@ -152,8 +152,9 @@ def test_adherence_of_phantom_cines_from_their_true_labels_is_high(cohort: tuple
 
     t = np.linspace(1, 10, 6)[:, None]
     perfect, scaled = (adherence.adherence_stats(t, m, ["x"])["x"] for m in (t, 2 * t))
-    assert perfect == {"n": 6, "pearson_r": pytest.approx(1.0), "mae": 0.0, "r2": 1.0}
+    assert perfect == {"n": 6, "pearson_r": pytest.approx(1.0), "mae": 0.0, "r2": 1.0, "slope": pytest.approx(1.0)}
     assert scaled["pearson_r"] == pytest.approx(1.0) and scaled["mae"] == pytest.approx(5.5) and scaled["r2"] < 0
+    assert scaled["slope"] == pytest.approx(2.0)  # twice the requested spread
 
     empty = np.zeros_like(labels[:1])
     measured, failures = adherence.measure_labels(np.concatenate([labels[:1], empty]), items[:2])

@@ -52,8 +52,9 @@ def measure_labels(labels: np.ndarray, items: Sequence[dict]) -> tuple[np.ndarra
 
 
 def adherence_stats(target: np.ndarray, measured: np.ndarray, columns: Sequence[str]) -> dict[str, dict]:
-    """Per column {"n", "pearson_r", "mae", "r2"} of measured vs target (N, F), over rows where both are finite;
-    r2 = 1 - SS(measured - target) / SS(target - mean target). None where fewer than 3 rows or no spread."""
+    """Per column {"n", "pearson_r", "mae", "r2", "slope"} of measured vs target (N, F), over rows where both are
+    finite; r2 = 1 - SS(measured - target) / SS(target - mean target); slope: least-squares slope of measured on
+    target (1: the requested spread is kept; > 1 exaggerated). None where fewer than 3 rows or no spread."""
     out = {}
     for k, c in enumerate(columns):
         t, m = target[:, k], measured[:, k]
@@ -62,7 +63,8 @@ def adherence_stats(target: np.ndarray, measured: np.ndarray, columns: Sequence[
         spread = len(t) >= 3 and t.std() > 0 and m.std() > 0
         out[c] = {"n": int(ok.sum()), "pearson_r": float(np.corrcoef(t, m)[0, 1]) if spread else None,
                   "mae": float(np.abs(m - t).mean()) if len(t) else None,
-                  "r2": float(1 - ((m - t) ** 2).sum() / ((t - t.mean()) ** 2).sum()) if spread else None}
+                  "r2": float(1 - ((m - t) ** 2).sum() / ((t - t.mean()) ** 2).sum()) if spread else None,
+                  "slope": float(np.polyfit(t, m, 1)[0]) if spread else None}
     return out
 
 

@@ -104,14 +104,15 @@ def _fidelity(m: dict) -> list[str]:
 
 def _adherence_row(c: str, entry: dict | None) -> list[str]:
     p = (entry or {}).get("phenotypes", {}).get(c, {})
-    return [fmt(p.get("pearson_r")), fmt(p.get("mae")), fmt(p.get("r2"))]
+    return [fmt(p.get("pearson_r")), fmt(p.get("mae")), fmt(p.get("r2")), fmt(p.get("slope"))]
 
 
 def _adherence_table(a: dict, entry: dict | None, floors: Mapping[str, dict | None]) -> list[str]:
-    """Per phenotype: the set's r / MAE / R^2 (if any) beside those of each floor."""
+    """Per phenotype: the set's r / MAE / R^2 / slope (if any) beside those of each floor."""
     groups = ([("", entry)] if entry else []) + [(f"{k} ", v) for k, v in floors.items()]
-    head = " | ".join(f"{g}r | MAE | R^2" for g, _ in groups)
-    lines = [f"| phenotype | n | {head} |", "| --- | --- | " + " | ".join(["--- | --- | ---"] * len(groups)) + " |"]
+    head = " | ".join(f"{g}r | MAE | R^2 | slope" for g, _ in groups)
+    lines = [f"| phenotype | n | {head} |",
+             "| --- | --- | " + " | ".join(["--- | --- | --- | ---"] * len(groups)) + " |"]
     for c in a["columns"]:
         n = (entry or next(iter(floors.values())))["phenotypes"][c]["n"]
         lines.append(f"| {c} | {n} | " + " | ".join(x for _, e in groups for x in _adherence_row(c, e)) + " |")
@@ -148,7 +149,8 @@ def _adherence(m: dict) -> list[str]:
              "conditioned on. Floors: the same segmenter + measurement on real held-out cines against their true "
              "table (held-out segmented), and the measurement of their true prepared labels (true labels). HR and "
              "LVCO follow from the datalist's frame interval, not from the image. R^2 = 1 - SS(measured - requested) "
-             "/ SS(requested - mean)."), ""]
+             "/ SS(requested - mean); slope: least-squares slope of measured on requested (1 keeps the requested "
+             "spread, above 1 exaggerates it)."), ""]
     names = {"heldout_segmented": "held-out segmented", "heldout_true_labels": "true labels"}
     floors = {names[k]: a[k] for k in names if a.get(k)}
     if "skipped" in a:
