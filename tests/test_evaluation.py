@@ -20,6 +20,7 @@ from scripts.data.phenotypes import PHENOTYPE_COLUMNS
 from scripts.data.prepare import prepare
 from scripts.evaluation import adherence, fidelity, privacy
 from scripts.evaluation.protocol import value_rows
+from scripts.generation import membership
 from scripts.generation.autoencoder import CineAutoencoderKL
 from scripts.generation.mar import MAR
 from scripts.runtime.features import frechet_distance, load_feature_network
@@ -215,23 +216,23 @@ def test_a_copied_training_cine_is_flagged_and_a_fresh_one_is_not(cohort: tuple[
 
 
 def test_membership_inference_auc() -> None:
-    separated = privacy.membership_inference([0.1, 0.2, 0.3], [0.5, 0.6, 0.7, 0.8], permutations=200, seed=0)
+    separated = membership.membership_inference([0.1, 0.2, 0.3], [0.5, 0.6, 0.7, 0.8], permutations=200, seed=0)
     assert separated["auc"] == 1.0 and separated["tpr_at_fpr"] == 1.0 and 0.5 < separated["null_auc_95"] < 1.0
-    assert privacy.membership_inference([0.9, 1.0], [0.1, 0.2], permutations=0)["auc"] == 0.0
+    assert membership.membership_inference([0.9, 1.0], [0.1, 0.2], permutations=0)["auc"] == 0.0
     rng = np.random.default_rng(0)
-    chance = privacy.membership_inference(rng.normal(size=200), rng.normal(size=200), permutations=100, seed=1)
+    chance = membership.membership_inference(rng.normal(size=200), rng.normal(size=200), permutations=100, seed=1)
     assert 0.4 < chance["auc"] < 0.6 and chance["auc"] < chance["null_auc_95"] + 0.05
-    assert "skipped" in privacy.membership_inference([0.1], [], permutations=10)
+    assert "skipped" in membership.membership_inference([0.1], [], permutations=10)
 
 
 def test_mar_losses_are_seeded_per_subject_not_per_batch() -> None:
     torch.manual_seed(0)
     mar = MAR(n_phenotypes=3, **def_kwargs("mar_def", "tiny"))
     means, cond = torch.randn(3, 16, 25, 12, 12), torch.randn(3, 3)
-    losses = privacy.mar_losses(mar, means, cond, draws=2, seed=7)
+    losses = membership.mar_losses(mar, means, cond, draws=2, seed=7)
     assert losses.shape == (3,) and np.isfinite(losses).all()
-    assert np.array_equal(losses[1:], privacy.mar_losses(mar, means[1:], cond[1:], draws=2, seed=7))
-    assert not np.array_equal(losses, privacy.mar_losses(mar, means, cond, draws=2, seed=8))
+    assert np.array_equal(losses[1:], membership.mar_losses(mar, means[1:], cond[1:], draws=2, seed=7))
+    assert not np.array_equal(losses, membership.mar_losses(mar, means, cond, draws=2, seed=8))
 
 
 def test_segmenter_callable_from_a_checkpoint(tmp_path: Path) -> None:

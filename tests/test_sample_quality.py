@@ -144,6 +144,8 @@ def test_handler_samples_scores_saves_and_chooses_cfg(tmp_path: Path) -> None:
     history = json.loads((tmp_path / "out" / "sample_quality.json").read_text())["history"]
     assert [r["epoch"] for r in history] == [1, 2] and history[0]["fjd"] == history[1]["fjd"]  # same weights, seeds
     assert history[0]["fjd"] > 0 and [r["saved"] for r in history] == [True, False]
+    assert 0.0 <= history[0]["membership_auc"] <= 1.0 and history[0]["membership_null_95"] >= 0.5
+    assert history[0]["membership_auc"] == history[1]["membership_auc"]  # same weights, same seeded loss draws
     ckpt = tmp_path / "models" / "mar.pt"
     load_weights(build("mar_def", "tiny", n_phenotypes=3, latent_shape=SHAPE, latent_scale=1.0), ckpt)
     choice = json.loads((tmp_path / "models" / SAMPLING_FILE).read_text())

@@ -30,6 +30,7 @@ from scripts.evaluation.protocol import (
     value_rows,
 )
 from scripts.evaluation.report import write_report
+from scripts.generation import membership
 from scripts.generation.generate import sample_seed
 from scripts.runtime.checkpoints import load_weights
 from scripts.runtime.files import write_json
@@ -108,7 +109,7 @@ def training_pass(data: Loaded, networks: Networks, queries: Mapping[str, torch.
         with_phen = [i for i, d in enumerate(part) if d["subject"] in phenotypes]
         if with_phen:
             cond = torch.as_tensor(np.stack([phenotypes[part[i]["subject"]] for i in with_phen]), dtype=torch.float32)
-            losses.append(privacy.mar_losses(networks.mar, means[with_phen], cond, protocol.mia_draws, seed))
+            losses.append(membership.mar_losses(networks.mar, means[with_phen], cond, protocol.mia_draws, seed))
     return nearest.result(), torch.cat(embeddings), np.concatenate(losses) if losses else np.zeros(0)
 
 
@@ -151,9 +152,9 @@ def privacy_section(data: Loaded, networks: Networks, protocol: Protocol, seed: 
     held = [i for i, d in enumerate(heldout) if d["subject"] in held_cond]
     cond = torch.as_tensor(np.stack([held_cond[heldout[i]["subject"]] for i in held]), dtype=torch.float32) \
         if held else torch.zeros(0, len(data.stats["columns"]))
-    held_loss = privacy.mar_losses(networks.mar, means[HELDOUT][held], cond, protocol.mia_draws, seed,
+    held_loss = membership.mar_losses(networks.mar, means[HELDOUT][held], cond, protocol.mia_draws, seed,
                                    "evaluation: MAR losses of the held-out cines")
-    audit["membership_inference"] = privacy.membership_inference(train_loss, held_loss,
+    audit["membership_inference"] = membership.membership_inference(train_loss, held_loss,
                                                                  protocol.mia_permutations, seed)
     return audit
 

@@ -21,6 +21,7 @@ from ignite.engine import Engine, Events
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
+from scripts.generation.membership import mar_losses, membership_inference
 from scripts.runtime.checkpoints import load_weights
 from scripts.runtime.distributed import unwrap
 from scripts.runtime.features import frechet_distance
@@ -166,10 +167,11 @@ class ValidationSet:
 
 class SampleQuality:
     """Ignite handler of the MAR trainer: every `interval` epochs and at the last, FJD, FD and latent adherence of
-    `num_samples` seeded EMA samples on the validation conditions (rank 0); saves <ckpt_dir>/<filename> when they rank
+    `num_samples` seeded EMA samples on the validation conditions (rank 0), and the loss-based membership AUC of as
+    many training vs validation subjects (logged beside them, not used for the choice); saves <ckpt_dir>/<filename> when they rank
     above the saved ones (`rank`, FD limit fd_tolerance x the real floor) and, when training completes, writes the
     best-ranked CFG scale to <ckpt_dir>/mar_sampling.json; with `summary_writer` also its scores as TensorBoard scalars
-    (sample_quality/fjd, fd, fd_limit, adherence, at the trainer's epoch)."""
+    (sample_quality/fjd, fd, fd_limit, adherence, membership_auc, at the trainer's epoch)."""
 
     def __init__(self, ema: AveragedModel, train_data: Sequence[dict], val_data: Sequence[dict],
                  ckpt_dir: str | Path, output_dir: str | Path, interval: int = 10, num_samples: int = 50,
@@ -241,6 +243,16 @@ class SampleQuality:
             latents = sample_latents(network, val.phenotypes, self.batch_size, cfg=cfg, **self.sampling)
         return quality(val.reference, val.real, pooled_features(latents, self.fit_args["grid"]), val.phenotypes)
 
+    def membership(self, network: nn.Module, draws: int = 2, permutations: int = 200) -> dict[str, float]:
+        """Membership AUC of `network`'s losses on the first n training vs the first n validation subjects (n =
+        num_samples or fewer; the same seeded draws for all) and its permutation 95th percentile."""
+        n = min(self.num_samples, len(self.train_data), len(self.val_data))
+        losses = [mar_losses(network, torch.stack([d[i]["mean"] for i in range(n)]).float(),
+                             torch.stack([torch.as_tensor(d[i]["phenotypes"]) for i in range(n)]).float(), draws, 0)
+                  for d in (self.train_data, self.val_data)]
+        mia = membership_inference(*losses, permutations=permutations)
+        return {"membership_auc": mia.get("auc", math.nan), "membership_null_95": mia.get("null_auc_95", math.nan)}
+
     def evaluate(self, engine: Engine) -> None:
         """Every `interval` epochs and at the last (rank 0): measure, save the EMA network on improvement, record."""
         epoch = engine.state.epoch
@@ -253,13 +265,16 @@ class SampleQuality:
             with atomic_write(self.ckpt) as tmp:
                 torch.save(network.state_dict(), tmp)  # a plain MAR state dict, as load_weights reads it
             self.best, self.best_epoch = scores, epoch
-        self.history.append({"epoch": epoch, **scores, "saved": improved})
+        privacy = self.membership(network)
+        self.history.append({"epoch": epoch, **scores, **privacy, "saved": improved})
         if self.writer is not None:
-            for name, value in {**scores, "fd_limit": limit}.items():
+            for name, value in {**scores, "fd_limit": limit, "membership_auc": privacy["membership_auc"]}.items():
                 self.writer.add_scalar(f"sample_quality/{name}", value, epoch)
         logger.info("sample quality epoch %d: FJD %.4g, FD %.4g (limit %.4g), latent adherence r %.3f (real "
-                    "validation %.3f)%s", epoch, scores["fjd"], scores["fd"], limit, scores["adherence"],
-                    val.adherence_real, f"; saved {self.ckpt}" if improved else f"; kept epoch {self.best_epoch}")
+                    "validation %.3f), membership AUC %.3f (chance up to %.3f)%s", epoch, scores["fjd"], scores["fd"],
+                    limit, scores["adherence"], val.adherence_real, privacy["membership_auc"],
+                    privacy["membership_null_95"],
+                    f"; saved {self.ckpt}" if improved else f"; kept epoch {self.best_epoch}")
         write_json(self.record_path, {
             "criterion": CRITERION, "settings": {"cfg": self.cfg, **self.settings(engine.amp)},
             "adherence_real": _json_number(val.adherence_real), "fd_floor": _json_number(val.fd_floor),
