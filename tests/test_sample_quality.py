@@ -54,6 +54,10 @@ def test_fjd_is_zero_for_the_same_set_and_grows_with_shuffled_features_or_pairin
     shuffled = real[:, torch.randperm(real.shape[1], generator=torch.Generator().manual_seed(3))]  # other features
     features = quality(reference, real, shuffled, phenotypes)
     assert features["fd"] > 1.0 and features["fjd"] > 1.0
+    assert same["calibration"] == pytest.approx(1.0)
+    exaggerated = quality(reference, real, real.mean(0) + 2.0 * (real - real.mean(0)), phenotypes)
+    assert exaggerated["calibration"] == pytest.approx(2.0) and exaggerated["adherence"] == pytest.approx(
+        same["adherence"])  # r cannot see the doubled spread; calibration does
 
 
 def _items(n: int, seed: int) -> list[dict]:

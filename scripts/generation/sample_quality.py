@@ -98,15 +98,32 @@ def mean_pearson(pred: torch.Tensor, target: torch.Tensor) -> float:
     return float(((p * t).sum(0)[ok] / denom[ok]).mean()) if ok.any() else math.nan
 
 
+def slopes(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(P,) least-squares slopes of (N, P) predictions on their targets (NaN where a target column is constant)."""
+    p, t = pred - pred.mean(0), target - target.mean(0)
+    var = (t * t).sum(0)  # (P,)
+    return torch.where(var > 1e-12, (p * t).sum(0) / var.clamp_min(1e-12), torch.nan)
+
+
+def calibration(reference: Reference, real: torch.Tensor, generated: torch.Tensor, phenotypes: torch.Tensor) -> float:
+    """Median over phenotypes of the ridge prediction's slope on the request, generated over real (1: the requested
+    spread; above 1: exaggerated, as high CFG scales do); columns the real latents barely predict are left out."""
+    real_slope, gen_slope = slopes(reference.predict(real), phenotypes), slopes(reference.predict(generated), phenotypes)
+    ok = real_slope.abs() > 0.05  # NaN compares False
+    return float((gen_slope[ok] / real_slope[ok]).median()) if ok.any() else math.nan
+
+
 def quality(reference: Reference, real: torch.Tensor, generated: torch.Tensor,
             phenotypes: torch.Tensor) -> dict[str, float]:
     """FJD of [components, phenotypes] and FD of components between real and generated (N, D) pooled features
-    paired with the same (N, P) phenotypes; adherence: mean Pearson r of the ridge prediction from `generated`."""
+    paired with the same (N, P) phenotypes; adherence: mean Pearson r of the ridge prediction from `generated`;
+    calibration: `calibration` (logged, not ranked)."""
     if not torch.isfinite(generated).all():
-        return {"fjd": math.inf, "fd": math.inf, "adherence": math.nan}
+        return {"fjd": math.inf, "fd": math.inf, "adherence": math.nan, "calibration": math.nan}
     zr, zg = reference.project(real), reference.project(generated)  # (N, k) each
     return {"fjd": frechet_distance(torch.cat([zr, phenotypes], 1), torch.cat([zg, phenotypes], 1)),
-            "fd": frechet_distance(zr, zg), "adherence": mean_pearson(reference.predict(generated), phenotypes)}
+            "fd": frechet_distance(zr, zg), "adherence": mean_pearson(reference.predict(generated), phenotypes),
+            "calibration": calibration(reference, real, generated, phenotypes)}
 
 
 # ---------------------------------------------------------------------------------------------------------- sampling
@@ -171,7 +188,7 @@ class SampleQuality:
     many training vs validation subjects (logged beside them, not used for the choice); saves <ckpt_dir>/<filename> when they rank
     above the saved ones (`rank`, FD limit fd_tolerance x the real floor) and, when training completes, writes the
     best-ranked CFG scale to <ckpt_dir>/mar_sampling.json; with `summary_writer` also its scores as TensorBoard scalars
-    (sample_quality/fjd, fd, fd_limit, adherence, membership_auc, at the trainer's epoch)."""
+    (sample_quality/fjd, fd, fd_limit, adherence, calibration, membership_auc, at the trainer's epoch)."""
 
     def __init__(self, ema: AveragedModel, train_data: Sequence[dict], val_data: Sequence[dict],
                  ckpt_dir: str | Path, output_dir: str | Path, interval: int = 10, num_samples: int = 50,
@@ -271,8 +288,9 @@ class SampleQuality:
             for name, value in {**scores, "fd_limit": limit, "membership_auc": privacy["membership_auc"]}.items():
                 self.writer.add_scalar(f"sample_quality/{name}", value, epoch)
         logger.info("sample quality epoch %d: FJD %.4g, FD %.4g (limit %.4g), latent adherence r %.3f (real "
-                    "validation %.3f), membership AUC %.3f (chance up to %.3f)%s", epoch, scores["fjd"], scores["fd"],
-                    limit, scores["adherence"], val.adherence_real, privacy["membership_auc"],
+                    "validation %.3f), calibration %.2f, membership AUC %.3f (chance up to %.3f)%s", epoch, scores["fjd"],
+                    scores["fd"], limit, scores["adherence"], val.adherence_real, scores.get("calibration", math.nan),
+                    privacy["membership_auc"],
                     privacy["membership_null_95"],
                     f"; saved {self.ckpt}" if improved else f"; kept epoch {self.best_epoch}")
         write_json(self.record_path, {
@@ -304,9 +322,10 @@ class SampleQuality:
         limit = self.fd_limit()
         best = max(finite, key=lambda c: rank(scores[c], limit))  # ties: the first listed
         by = {f"{key}_by_cfg": {str(c): _json_number(scores[c][key]) for c in self.cfg_candidates}
-              for key in ("fjd", "fd", "adherence")}
+              for key in ("fjd", "fd", "adherence", "calibration")}
         write_json(path, {"cfg": best, "criterion": CRITERION, **by, "fd_limit": _json_number(limit),
                           "settings": settings,
                           "best_epoch": self.best_epoch, "checkpoint": str(self.ckpt), "checkpoint_sha256": digest})
-        logger.info("CFG scale %s chosen (%s): adherence by cfg %s, FD by cfg %s (limit %.4g); written to %s", best,
-                    CRITERION, by["adherence_by_cfg"], by["fd_by_cfg"], limit, path)
+        logger.info("CFG scale %s chosen (%s): adherence by cfg %s, FD by cfg %s (limit %.4g), calibration by cfg %s;"
+                    " written to %s", best, CRITERION, by["adherence_by_cfg"], by["fd_by_cfg"], limit,
+                    by["calibration_by_cfg"], path)
