@@ -134,8 +134,8 @@ def _sgd_step(network: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Non
 
 
 def _spawn_ranks(tmp_path: Path, attempts: int = 2, timeout_s: float = 120.0) -> None:
-    """Run _ddp_step on 2 gloo ranks; a rendezvous that hangs (a free port taken between the probe and the bind,
-    seen once in CI) is killed after timeout_s and retried on a new port, so the suite cannot stall."""
+    """Run _ddp_step on 2 gloo ranks; ranks that hang (seen once in CI: one rank left waiting, cause not found) are
+    killed after timeout_s and retried on a new port, so the suite cannot stall."""
     for _ in range(attempts):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
