@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from monai.bundle import ConfigParser
 
-from scripts.runtime import cli
+from scripts.runtime import cli, output_dirs
 from scripts.runtime.output_dirs import MARKER, claim_output_dir, listing
 from tests.conftest import run_bundle
 from tests.stage_runs import write_phenotype_prepared
@@ -76,6 +76,32 @@ def test_a_folder_of_an_earlier_version_is_claimed_where_it_holds_only_the_stage
     assert _stage(legacy) == "train_x"
     with pytest.raises(ValueError, match=_refusal(mixed, "train_x", "scan.nii.gz", f"has no {MARKER} of train_x")):
         claim_output_dir(mixed, "train_x", own=OWN)
+
+
+def test_a_concurrent_claim_by_another_rank_of_the_same_stage_is_accepted(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two ranks claim at once: rank 1's marker lands after rank 0 read none and before it lists the folder (a 2-rank
+    CI run failed so, 2026-12-04); a marker of another stage landing so is still refused."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    read = output_dirs.marked_stage
+    for stage, other in (("train_x", "train_x"), ("train_x", "train_y")):
+        (folder / MARKER).unlink(missing_ok=True)
+        calls: list[int] = []
+
+        def late_marker(path: Path, other: str = other, calls: list[int] = calls) -> str | None:
+            calls.append(1)
+            if len(calls) == 1:  # the first read sees no marker; the other rank writes it right after
+                (folder / MARKER).write_text(json.dumps({"stage": other}))
+                return None
+            return read(path)
+
+        monkeypatch.setattr(output_dirs, "marked_stage", late_marker)
+        if other == stage:
+            assert claim_output_dir(folder, stage, own=OWN) == folder and _stage(folder) == stage
+        else:
+            with pytest.raises(ValueError, match=_refusal(folder, stage, MARKER, f"has no {MARKER} of {stage}")):
+                claim_output_dir(folder, stage, own=OWN)
 
 
 def test_listing_names_the_first_few() -> None:

@@ -65,6 +65,8 @@ def claim_output_dir(output_dir: str | Path, stage: str, overwrite: bool | str =
         return folder
     why = f"was made by {owner} ({MARKER})" if owner else f"has no {MARKER} of {stage}"
     found = entries(folder, () if owner else own)
+    if owner is None and MARKER in found and marked_stage(folder) == stage:
+        return folder  # another rank of this run claimed it between the marker's read and the listing
     refuse_foreign(folder, stage, found, why, overwrite)
     if found:
         logger.warning("%s holds %s but %s: written into (--overwrite True)", folder, listing(found), why)
