@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from scripts.runtime.budget import EpochBudget
+from scripts.runtime.checkpoints import LatestCheckpoint
 from scripts.runtime.schedules import WarmupCosine
 
 
@@ -102,3 +104,36 @@ def test_warmup_cosine_constant_and_bad_final() -> None:
     assert [constant(i) for i in (0, 3, 4, 9, 20)] == [0.25, 1.0, 1.0, 1.0, 1.0]
     with pytest.raises(ValueError, match="final learning-rate factor"):
         WarmupCosine(1, 10, final=1.5)
+
+
+def test_a_checkpoint_of_an_earlier_scheduler_resumes_at_its_position(tmp_path: Path, caplog) -> None:
+    """0.9.0's MAR checkpoints hold a LinearLR warm-up state; 0.9.1 runs LambdaLR(WarmupCosine): a resume took the
+    LinearLR state and died with KeyError 'lr_lambdas'. Now it keeps the new schedule at the saved iteration (the same
+    rates where final is 1.0); a state of the same class loads as before (the stretched total included)."""
+    def scheduler(kind: str) -> torch.optim.lr_scheduler.LRScheduler:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        if kind == "linear":
+            return torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.25, total_iters=4)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup=4, total=40, final=1.0))
+
+    old, network = scheduler("linear"), torch.nn.Linear(1, 1)
+    for _ in range(6):
+        old.optimizer.step(), old.step()
+    torch.save({"lr_scheduler": old.state_dict(), "network": network.state_dict(), "trainer": {"epoch": 3,
+                "epoch_length": 2, "max_epochs": 10}}, tmp_path / "latest.pt")
+    new, engine = scheduler("lambda"), Engine(lambda e, b: None)
+    with caplog.at_level(logging.WARNING):
+        LatestCheckpoint(tmp_path / "latest.pt", {"lr_scheduler": new, "network": network}).load(engine)
+    assert "written by another scheduler" in caplog.text and "latest.pt" in caplog.text
+    assert new.last_epoch == 6 and new.lr_lambdas[0].total == 40 and engine.state.epoch == 3
+    new.optimizer.step(), new.step(), old.optimizer.step(), old.step()
+    assert new.get_last_lr() == old.get_last_lr() == [1.0]
+
+    stretched = scheduler("lambda")
+    stretched.lr_lambdas[0].total = 8
+    torch.save({"lr_scheduler": stretched.state_dict(), "trainer": {"epoch": 0, "epoch_length": 2,
+                "max_epochs": 10}}, tmp_path / "same.pt")
+    caplog.clear()
+    again = scheduler("lambda")
+    LatestCheckpoint(tmp_path / "same.pt", {"lr_scheduler": again}).load(Engine(lambda e, b: None))
+    assert again.lr_lambdas[0].total == 8 and "another scheduler" not in caplog.text

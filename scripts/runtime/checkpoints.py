@@ -12,11 +12,13 @@ from ignite.engine import Engine, Events
 from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointLoader, CheckpointSaver
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from scripts.runtime.distributed import unwrap
 from scripts.runtime.files import atomic_write, file_digest, remove_orphans
 
 logger = logging.getLogger(__name__)
+POSITION = ("last_epoch", "_step_count", "_last_lr")  # where a learning-rate scheduler is, whatever its class
 
 
 class AtomicFileSaver(BaseSaveHandler):
@@ -84,6 +86,17 @@ def load_weights(network: nn.Module, path: str | Path, run: str = "", trained_by
 DATA_KEY = "data_sha256"  # LatestCheckpoint: digest of the file standing for the training data
 
 
+def scheduler_state(saved: Mapping, scheduler: LRScheduler, path: str | Path, key: str) -> dict:
+    """`saved` as `scheduler` loads it: a state written by another scheduler class (an earlier version's, e.g. a
+    LinearLR warm-up where LambdaLR now runs) keeps this scheduler's settings and takes the saved position."""
+    own = scheduler.state_dict()
+    if set(own) <= set(saved):
+        return dict(saved)
+    logger.warning("%s: its %s state was written by another scheduler (no %s): resumed at iteration %s with this "
+                   "version's schedule", path, key, sorted(set(own) - set(saved)), saved.get("last_epoch"))
+    return {**own, **{k: saved[k] for k in POSITION if k in saved}}
+
+
 class LatestCheckpoint:
     """Resumable checkpoint at `path` (state dicts of `save_dict` plus "trainer"), rewritten every `interval` epochs.
     With `resume` an existing file is loaded at start; attach after the ValidationHandler (keeps the best record).
@@ -120,8 +133,13 @@ class LatestCheckpoint:
             if isinstance(obj, nn.Module):
                 check_state_dict(state.get(key) if isinstance(state, Mapping) else state, unwrap(obj), self.path,
                                  self.run)
-        CheckpointLoader(str(self.path), {**self.save_dict, "trainer": engine}, map_location=self.map_location,
+        schedulers = {k: v for k, v in self.save_dict.items()
+                      if isinstance(v, LRScheduler) and isinstance(state, Mapping) and k in state}
+        rest = {k: v for k, v in self.save_dict.items() if k not in schedulers}
+        CheckpointLoader(str(self.path), {**rest, "trainer": engine}, map_location=self.map_location,
                          strict_shape=True)(engine)
+        for key, scheduler in schedulers.items():
+            scheduler.load_state_dict(scheduler_state(state[key], scheduler, self.path, key))
         logger.info("resumed from %s at epoch %d of %d", self.path, engine.state.epoch, engine.state.max_epochs)
 
     def save(self, engine: Engine) -> None:
