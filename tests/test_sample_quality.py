@@ -101,6 +101,35 @@ def test_rank_puts_adherence_within_the_fd_band_before_fjd() -> None:
     assert rank(inside, 1.0) < rank(outside, 1.0)  # the band decides which rule applies
 
 
+def test_rank_with_a_calibration_bound_puts_exaggerating_scales_after_the_others() -> None:
+    strong = {"fjd": 9.0, "fd": 1.9, "adherence": 0.5, "calibration": 1.5}
+    calm = {"fjd": 9.0, "fd": 1.9, "adherence": 0.4, "calibration": 1.1}
+    stronger = {**strong, "adherence": 0.6, "calibration": 1.7}
+    outside = {"fjd": 0.5, "fd": 2.1, "adherence": 0.9, "calibration": 1.0}
+    assert rank(strong, 2.0) > rank(calm, 2.0)  # no bound: adherence alone, as for checkpoints
+    assert rank(calm, 2.0, 1.2) > rank(strong, 2.0, 1.2) > rank(stronger, 2.0, 1.2)  # over it: less calibration first
+    assert rank(stronger, 2.0, 1.2) > rank(outside, 2.0, 1.2)  # the FD band still comes first
+    assert rank({**strong, "calibration": float("nan")}, 2.0, 1.2) == rank(strong, 2.0)  # unmeasured: no bound
+
+
+def test_cfg_choice_keeps_within_the_calibration_bound(tmp_path: Path, monkeypatch) -> None:
+    scores = {1.0: (5.0, 1.0, 0.3, 0.8), 2.0: (6.0, 1.2, 0.4, 1.1), 3.0: (7.0, 1.5, 0.5, 1.4)}
+    monkeypatch.setattr(SampleQuality, "measure", lambda self, engine, network, cfg: dict(
+        zip(("fjd", "fd", "adherence", "calibration"), scores[cfg])))
+    monkeypatch.setattr(SampleQuality, "fd_limit", lambda self: 2.0)
+    for bound, chosen in ((None, 3.0), (1.2, 2.0), (0.5, 1.0)):
+        ema = _ema()
+        handler = _handler(tmp_path / str(bound), ema, cfg_candidates=[1.0, 2.0, 3.0], cfg_calibration_max=bound)
+        trainer = _trainer(ema)
+        handler.attach(trainer)
+        trainer.run([0], max_epochs=1)
+        choice = json.loads((tmp_path / str(bound) / "models" / SAMPLING_FILE).read_text())
+        assert choice["cfg"] == chosen and choice["settings"]["cfg_calibration_max"] == bound
+        assert choice["calibration_by_cfg"] == {"1.0": 0.8, "2.0": 1.1, "3.0": 1.4}
+        assert (choice["criterion"] == CRITERION) == (bound is None)
+        assert bound is None or f"calibration <= {bound:g}" in choice["criterion"]
+
+
 def test_handler_saves_on_improvement_only_and_resumes_its_record(tmp_path: Path, monkeypatch, caplog) -> None:
     ema = _ema()
     handler = _handler(tmp_path, ema, cfg_candidates=[])

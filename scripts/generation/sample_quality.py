@@ -1,7 +1,8 @@
 """Sample quality of MAR during training: seeded samples on the validation conditions, scored against the validation
 latent cache, select mar.pt and the CFG scale (<ckpt_dir>/mar_sampling.json, read by generate.json's cfg "auto").
 Rule (`rank`): among candidates whose FD is within fd_tolerance x the real floor, the highest latent adherence; the
-others after them, by lowest FJD."""
+others after them, by lowest FJD. The CFG choice can also bound the calibration (high CFG scales exaggerate the
+requested spread, which correlation cannot see): within the band, over-calibrated scales rank after the others."""
 
 from __future__ import annotations
 
@@ -155,10 +156,15 @@ def sampling_cfg(cfg: float | str, ckpt_dir: str | Path, checkpoint: str = "mar.
     return float(record["cfg"])
 
 
-def rank(scores: dict[str, float], fd_limit: float) -> tuple[int, float]:
-    """Sort key of a candidate (higher is better): (1, adherence) when its FD is within fd_limit, else (0, -FJD)."""
+def rank(scores: dict[str, float], fd_limit: float, calibration_max: float | None = None) -> tuple[int, float]:
+    """Sort key of a candidate (higher is better): (2, adherence) when its FD is within fd_limit (and, given
+    `calibration_max`, its calibration at most that), (1, -calibration) within fd_limit but above calibration_max,
+    else (0, -FJD)."""
     if math.isfinite(scores["fd"]) and scores["fd"] <= fd_limit and math.isfinite(scores["adherence"]):
-        return 1, scores["adherence"]
+        calibration = scores.get("calibration", math.nan)
+        if calibration_max is not None and math.isfinite(calibration) and calibration > calibration_max:
+            return 1, -calibration
+        return 2, scores["adherence"]
     return 0, -scores["fjd"] if math.isfinite(scores["fjd"]) else -math.inf
 
 
@@ -180,6 +186,7 @@ class ValidationSet:
     phenotypes: torch.Tensor  # (N, P) their normalised phenotypes: the conditions of the samples
     adherence_real: float  # mean Pearson r of the ridge prediction from the real validation latents
     fd_floor: float  # mean FD of as many real training latents (other subjects) against `real`
+    members: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # (posterior means, phenotypes) of n training, n validation
 
 
 class SampleQuality:
@@ -195,8 +202,8 @@ class SampleQuality:
                  num_iter: int = 8, num_inference_steps: int = 25, cfg: float = 3.0, temperature: float = 1.0,
                  cfg_schedule: str = "linear", cfg_candidates: Sequence[float] = (1.0, 1.5, 2.0, 3.0, 4.0),
                  batch_size: int = 64, grid: Sequence[int] = (5, 3, 3), components: int = 16,
-                 ridge_alpha: float = 0.1, fd_tolerance: float = 1.5, filename: str = "mar.pt",
-                 summary_writer: SummaryWriter | None = None) -> None:
+                 ridge_alpha: float = 0.1, fd_tolerance: float = 1.5, cfg_calibration_max: float | None = None,
+                 filename: str = "mar.pt", summary_writer: SummaryWriter | None = None) -> None:
         self.ema, self.train_data, self.val_data, self.writer = ema, train_data, val_data, summary_writer
         self.ckpt, self.record_path = Path(ckpt_dir) / filename, Path(output_dir) / "sample_quality.json"
         self.interval, self.num_samples, self.batch_size = max(1, interval), num_samples, batch_size
@@ -205,6 +212,7 @@ class SampleQuality:
         self.cfg, self.cfg_candidates = float(cfg), [float(c) for c in cfg_candidates]
         self.fit_args = {"grid": list(grid), "components": components, "alpha": ridge_alpha}
         self.fd_tolerance = float(fd_tolerance)
+        self.cfg_calibration_max = None if cfg_calibration_max is None else float(cfg_calibration_max)
         self.history, self.best, self.best_epoch = [], None, 0  # evaluations; scores of mar.pt and its epoch
         self.validation: ValidationSet | None = None  # fitted at the first evaluation
 
@@ -231,14 +239,19 @@ class SampleQuality:
                 "precision": precision_name(amp), **self.fit_args, "fd_tolerance": self.fd_tolerance}
 
     def fit(self) -> ValidationSet:
-        """Reference from the training cache, real features of the first `num_samples` validation items (once)."""
+        """Reference from the training cache, real features of the first `num_samples` validation items and the
+        membership sets (`members`), once."""
         if self.validation is None:
             grid, components, alpha = self.fit_args.values()
             reference = Reference.fit(*dataset_arrays(self.train_data, grid), components, alpha)
             real, phenotypes = dataset_arrays(self.val_data, grid, self.num_samples)
+            n = min(self.num_samples, len(self.train_data), len(self.val_data))
+            members = tuple((torch.stack([d[i]["mean"] for i in range(n)]).float(),
+                             torch.stack([torch.as_tensor(d[i]["phenotypes"]) for i in range(n)]).float())
+                            for d in (self.train_data, self.val_data))
             self.validation = ValidationSet(reference, real, phenotypes,
                                             mean_pearson(reference.predict(real), phenotypes),
-                                            self.real_floor(reference, real))
+                                            self.real_floor(reference, real), members)
         return self.validation
 
     def real_floor(self, reference: Reference, real: torch.Tensor, chunks: int = 8) -> float:
@@ -263,10 +276,7 @@ class SampleQuality:
     def membership(self, network: nn.Module, draws: int = 2, permutations: int = 200) -> dict[str, float]:
         """Membership AUC of `network`'s losses on the first n training vs the first n validation subjects (n =
         num_samples or fewer; the same seeded draws for all) and its permutation 95th percentile."""
-        n = min(self.num_samples, len(self.train_data), len(self.val_data))
-        losses = [mar_losses(network, torch.stack([d[i]["mean"] for i in range(n)]).float(),
-                             torch.stack([torch.as_tensor(d[i]["phenotypes"]) for i in range(n)]).float(), draws, 0)
-                  for d in (self.train_data, self.val_data)]
+        losses = [mar_losses(network, means, phenotypes, draws, 0) for means, phenotypes in self.fit().members]
         mia = membership_inference(*losses, permutations=permutations)
         return {"membership_auc": mia.get("auc", math.nan), "membership_null_95": mia.get("null_auc_95", math.nan)}
 
@@ -299,6 +309,13 @@ class SampleQuality:
             "fd_limit": _json_number(limit), "best_epoch": self.best_epoch, "best": _json_scores(self.best),
             "history": [_json_scores(r) for r in self.history]})
 
+    def cfg_criterion(self) -> str:
+        """The CFG choice's rule, in words (CRITERION with the calibration bound)."""
+        if self.cfg_calibration_max is None:
+            return CRITERION
+        return (f"latent adherence within the FD band and calibration <= {self.cfg_calibration_max:g} on validation, "
+                "else the least calibration within the band, else FJD")
+
     def choose_cfg(self, engine: Engine) -> None:
         """At the end of training (rank 0): the best EMA weights scored at each candidate cfg; the best-ranked one
         (`rank`) -> mar_sampling.json."""
@@ -308,7 +325,8 @@ class SampleQuality:
             logger.warning("no %s: no CFG scale chosen (generate.json's cfg 'auto' will use 3.0)", self.ckpt)
             return
         path, digest = self.ckpt.parent / SAMPLING_FILE, file_digest(self.ckpt)
-        settings = {**self.settings(engine.amp), "cfg_candidates": self.cfg_candidates}
+        settings = {**self.settings(engine.amp), "cfg_candidates": self.cfg_candidates,
+                    "cfg_calibration_max": self.cfg_calibration_max}
         old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
         if old.get("checkpoint_sha256") == digest and old.get("settings") == settings:
             logger.info("%s already holds the CFG choice for %s: cfg %s", path, self.ckpt, old["cfg"])
@@ -320,12 +338,12 @@ class SampleQuality:
             logger.warning("no finite FJD at any cfg in %s: no CFG scale chosen", self.cfg_candidates)
             return
         limit = self.fd_limit()
-        best = max(finite, key=lambda c: rank(scores[c], limit))  # ties: the first listed
+        best = max(finite, key=lambda c: rank(scores[c], limit, self.cfg_calibration_max))  # ties: the first listed
         by = {f"{key}_by_cfg": {str(c): _json_number(scores[c][key]) for c in self.cfg_candidates}
               for key in ("fjd", "fd", "adherence", "calibration")}
-        write_json(path, {"cfg": best, "criterion": CRITERION, **by, "fd_limit": _json_number(limit),
+        write_json(path, {"cfg": best, "criterion": self.cfg_criterion(), **by, "fd_limit": _json_number(limit),
                           "settings": settings,
                           "best_epoch": self.best_epoch, "checkpoint": str(self.ckpt), "checkpoint_sha256": digest})
         logger.info("CFG scale %s chosen (%s): adherence by cfg %s, FD by cfg %s (limit %.4g), calibration by cfg %s;"
-                    " written to %s", best, CRITERION, by["adherence_by_cfg"], by["fd_by_cfg"], limit,
+                    " written to %s", best, self.cfg_criterion(), by["adherence_by_cfg"], by["fd_by_cfg"], limit,
                     by["calibration_by_cfg"], path)
