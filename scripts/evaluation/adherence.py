@@ -17,6 +17,7 @@ from scripts.data.phenotypes import LABELS, PHENOTYPE_COLUMNS, PhenotypeError, m
 from scripts.evaluation import fidelity
 from scripts.evaluation.protocol import Loaded, value_rows
 from scripts.evaluation.report import adherence_plot
+from scripts.runtime.features import slopes
 from scripts.runtime.files import atomic_write
 from scripts.runtime.progress import track
 from scripts.segmentation import segmenter as segmentation
@@ -64,7 +65,8 @@ def adherence_stats(target: np.ndarray, measured: np.ndarray, columns: Sequence[
         out[c] = {"n": int(ok.sum()), "pearson_r": float(np.corrcoef(t, m)[0, 1]) if spread else None,
                   "mae": float(np.abs(m - t).mean()) if len(t) else None,
                   "r2": float(1 - ((m - t) ** 2).sum() / ((t - t.mean()) ** 2).sum()) if spread else None,
-                  "slope": float(np.polyfit(t, m, 1)[0]) if spread else None}
+                  "slope": float(slopes(torch.from_numpy(m[:, None]), torch.from_numpy(t[:, None]))[0]) if spread
+                  else None}
     return out
 
 

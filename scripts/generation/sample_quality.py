@@ -25,7 +25,7 @@ from torch.optim.swa_utils import AveragedModel
 from scripts.generation.membership import mar_losses, membership_inference
 from scripts.runtime.checkpoints import load_weights
 from scripts.runtime.distributed import unwrap
-from scripts.runtime.features import frechet_distance
+from scripts.runtime.features import frechet_distance, slopes
 from scripts.runtime.files import atomic_write, file_digest, write_json
 from scripts.runtime.handlers import autocast
 from scripts.runtime.precision import precision_name
@@ -97,13 +97,6 @@ def mean_pearson(pred: torch.Tensor, target: torch.Tensor) -> float:
     denom = p.norm(dim=0) * t.norm(dim=0)  # (P,)
     ok = denom > 1e-12
     return float(((p * t).sum(0)[ok] / denom[ok]).mean()) if ok.any() else math.nan
-
-
-def slopes(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(P,) least-squares slopes of (N, P) predictions on their targets (NaN where a target column is constant)."""
-    p, t = pred - pred.mean(0), target - target.mean(0)
-    var = (t * t).sum(0)  # (P,)
-    return torch.where(var > 1e-12, (p * t).sum(0) / var.clamp_min(1e-12), torch.nan)
 
 
 def calibration(reference: Reference, real: torch.Tensor, generated: torch.Tensor, phenotypes: torch.Tensor) -> float:

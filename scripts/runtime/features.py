@@ -14,6 +14,13 @@ LOW_RANK_MIN_DIM = 128  # below it scipy's sqrtm is cheap: the phenotype vectors
 
 
 # ---------------------------------------------------------------------------------------------------------- metrics
+def slopes(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(P,) least-squares slopes of (N, P) predictions on their targets (NaN where a target column is constant)."""
+    p, t = pred - pred.mean(0), target - target.mean(0)
+    var = (t * t).sum(0)  # (P,)
+    return torch.where(var > 1e-12, (p * t).sum(0) / var.clamp_min(1e-12), torch.nan)
+
+
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """Frechet distance between Gaussians fitted to (n1, D) and (n2, D) vectors, in float64 (ValueError below 2)."""
     if min(len(a), len(b)) < 2:
