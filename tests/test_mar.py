@@ -7,7 +7,7 @@ import torch
 from scipy import stats
 
 from scripts.generation.diffloss import DiffLoss
-from scripts.generation.mar import MAR, masking_schedule, patchify, sample_mask_ratios, unpatchify
+from scripts.generation.mar import MAR, Block, masking_schedule, patchify, sample_mask_ratios, unpatchify
 from tests.networks import def_kwargs
 
 LATENT = (16, 25, 12, 12)
@@ -225,3 +225,28 @@ def test_head_condition_adds_the_condition_to_every_token() -> None:
         plain = model._decode(encoded, mask, cond)
         model.head_condition = True
         torch.testing.assert_close(model._decode(encoded, mask, cond) - plain, cond[:, None].expand_as(plain))
+
+
+def test_adaptive_norm_starts_as_the_plain_block_and_carries_the_condition() -> None:
+    """adaptive_norm: zero-initialised modulations leave every block equal to the plain one at the start; once they
+    move, the condition reaches the tokens through the norms alone (no buffer positions, no head condition), which the
+    plain model cannot do."""
+    torch.manual_seed(0)
+    plain, adaptive = Block(16, 2, 2.0, 0.0).eval(), Block(16, 2, 2.0, 0.0, adaptive=True).eval()
+    nn_init = MAR(N_PHEN, **{**def_kwargs("mar_def", "tiny"), "adaptive_norm": True})
+    assert all(not b.ada[-1].weight.any() and not b.ada[-1].bias.any()
+               for b in (*nn_init.encoder_blocks, *nn_init.decoder_blocks))
+    adaptive.load_state_dict({**adaptive.state_dict(), **plain.state_dict(),
+                              **{f"ada.1.{k}": torch.zeros_like(v) for k, v in adaptive.ada[1].state_dict().items()}})
+    x, cond = torch.randn(2, 7, 16), torch.randn(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(adaptive(x, cond), plain(x))
+    tokens, mask = torch.randn(2, nn_init.seq_len, nn_init.token_dim), torch.ones(2, nn_init.seq_len, dtype=torch.bool)
+    mask[:, :3] = False
+    ph = torch.randn(2, N_PHEN)
+    for adaptive_norm in (False, True):
+        model = _tiny(randomise=True, buffer_size=0, head_condition=False, adaptive_norm=adaptive_norm)
+        with torch.no_grad():
+            z = [model._decode(model._encode(tokens, mask, c), mask, c) for c in (model._condition(ph, 2),
+                                                                                 model._condition(None, 2))]
+        assert torch.allclose(z[0], z[1]) != adaptive_norm

@@ -14,8 +14,8 @@ from torch import nn
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
-def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Adaptive norm: x * (1 + scale) + shift, all (N, width)."""
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Adaptive norm: x * (1 + scale) + shift (shift and scale broadcast over x)."""
     return x * (1 + scale) + shift
 
 
@@ -31,7 +31,7 @@ class _ResBlock(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x, y (N, width) -> (N, width)."""
         shift, scale, gate = self.ada(y).chunk(3, dim=-1)
-        return x + gate * self.mlp(_modulate(self.norm(x), shift, scale))
+        return x + gate * self.mlp(modulate(self.norm(x), shift, scale))
 
 
 class AdaLNMLP(nn.Module):
@@ -68,7 +68,7 @@ class AdaLNMLP(nn.Module):
         for block in self.blocks:
             h = block(h, y)
         shift, scale = self.final_ada(y).chunk(2, dim=-1)
-        return self.out(_modulate(self.final_norm(h), shift, scale))
+        return self.out(modulate(self.final_norm(h), shift, scale))
 
 
 # Not DDPMScheduler.step (MONAI 1.6.1): it takes t - 1 as the previous step even after set_timesteps(100), has no

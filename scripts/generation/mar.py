@@ -12,7 +12,7 @@ from monai.networks import eval_mode
 from monai.networks.blocks import MLPBlock
 from torch import nn
 
-from scripts.generation.diffloss import DiffLoss
+from scripts.generation.diffloss import DiffLoss, modulate
 
 
 def patchify(x: torch.Tensor, patch: Sequence[int]) -> torch.Tensor:
@@ -55,10 +55,12 @@ def masking_schedule(seq_len: int, num_iter: int) -> list[int]:
 
 
 class Block(nn.Module):
-    """Pre-norm ViT block (qkv bias, GELU MLP, LayerNorm eps 1e-6) on SDPA; dropout only in training. Not MONAI's
-    TransformerBlock: it needs einops and, with flash attention, drops out in eval mode too (irreproducible samples)."""
+    """Pre-norm ViT block (qkv bias, GELU MLP, LayerNorm eps 1e-6) on SDPA; dropout only in training. `adaptive`: the
+    condition shifts and scales both norms and gates both branches (1 + gate; DiT's adaptive LayerNorm, modulations
+    zero-initialised, so the block starts as the plain one). Not MONAI's TransformerBlock: it needs einops and, with
+    flash attention, drops out in eval mode too (irreproducible samples), and it has no adaptive norm."""
 
-    def __init__(self, width: int, num_heads: int, mlp_ratio: float, dropout: float) -> None:
+    def __init__(self, width: int, num_heads: int, mlp_ratio: float, dropout: float, adaptive: bool = False) -> None:
         super().__init__()
         if width % num_heads:
             raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
@@ -68,14 +70,19 @@ class Block(nn.Module):
         self.proj = nn.Sequential(nn.Linear(width, width), nn.Dropout(dropout))
         self.norm2 = nn.LayerNorm(width, eps=1e-6)
         self.mlp = MLPBlock(width, int(width * mlp_ratio), dropout)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width)) if adaptive else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, L, width) -> (B, L, width)."""
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, L, width), cond (B, width) (used by an adaptive block) -> (B, L, width)."""
         b, n, w = x.shape
-        q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # (B, h, L, dh)
+        shift1 = scale1 = gate1 = shift2 = scale2 = gate2 = x.new_zeros(())  # the plain block
+        if self.ada is not None:
+            shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(cond)[:, None].chunk(6, dim=-1)  # (B, 1, w) each
+        q, k, v = (self.qkv(modulate(self.norm1(x), shift1, scale1))
+                   .reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4))  # (B, h, L, dh)
         a = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        x = x + self.proj(a.transpose(1, 2).reshape(b, n, w))
-        return x + self.mlp(self.norm2(x))
+        x = x + (1 + gate1) * self.proj(a.transpose(1, 2).reshape(b, n, w))
+        return x + (1 + gate2) * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
 class MAR(nn.Module):
@@ -88,7 +95,7 @@ class MAR(nn.Module):
                  buffer_size: int = 64, cond_drop_prob: float = 0.1, mask_ratio_min: float = 0.7,
                  head_depth: int = 3, head_width: int = 1024, num_train_timesteps: int = 1000,
                  diffusion_batch_mul: int = 4, latent_scale: float = 1.0, prediction_type: str = "epsilon",
-                 head_condition: bool = False) -> None:
+                 head_condition: bool = False, adaptive_norm: bool = False) -> None:
         super().__init__()
         self.latent_shape, self.patch_size = tuple(latent_shape), tuple(patch_size)
         if any(s % p for s, p in zip(self.latent_shape[1:], self.patch_size)):
@@ -105,12 +112,14 @@ class MAR(nn.Module):
         self.z_proj = nn.Linear(self.token_dim, width)
         self.z_proj_norm = nn.LayerNorm(width, eps=1e-6)
         self.encoder_pos = nn.Parameter(torch.zeros(1, positions, width))
-        self.encoder_blocks = nn.ModuleList(Block(width, num_heads, mlp_ratio, dropout) for _ in range(encoder_depth))
+        self.encoder_blocks = nn.ModuleList(Block(width, num_heads, mlp_ratio, dropout, adaptive_norm)
+                                            for _ in range(encoder_depth))  # adaptive: the condition in every block
         self.encoder_norm = nn.LayerNorm(width, eps=1e-6)
         self.decoder_embed = nn.Linear(width, width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
         self.decoder_pos = nn.Parameter(torch.zeros(1, positions, width))
-        self.decoder_blocks = nn.ModuleList(Block(width, num_heads, mlp_ratio, dropout) for _ in range(decoder_depth))
+        self.decoder_blocks = nn.ModuleList(Block(width, num_heads, mlp_ratio, dropout, adaptive_norm)
+                                            for _ in range(decoder_depth))
         self.decoder_norm = nn.LayerNorm(width, eps=1e-6)
         self.diffusion_pos = nn.Parameter(torch.zeros(1, self.seq_len, width))
         self._init_weights()  # before the head, which has its own initialisation
@@ -124,6 +133,10 @@ class MAR(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
+        for block in (*self.encoder_blocks, *self.decoder_blocks):
+            if block.ada is not None:  # modulations start at zero: the plain blocks
+                nn.init.zeros_(block.ada[-1].weight)
+                nn.init.zeros_(block.ada[-1].bias)
 
     def _condition(self, phenotypes: torch.Tensor | None, batch: int) -> torch.Tensor:
         """(B, P) normalised phenotypes or None (unconditional) -> (B, width); condition dropout in training."""
@@ -145,7 +158,7 @@ class MAR(nn.Module):
         keep = F.pad(~mask, (self.buffer_size, 0), value=True)  # (B, buf + L)
         x = x[keep].reshape(b, -1, x.shape[-1])  # drop masked tokens
         for block in self.encoder_blocks:
-            x = block(x)
+            x = block(x, cond)
         return self.encoder_norm(x)
 
     def _decode(self, x: torch.Tensor, mask: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -158,7 +171,7 @@ class MAR(nn.Module):
         full[keep] = visible
         x = full + self.decoder_pos
         for block in self.decoder_blocks:
-            x = block(x)
+            x = block(x, cond)
         z = self.decoder_norm(x)[:, self.buffer_size:] + self.diffusion_pos
         return z + cond[:, None].to(z.dtype) if self.head_condition else z
 
