@@ -112,6 +112,18 @@ def test_rank_with_a_calibration_bound_puts_exaggerating_scales_after_the_others
     assert rank({**strong, "calibration": float("nan")}, 2.0, 1.2) == rank(strong, 2.0)  # unmeasured: no bound
 
 
+def test_rank_with_the_membership_bound_keeps_a_generator_that_does_not_know_its_training_subjects() -> None:
+    private = {"fjd": 9.0, "fd": 1.9, "adherence": 0.44, "membership_auc": 0.52, "membership_null_95": 0.62}
+    leaking = {**private, "adherence": 0.60, "membership_auc": 1.0}
+    less = {**leaking, "adherence": 0.55, "membership_auc": 0.8}
+    outside = {"fjd": 0.5, "fd": 2.1, "adherence": 0.9, "membership_auc": 0.5, "membership_null_95": 0.62}
+    assert rank(leaking, 2.0) > rank(private, 2.0)  # no bound: adherence alone
+    assert rank(private, 2.0, membership_bound=True) > rank(less, 2.0, membership_bound=True) \
+        > rank(leaking, 2.0, membership_bound=True) > rank(outside, 2.0, membership_bound=True)
+    unmeasured = {k: v for k, v in leaking.items() if not k.startswith("membership")}  # a 0.9 checkpoint's record
+    assert rank(unmeasured, 2.0, membership_bound=True) == rank(unmeasured, 2.0)
+
+
 def test_cfg_choice_keeps_within_the_calibration_bound(tmp_path: Path, monkeypatch) -> None:
     scores = {1.0: (5.0, 1.0, 0.3, 0.8), 2.0: (6.0, 1.2, 0.4, 1.1), 3.0: (7.0, 1.5, 0.5, 1.4)}
     monkeypatch.setattr(SampleQuality, "measure", lambda self, engine, network, cfg: dict(
@@ -147,7 +159,8 @@ def test_handler_saves_on_improvement_only_and_resumes_its_record(tmp_path: Path
     assert [round(v - start) for v in saved] == [1, 2, 3, 3]
     record = json.loads((tmp_path / "out" / "sample_quality.json").read_text())
     assert [r["saved"] for r in record["history"]] == [True, True, True, False]
-    assert record["best_epoch"] == 3 and record["best"] == {"fjd": 3.0, "fd": 1.5, "adherence": 0.5}
+    assert record["best_epoch"] == 3 and {k: record["best"][k] for k in ("fjd", "fd", "adherence")} == {
+        "fjd": 3.0, "fd": 1.5, "adherence": 0.5} and "membership_auc" in record["best"]
     assert record["criterion"] == CRITERION and record["fd_limit"] == 2.0 and record["fd_floor"] > 0
 
     torch.save({"best_saver": handler.state_dict()}, tmp_path / "latest.pt")
@@ -166,6 +179,28 @@ def test_handler_saves_on_improvement_only_and_resumes_its_record(tmp_path: Path
     with caplog.at_level(logging.WARNING):
         resumed.load_state_dict({"saved": [(0.1, "mar.pt")]})  # a best_saver record from before FJD selection
     assert "starts afresh" in caplog.text and len(resumed.history) == 2
+
+
+def test_membership_bound_keeps_the_last_check_within_its_band(tmp_path: Path, monkeypatch) -> None:
+    """Adherence rises every check while the membership AUC leaves its band at check 3: with the bound mar.pt keeps
+    check 2 (and check 5, back within it, replaces it); without it the last check."""
+    adherence, auc = [0.3, 0.4, 0.5, 0.6, 0.45], [0.5, 0.55, 0.8, 1.0, 0.6]
+    for bound, kept in ((True, [1, 2, 2, 2, 5]), (False, [1, 2, 3, 4, 4])):
+        ema = _ema()
+        monkeypatch.setattr(SampleQuality, "measure", lambda self, engine, network, cfg: {
+            "fjd": 5.0, "fd": 1.0, "adherence": adherence[len(self.history)]})
+        monkeypatch.setattr(SampleQuality, "membership", lambda self, network: {
+            "membership_auc": auc[len(self.history)], "membership_null_95": 0.62})
+        monkeypatch.setattr(SampleQuality, "fd_limit", lambda self: 2.0)
+        handler = _handler(tmp_path / str(bound), ema, cfg_candidates=[], membership_bound=bound)
+        trainer, best = _trainer(ema), []
+        handler.attach(trainer)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e, h=handler, b=best: b.append(h.best_epoch))
+        trainer.run([0], max_epochs=5)
+        assert best == kept
+        record = json.loads((tmp_path / str(bound) / "out" / "sample_quality.json").read_text())
+        assert ("membership AUC" in record["criterion"]) == bound
+        assert record["settings"]["membership_bound"] == bound
 
 
 def test_handler_samples_scores_saves_and_chooses_cfg(tmp_path: Path) -> None:

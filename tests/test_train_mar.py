@@ -67,7 +67,8 @@ def test_training_writes_ema_checkpoint_with_the_scale(mar_runs: dict) -> None:
     metrics = json.loads((mar_runs["root"] / "out" / "metrics.json").read_text())
     assert metrics["epoch"] == 3 and np.isfinite(metrics["val_loss"])
     events = tensorboard_events(mar_runs["root"] / "out" / "tensorboard")  # both runs: 3 epochs of 4 iterations
-    quality = {f"sample_quality/{k}" for k in ("fjd", "fd", "fd_limit", "adherence", "calibration", "membership_auc")}
+    quality = {f"sample_quality/{k}" for k in ("fjd", "fd", "fd_limit", "adherence", "calibration", "membership_auc",
+                                                "membership_null_95")}
     assert set(events.Tags()["scalars"]) == {"iteration_loss", "train_loss", "val_loss"} | quality
     assert len(events.Scalars("iteration_loss")) == 12 and [s.step for s in events.Scalars("val_loss")] == [1, 2, 3]
     record = json.loads((mar_runs["root"] / "out" / "sample_quality.json").read_text())

@@ -1,8 +1,11 @@
 """Sample quality of MAR during training: seeded samples on the validation conditions, scored against the validation
 latent cache, select mar.pt and the CFG scale (<ckpt_dir>/mar_sampling.json, read by generate.json's cfg "auto").
 Rule (`rank`): among candidates whose FD is within fd_tolerance x the real floor, the highest latent adherence; the
-others after them, by lowest FJD. The CFG choice can also bound the calibration (high CFG scales exaggerate the
-requested spread, which correlation cannot see): within the band, over-calibrated scales rank after the others."""
+others after them, by lowest FJD. Checkpoints can also be bounded by membership (a check whose loss-based membership
+AUC exceeds its permutation 95th percentile ranks after those within it: a generator that knows its training subjects
+better than new ones is not kept while one that does not is at hand), the CFG choice by calibration (high CFG scales
+exaggerate the requested spread, which correlation cannot see): within the band, over-calibrated scales rank after the
+others."""
 
 from __future__ import annotations
 
@@ -149,16 +152,21 @@ def sampling_cfg(cfg: float | str, ckpt_dir: str | Path, checkpoint: str = "mar.
     return float(record["cfg"])
 
 
-def rank(scores: dict[str, float], fd_limit: float, calibration_max: float | None = None) -> tuple[int, float]:
-    """Sort key of a candidate (higher is better): (2, adherence) when its FD is within fd_limit (and, given
-    `calibration_max`, its calibration at most that), (1, -calibration) within fd_limit but above calibration_max,
-    else (0, -FJD)."""
-    if math.isfinite(scores["fd"]) and scores["fd"] <= fd_limit and math.isfinite(scores["adherence"]):
-        calibration = scores.get("calibration", math.nan)
-        if calibration_max is not None and math.isfinite(calibration) and calibration > calibration_max:
-            return 1, -calibration
-        return 2, scores["adherence"]
-    return 0, -scores["fjd"] if math.isfinite(scores["fjd"]) else -math.inf
+def rank(scores: dict[str, float], fd_limit: float, calibration_max: float | None = None,
+         membership_bound: bool = False) -> tuple[int, float]:
+    """Sort key of a candidate (higher is better): (2, adherence) when its FD is within fd_limit and it keeps the
+    bounds asked for; within fd_limit but over one, (1, -calibration) when its calibration exceeds `calibration_max`,
+    or with `membership_bound` (1, -membership AUC) when its membership AUC exceeds its permutation 95th percentile
+    (`membership_null_95`); else (0, -FJD). An unmeasured score (NaN or absent) bounds nothing."""
+    if not (math.isfinite(scores["fd"]) and scores["fd"] <= fd_limit and math.isfinite(scores["adherence"])):
+        return 0, -scores["fjd"] if math.isfinite(scores["fjd"]) else -math.inf
+    calibration = scores.get("calibration", math.nan)
+    if calibration_max is not None and math.isfinite(calibration) and calibration > calibration_max:
+        return 1, -calibration
+    auc, chance = scores.get("membership_auc", math.nan), scores.get("membership_null_95", math.nan)
+    if membership_bound and math.isfinite(auc) and math.isfinite(chance) and auc > chance:
+        return 1, -auc
+    return 2, scores["adherence"]
 
 
 def _json_number(value: float) -> float | None:
@@ -184,8 +192,9 @@ class ValidationSet:
 
 class SampleQuality:
     """Ignite handler of the MAR trainer: every `interval` epochs and at the last, FJD, FD and latent adherence of
-    `num_samples` seeded EMA samples on the validation conditions (rank 0), and the loss-based membership AUC of as
-    many training vs validation subjects (logged beside them, not used for the choice); saves <ckpt_dir>/<filename> when they rank
+    `num_samples` seeded EMA samples on the validation conditions (rank 0), and the loss-based membership AUC of up to
+    `membership_subjects` training vs as many validation subjects (a bound of the choice with `membership_bound`);
+    saves <ckpt_dir>/<filename> when they rank
     above the saved ones (`rank`, FD limit fd_tolerance x the real floor) and, when training completes, writes the
     best-ranked CFG scale to <ckpt_dir>/mar_sampling.json; with `summary_writer` also its scores as TensorBoard scalars
     (sample_quality/fjd, fd, fd_limit, adherence, calibration, membership_auc, at the trainer's epoch)."""
@@ -196,7 +205,8 @@ class SampleQuality:
                  cfg_schedule: str = "linear", cfg_candidates: Sequence[float] = (1.0, 1.5, 2.0, 3.0, 4.0),
                  batch_size: int = 64, grid: Sequence[int] = (5, 3, 3), components: int = 16,
                  ridge_alpha: float = 0.1, fd_tolerance: float = 1.5, cfg_calibration_max: float | None = None,
-                 filename: str = "mar.pt", summary_writer: SummaryWriter | None = None) -> None:
+                 membership_bound: bool = False, membership_subjects: int = 100, filename: str = "mar.pt",
+                 summary_writer: SummaryWriter | None = None) -> None:
         self.ema, self.train_data, self.val_data, self.writer = ema, train_data, val_data, summary_writer
         self.ckpt, self.record_path = Path(ckpt_dir) / filename, Path(output_dir) / "sample_quality.json"
         self.interval, self.num_samples, self.batch_size = max(1, interval), num_samples, batch_size
@@ -206,6 +216,7 @@ class SampleQuality:
         self.fit_args = {"grid": list(grid), "components": components, "alpha": ridge_alpha}
         self.fd_tolerance = float(fd_tolerance)
         self.cfg_calibration_max = None if cfg_calibration_max is None else float(cfg_calibration_max)
+        self.membership_bound, self.membership_subjects = bool(membership_bound), int(membership_subjects)
         self.history, self.best, self.best_epoch = [], None, 0  # evaluations; scores of mar.pt and its epoch
         self.validation: ValidationSet | None = None  # fitted at the first evaluation
 
@@ -229,7 +240,8 @@ class SampleQuality:
     def settings(self, amp: bool) -> dict:
         """How the samples are drawn (recorded beside every result)."""
         return {"num_samples": self.num_samples, "seeds": f"0..{self.num_samples - 1}", **self.sampling,
-                "precision": precision_name(amp), **self.fit_args, "fd_tolerance": self.fd_tolerance}
+                "precision": precision_name(amp), **self.fit_args, "fd_tolerance": self.fd_tolerance,
+                "membership_bound": self.membership_bound, "membership_subjects": self.membership_subjects}
 
     def fit(self) -> ValidationSet:
         """Reference from the training cache, real features of the first `num_samples` validation items and the
@@ -238,7 +250,7 @@ class SampleQuality:
             grid, components, alpha = self.fit_args.values()
             reference = Reference.fit(*dataset_arrays(self.train_data, grid), components, alpha)
             real, phenotypes = dataset_arrays(self.val_data, grid, self.num_samples)
-            n = min(self.num_samples, len(self.train_data), len(self.val_data))
+            n = min(self.membership_subjects, len(self.train_data), len(self.val_data))
             members = tuple((torch.stack([d[i]["mean"] for i in range(n)]).float(),
                              torch.stack([torch.as_tensor(d[i]["phenotypes"]) for i in range(n)]).float())
                             for d in (self.train_data, self.val_data))
@@ -268,7 +280,7 @@ class SampleQuality:
 
     def membership(self, network: nn.Module, draws: int = 2, permutations: int = 200) -> dict[str, float]:
         """Membership AUC of `network`'s losses on the first n training vs the first n validation subjects (n =
-        num_samples or fewer; the same seeded draws for all) and its permutation 95th percentile."""
+        membership_subjects or fewer; the same seeded draws for all) and its permutation 95th percentile."""
         losses = [mar_losses(network, means, phenotypes, draws, 0) for means, phenotypes in self.fit().members]
         mia = membership_inference(*losses, permutations=permutations)
         return {"membership_auc": mia.get("auc", math.nan), "membership_null_95": mia.get("null_auc_95", math.nan)}
@@ -279,28 +291,35 @@ class SampleQuality:
         if idist.get_rank() != 0 or (epoch % self.interval and epoch != engine.state.max_epochs):
             return
         network, val, limit = unwrap(self.ema.module), self.fit(), self.fd_limit()
-        scores = self.measure(engine, network, self.cfg)
-        improved = self.best is None or rank(scores, limit) > rank(self.best, limit)
+        scores = {**self.measure(engine, network, self.cfg), **self.membership(network)}
+        bound = {"membership_bound": self.membership_bound}
+        improved = self.best is None or rank(scores, limit, **bound) > rank(self.best, limit, **bound)
         if improved:
             with atomic_write(self.ckpt) as tmp:
                 torch.save(network.state_dict(), tmp)  # a plain MAR state dict, as load_weights reads it
             self.best, self.best_epoch = scores, epoch
-        privacy = self.membership(network)
-        self.history.append({"epoch": epoch, **scores, **privacy, "saved": improved})
+        self.history.append({"epoch": epoch, **scores, "saved": improved})
         if self.writer is not None:
-            for name, value in {**scores, "fd_limit": limit, "membership_auc": privacy["membership_auc"]}.items():
+            for name, value in {**scores, "fd_limit": limit}.items():
                 self.writer.add_scalar(f"sample_quality/{name}", value, epoch)
         logger.info("sample quality epoch %d: FJD %.4g, FD %.4g (limit %.4g), latent adherence r %.3f (real "
                     "validation %.3f), calibration %.2f, membership AUC %.3f (chance up to %.3f)%s", epoch, scores["fjd"],
                     scores["fd"], limit, scores["adherence"], val.adherence_real, scores.get("calibration", math.nan),
-                    privacy["membership_auc"],
-                    privacy["membership_null_95"],
+                    scores["membership_auc"],
+                    scores["membership_null_95"],
                     f"; saved {self.ckpt}" if improved else f"; kept epoch {self.best_epoch}")
         write_json(self.record_path, {
-            "criterion": CRITERION, "settings": {"cfg": self.cfg, **self.settings(engine.amp)},
+            "criterion": self.checkpoint_criterion(), "settings": {"cfg": self.cfg, **self.settings(engine.amp)},
             "adherence_real": _json_number(val.adherence_real), "fd_floor": _json_number(val.fd_floor),
             "fd_limit": _json_number(limit), "best_epoch": self.best_epoch, "best": _json_scores(self.best),
             "history": [_json_scores(r) for r in self.history]})
+
+    def checkpoint_criterion(self) -> str:
+        """The checkpoint rule, in words (CRITERION with the membership bound)."""
+        if not self.membership_bound:
+            return CRITERION
+        return ("latent adherence within the FD band and membership AUC within its permutation 95th percentile on "
+                "validation, else the least membership AUC within the band, else FJD")
 
     def cfg_criterion(self) -> str:
         """The CFG choice's rule, in words (CRITERION with the calibration bound)."""
