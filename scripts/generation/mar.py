@@ -72,16 +72,20 @@ class Block(nn.Module):
         self.mlp = MLPBlock(width, int(width * mlp_ratio), dropout)
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width)) if adaptive else None
 
+    def _attend(self, h: torch.Tensor) -> torch.Tensor:
+        """Self-attention branch: normalised tokens (B, L, width) -> (B, L, width)."""
+        b, n, w = h.shape
+        q, k, v = self.qkv(h).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # (B, h, L, dh)
+        a = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(a.transpose(1, 2).reshape(b, n, w))
+
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, L, width), cond (B, width) (used by an adaptive block) -> (B, L, width)."""
-        b, n, w = x.shape
-        shift1 = scale1 = gate1 = shift2 = scale2 = gate2 = x.new_zeros(())  # the plain block
-        if self.ada is not None:
-            shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(cond)[:, None].chunk(6, dim=-1)  # (B, 1, w) each
-        q, k, v = (self.qkv(modulate(self.norm1(x), shift1, scale1))
-                   .reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4))  # (B, h, L, dh)
-        a = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        x = x + (1 + gate1) * self.proj(a.transpose(1, 2).reshape(b, n, w))
+        if self.ada is None:
+            x = x + self._attend(self.norm1(x))
+            return x + self.mlp(self.norm2(x))
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(cond)[:, None].chunk(6, dim=-1)  # (B, 1, width) each
+        x = x + (1 + gate1) * self._attend(modulate(self.norm1(x), shift1, scale1))
         return x + (1 + gate2) * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 

@@ -197,7 +197,8 @@ class SampleQuality:
     saves <ckpt_dir>/<filename> when they rank
     above the saved ones (`rank`, FD limit fd_tolerance x the real floor) and, when training completes, writes the
     best-ranked CFG scale to <ckpt_dir>/mar_sampling.json; with `summary_writer` also its scores as TensorBoard scalars
-    (sample_quality/fjd, fd, fd_limit, adherence, calibration, membership_auc, at the trainer's epoch)."""
+    (sample_quality/fjd, fd, fd_limit, adherence, calibration, membership_auc, membership_null_95, at the
+    trainer's epoch)."""
 
     def __init__(self, ema: AveragedModel, train_data: Sequence[dict], val_data: Sequence[dict],
                  ckpt_dir: str | Path, output_dir: str | Path, interval: int = 10, num_samples: int = 50,
@@ -292,8 +293,9 @@ class SampleQuality:
             return
         network, val, limit = unwrap(self.ema.module), self.fit(), self.fd_limit()
         scores = {**self.measure(engine, network, self.cfg), **self.membership(network)}
-        bound = {"membership_bound": self.membership_bound}
-        improved = self.best is None or rank(scores, limit, **bound) > rank(self.best, limit, **bound)
+        bound = self.membership_bound
+        improved = self.best is None or rank(scores, limit, membership_bound=bound) > rank(self.best, limit,
+                                                                                             membership_bound=bound)
         if improved:
             with atomic_write(self.ckpt) as tmp:
                 torch.save(network.state_dict(), tmp)  # a plain MAR state dict, as load_weights reads it
