@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 from scripts.runtime.distributed import unwrap
 from scripts.runtime.handlers import autocast
+from scripts.runtime.optim_steps import FiniteSteps
 
 # ------------------------------------------------------------------------------------- cine autoencoder (stage 2)
 IMAGE = "image"  # dataset key of a (1, T, H, W) float32 cine in [0, 1]
@@ -19,12 +20,14 @@ IMAGE = "image"  # dataset key of a (1, T, H, W) float32 cine in [0, 1]
 class AutoencoderGANStep:
     """`iteration_update` of SupervisedTrainer for the cine autoencoder: a generator step (the network through the
     engine's inferer), then a hinge discriminator step; from iteration `gan_start_step` (1-based) the generator adds
-    -D(recon) x `adaptive_weight`. Returns the loss pieces as MONAI's decollated output: [{"loss", ...}]."""
+    -D(recon) x `adaptive_weight`. An update with non-finite gradients is skipped (`FiniteSteps`). Returns the loss
+    pieces as MONAI's decollated output: [{"loss", ...}]."""
 
     def __init__(self, discriminator: nn.Module, d_optimizer: torch.optim.Optimizer, gan_start_step: int = 10001,
                  adversarial_weight: float = 0.05) -> None:
         self.discriminator, self.d_optimizer = discriminator, d_optimizer
         self.gan_start_step, self.adversarial_weight = gan_start_step, adversarial_weight
+        self.steps, self.d_steps = FiniteSteps("autoencoder"), FiniteSteps("discriminator")
 
     def adaptive_weight(self, nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
         """adversarial_weight x |d nll / d w| / (|d g_loss / d w| + 1e-4), ratio clamped to [0, 1e4], detached."""
@@ -50,7 +53,7 @@ class AutoencoderGANStep:
                 total = total + losses["d_weight"] * losses["g_loss"]
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         total.backward()
-        engine.optimizer.step()
+        self.steps.step(engine.optimizer, net.parameters(), iteration=engine.state.iteration)
         if gan_on:
             self.d_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
             halves = []
@@ -59,7 +62,7 @@ class AutoencoderGANStep:
                     halves.append(0.5 * F.relu(1.0 - sign * disc(target)[-1].float()).mean())
                 halves[-1].backward()
             losses["d_loss"] = halves[0].detach() + halves[1].detach()
-            self.d_optimizer.step()
+            self.d_steps.step(self.d_optimizer, disc.parameters(), iteration=engine.state.iteration)
         return [{k: v.item() for k, v in losses.items()}]
 
 

@@ -11,6 +11,7 @@ from torch.optim.swa_utils import AveragedModel
 from scripts.generation.autoencoder import CineAutoencoderKL
 from scripts.runtime.distributed import unwrap
 from scripts.runtime.handlers import autocast, seeded
+from scripts.runtime.optim_steps import FiniteSteps
 
 
 # ---------------------------------------------------------------------------------------------------- MAR (stage 3)
@@ -33,10 +34,12 @@ def ema_model(network: nn.Module, decay: float) -> AveragedModel:
 class MARStep:
     """`iteration_update` of SupervisedTrainer for MAR: a posterior draw of each cached latent, the MAR loss (network
     forward through the engine's inferer), an optimiser step with the gradient norm clipped to `grad_clip` (authors
-    3.0) and an EMA update; returns MONAI's decollated output [{"loss", "grad_norm"}]."""
+    3.0; skipped if that norm is not finite, `FiniteSteps`) and an EMA update; returns MONAI's decollated output
+    [{"loss", "grad_norm"}]."""
 
     def __init__(self, ema: AveragedModel, grad_clip: float = 3.0) -> None:
         self.ema, self.grad_clip = ema, grad_clip
+        self.steps = FiniteSteps("MAR")
 
     def __call__(self, engine: Engine, batch: dict) -> list[dict[str, float]]:
         device = engine.state.device
@@ -47,8 +50,8 @@ class MARStep:
             loss = engine.inferer(z, engine.network, batch["phenotypes"].to(device))  # phenotypes (B, F) normalised
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(engine.network.parameters(), self.grad_clip)
-        engine.optimizer.step()
+        grad_norm = self.steps.step(engine.optimizer, engine.network.parameters(), self.grad_clip,
+                                    engine.state.iteration)
         self.ema.update_parameters(unwrap(engine.network))
         return [{"loss": loss.item(), "grad_norm": grad_norm.item()}]
 
