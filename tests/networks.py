@@ -21,11 +21,16 @@ def layered(config: str, profile: str) -> dict:
         return ConfigParser.load_config_files([CONFIGS / config, CONFIGS / "profiles" / f"{profile}.json"])
 
 
+def is_expression(value: object) -> bool:
+    """A config value MONAI evaluates (`$` expression) or references (`@id`): data-dependent, not a literal argument."""
+    return isinstance(value, str) and value[:1] in "$@"
+
+
 def def_kwargs(name: str, profile: str, config: str | None = None) -> dict:
     """Constructor kwargs of the entry `name` (e.g. "mar_def") of `config` (default: the config that trains it) with
     configs/profiles/<profile>.json layered; data-dependent (expression) arguments are left out."""
     entry = layered(config or DEF_CONFIG[name], profile)[name]
-    return {k: v for k, v in entry.items() if k != "_target_" and not (isinstance(v, str) and v[:1] in "$@")}
+    return {k: v for k, v in entry.items() if k != "_target_" and not is_expression(v)}
 
 
 def build(name: str, profile: str, **values) -> nn.Module:

@@ -59,16 +59,14 @@ def test_every_config_builds_the_network_its_training_config_trains(name: str) -
     """Each stage config carries its networks' defs in full (model-zoo style); they must not drift apart: every
     argument equals the training config's, except data-dependent ones (a `$`/`@` expression in either config, such as
     MAR's latent scale read from the latent cache there and from the checkpoint elsewhere)."""
-    def expression(v: object) -> bool:
-        return isinstance(v, str) and v[:1] in "$@"
     configs = {p.name: json.loads(p.read_text()) for p in sorted((REPO / "configs").glob("*.json"))}
     trained = configs[networks.DEF_CONFIG[name]][name]
     users = {f: c[name] for f, c in configs.items() if c.get(name)}  # pipeline.json's {} layers nothing
     assert len(users) >= 3
     for config, entry in users.items():
         assert set(entry) == set(trained), config
-        drift = {k: (v, trained[k]) for k, v in entry.items() if not expression(v) and not expression(trained[k])
-                 and v != trained[k]}
+        drift = {k: (v, trained[k]) for k, v in entry.items()
+                 if v != trained[k] and not (networks.is_expression(v) or networks.is_expression(trained[k]))}
         assert not drift, f"{config}: {name} differs from {networks.DEF_CONFIG[name]}: {drift}"
 
 
