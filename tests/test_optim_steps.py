@@ -4,16 +4,19 @@ stops with an error naming it."""
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
+from monai.inferers import SimpleInferer
 from monai.networks.nets import PatchDiscriminator
 from torch import nn
 
+from scripts.downstream.mae import MAETrainStep, MaskedPatchLoss, mae_network
 from scripts.generation.autoencoder import CineAutoencoderKL
 from scripts.generation.autoencoder_training import AutoencoderGANStep
 from scripts.runtime.optim_steps import FiniteSteps
-from tests.networks import def_kwargs
+from tests.networks import def_kwargs, layered
 from tests.test_train_autoencoder import _engine
 
 torch.set_num_threads(1)
@@ -82,4 +85,24 @@ def test_autoencoder_gan_step_survives_a_non_finite_batch() -> None:
     [out] = step(engine, {"image": torch.rand(2, 1, 20, 32, 32)})
     assert math.isfinite(out["loss"]) and step.steps.in_a_row == 0
     assert all(torch.isfinite(p).all() for p in net.parameters())
+    assert not all(torch.equal(w, p) for w, p in zip(weights, net.parameters()))
+
+
+def test_mae_pretraining_step_skips_a_non_finite_batch() -> None:
+    """MAE pretraining uses the same guard: a NaN cine leaves the weights and AdamW's state untouched."""
+    torch.manual_seed(0)
+    net = mae_network(layered("pretrain_mae.json", "tiny")["mae"])
+    opt = torch.optim.AdamW(net.parameters(), 1e-3)
+    engine = SimpleNamespace(network=net, optimizer=opt, inferer=SimpleInferer(), loss_function=MaskedPatchLoss(),
+                             non_blocking=False, optim_set_to_none=True,
+                             state=SimpleNamespace(device=torch.device("cpu"), iteration=1))
+    step = MAETrainStep()
+    weights = [p.detach().clone() for p in net.parameters()]
+    bad = torch.rand(2, 50, 96, 96)
+    bad[0, 3, 5, 5] = math.nan
+    step(engine, {"image": bad})
+    assert all(torch.equal(w, p) for w, p in zip(weights, net.parameters()))
+    assert step.steps.skipped == 1 and not opt.state
+    [out] = step(engine, {"image": torch.rand(2, 50, 96, 96)})
+    assert math.isfinite(out["loss"]) and step.steps.in_a_row == 0
     assert not all(torch.equal(w, p) for w, p in zip(weights, net.parameters()))

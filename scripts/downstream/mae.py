@@ -26,6 +26,7 @@ from scripts.runtime.checkpoints import check_state_dict
 from scripts.runtime.distributed import unwrap
 from scripts.runtime.files import atomic_write, write_json
 from scripts.runtime.handlers import seeded
+from scripts.runtime.optim_steps import FiniteSteps
 
 logger = logging.getLogger(__name__)
 
@@ -169,17 +170,22 @@ class MaskedPatchLoss(nn.Module):
         return (per_patch * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def mae_train_step(engine: Engine, batch: dict) -> list[dict[str, float]]:
-    """`iteration_update` of SupervisedTrainer: random masking (the network's own), masked-patch loss, one step;
-    returns MONAI's decollated output [{"loss"}]."""
-    x = batch[IMAGE].to(engine.state.device, non_blocking=engine.non_blocking)  # (B, 50, 96, 96)
-    engine.network.train()
-    pred, mask = engine.inferer(x, engine.network)  # (B, 36, 50 * 16 * 16), (B, 36)
-    loss = engine.loss_function(pred, patchify(x, unwrap(engine.network).patch_size[0]), mask)
-    engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-    loss.backward()
-    engine.optimizer.step()
-    return [{"loss": loss.item()}]
+class MAETrainStep:
+    """`iteration_update` of SupervisedTrainer: random masking (the network's own), masked-patch loss, one step that is
+    skipped when its gradients are not finite; returns MONAI's decollated output [{"loss"}]."""
+
+    def __init__(self) -> None:
+        self.steps = FiniteSteps("MAE pretraining")
+
+    def __call__(self, engine: Engine, batch: dict) -> list[dict[str, float]]:
+        x = batch[IMAGE].to(engine.state.device, non_blocking=engine.non_blocking)  # (B, 50, 96, 96)
+        engine.network.train()
+        pred, mask = engine.inferer(x, engine.network)  # (B, 36, 50 * 16 * 16), (B, 36)
+        loss = engine.loss_function(pred, patchify(x, unwrap(engine.network).patch_size[0]), mask)
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        loss.backward()
+        self.steps.step(engine.optimizer, engine.network.parameters(), iteration=engine.state.iteration)
+        return [{"loss": loss.item()}]
 
 
 class MAEEvalStep:
