@@ -16,6 +16,7 @@ from PIL import Image
 
 from scripts.data.heart_crop import crop_pad, uncrop
 from scripts.data.prepare import prepare
+from scripts.segmentation.cine_bundle import segment_frames
 from scripts.segmentation.labeller import CineLabeller, crop_agreement, real_subject_dice
 from scripts.segmentation.randomise import RandLabelRenderd
 from scripts.segmentation.segmenter import (
@@ -50,21 +51,39 @@ def test_segment_cines_shapes_and_labels(size: tuple[int, int]) -> None:
     assert int(labels.max()) < NUM_CLASSES
 
 
+class Threshold(torch.nn.Module):
+    """A stand-in network that answers 'LV' where the input is above 0.5."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, 1, H, W) -> (N, 6, H, W): class 1 where x > 0.5
+        return torch.cat([0.5 - x, x - 0.5, *[torch.full_like(x, -1.0)] * 4], 1)
+
+
 def test_segment_cines_keeps_the_largest_component_per_label() -> None:
     """A network that answers 'LV' on two blobs of the input: only the larger blob stays."""
-    class Threshold(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(()))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, 1, H, W) -> (N, 6, H, W): class 1 where x > 0.5
-            return torch.cat([0.5 - x, x - 0.5, *[torch.full_like(x, -1.0)] * 4], 1)
-
     cine = torch.zeros(1, 1, 2, 32, 32)
     cine[..., 2:10, 2:10], cine[..., 20:23, 20:23] = 1.0, 1.0
     kept, raw = (segment_cines(Threshold(), cine, largest_component=k) for k in (True, False))
     assert int((raw == 1).sum()) == 2 * (64 + 9) and int((kept == 1).sum()) == 2 * 64
     assert kept[0, :, 2:10, 2:10].eq(1).all() and kept[0, :, 20:23, 20:23].eq(0).all()
+
+
+def test_zoomed_out_views_are_mapped_back_onto_the_frame() -> None:
+    """segment_frames: a view zoomed out by 1.2 sees a disk 1/1.2 as wide and its labels land back on the disk (a
+    missing or inverted back-mapping would shrink it 1.44x or 2.1x in area); [1.0] is the plain network."""
+    yy, xx = torch.meshgrid(torch.arange(48.0), torch.arange(48.0), indexing="ij")
+    radius = ((yy - 23.5) ** 2 + (xx - 23.5) ** 2).sqrt()
+    frames = (radius < 10).float()[None, None].repeat(2, 1, 1, 1)  # (2, 1, 48, 48)
+    plain = segment_frames(Threshold(), frames)
+    assert torch.equal(plain, Threshold()(frames).argmax(1)) and int(plain[0].sum()) == int((radius < 10).sum())
+    zoomed = segment_frames(Threshold(), frames, zooms=(1.2,))
+    assert abs(int(zoomed[0].sum()) - int(plain[0].sum())) < 0.1 * int(plain[0].sum())
+    both = segment_frames(Threshold(), frames, zooms=(1.0, 1.2), frame_batch=1)
+    away = (radius - 10).abs() > 1.5  # the disk's rim may move by a resampling pixel
+    assert torch.equal(both[:, away], plain[:, away])
 
 
 def test_dice_per_label_against_hand_counts() -> None:
@@ -268,7 +287,7 @@ def test_crop_agreement_of_a_perfect_and_a_shifted_labeller(segmenter_cohort: Pa
         label = nib.load(segmenter_cohort / f"s{n}" / "seg4_la_4ch.nii.gz")
         truth[image.tobytes()] = np.asarray(label.dataobj)[:, :, 0]
     stand_in = _TruthLabeller({k: v.astype(np.uint8) for k, v in truth.items()})
-    monkeypatch.setattr("scripts.segmentation.labeller.CineLabeller", lambda checkpoint, network: stand_in)
+    monkeypatch.setattr("scripts.segmentation.labeller.CineLabeller", lambda checkpoint, network, **options: stand_in)
     exact = crop_agreement(segmenter_cohort, "stand-in.pt", None, ["s0", "s1"])
     assert all(r["box_iou"] == 1.0 and r["heart_fraction"] == 1.0 and r["side_ratio"] == 1.0 for r in exact.values())
     assert all(r["dice"][name] == 1.0 for r in exact.values() for name in LABEL_NAMES)

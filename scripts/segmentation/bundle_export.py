@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 
 from scripts.runtime.checkpoints import load_weights
 from scripts.runtime.files import atomic_folder, write_json
-from scripts.segmentation.cine_bundle import IMAGE_SIZE, LABEL_NAMES
+from scripts.segmentation.cine_bundle import IMAGE_SIZE, LABEL_NAMES, LABELLER_ZOOMS
 from scripts.segmentation.segmenter import TRAINED_BY, read_info
 
 BUNDLE_NAME = "cardiac_cine_4ch_segmentation"
@@ -56,18 +57,19 @@ def _common(network_def: dict) -> dict:
             "network": "$@network_def.to(@device)"}
 
 
-def inference_config(network_def: dict, spacing_mm: float) -> dict:
+def inference_config(network_def: dict, spacing_mm: float, zooms: Sequence[float]) -> dict:
     """configs/inference.json: every cine of `dataset_dir` matching `image_glob` -> <output_dir>/<relative
     folder>/<name>_seg.nii.gz, uint8 labels in the input's shape and affine."""
     return _common(network_def) | {
         "datalist": f"${M}cine_datalist(@dataset_dir, @image_glob)",
         "output_dir": "$@bundle_root + '/eval'",
         "spacing_mm": spacing_mm,
+        "zooms": [float(z) for z in zooms],
         "preprocessing": {"_target_": "Compose", "transforms": _load(["image"])},
         "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
         "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False,
                        "num_workers": 0},
-        "inferer": {"_target_": M + "CineInferer", "spacing_mm": "@spacing_mm"},
+        "inferer": {"_target_": M + "CineInferer", "spacing_mm": "@spacing_mm", "zooms": "@zooms"},
         "postprocessing": {"_target_": "Compose", "transforms": [
             {"_target_": M + "RestoreCined", "keys": "pred", "ref_image": "image"},
             {"_target_": M + "SaveCined", "keys": "pred", "output_dir": "@output_dir", "output_postfix": "seg",
@@ -245,9 +247,10 @@ def _version(module: str) -> str:
 
 
 def export_bundle(checkpoint: str | Path, network: nn.Module, output_dir: str | Path, name: str = BUNDLE_NAME,
-                  version: str = "0.1.0", overwrite: bool = False) -> Path:
+                  version: str = "0.1.0", overwrite: bool = False, zooms: Sequence[float] = LABELLER_ZOOMS) -> Path:
     """Write the standalone bundle `<output_dir>/<name>/` of a segmenter.pt (with segmenter.json beside it; weights
-    loaded into `network`, the config's segmenter_def, shape-checked) and return its path."""
+    loaded into `network`, the config's segmenter_def, shape-checked; `zooms` the inferer's test-time views) and
+    return its path."""
     info = read_info(checkpoint)
     run = (f"configs/export_segmenter_bundle.json's segmenter_def (segmenter.json says profile {info['profile']!r}: "
            f"layer configs/profiles/{info['profile']}.json)")
@@ -265,7 +268,7 @@ def export_bundle(checkpoint: str | Path, network: nn.Module, output_dir: str | 
         torch.save(network.state_dict(), tmp / "models" / "model.pt")
         write_json(tmp / "models" / "segmenter.json", info)
         configs = {"metadata.json": _metadata(info, version),
-                   "inference.json": inference_config(unet_config(network), float(info["spacing_mm"])),
+                   "inference.json": inference_config(unet_config(network), float(info["spacing_mm"]), zooms),
                    "train.json": train_config(unet_config(network))}
         for config, obj in configs.items():
             write_json(tmp / "configs" / config, obj)

@@ -29,6 +29,7 @@ from scripts.runtime.files import atomic_write
 
 IMAGE_SIZE = 96  # the segmenter's frame size (scripts/data/shapes.py)
 LABEL_NAMES = ("background", "LV", "Myo", "RV", "LA", "RA")  # channel k = label value k
+LABELLER_ZOOMS = (1.0, 1.2)  # the labeller's test-time views (segment_frames; measured in docs/segmenter.md)
 
 
 # ------------------------------------------------------------------------------------------------------- transforms
@@ -168,23 +169,46 @@ def scale_percentiles(x: torch.Tensor) -> torch.Tensor:
     return ((x - lo) / max(hi - lo, 1e-6)).clamp(0.0, 1.0)
 
 
+def _warp(x: torch.Tensor, zoom: float) -> torch.Tensor:
+    """(N, C, H, W) sampled on a field `zoom` times as wide about the centre (> 1: content shrunk, zero-padded)."""
+    if zoom == 1.0:
+        return x
+    theta = torch.tensor([[zoom, 0.0, 0.0], [0.0, zoom, 0.0]], dtype=x.dtype, device=x.device).expand(len(x), 2, 3)
+    return F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), align_corners=False)
+
+
+@torch.no_grad()
+def segment_frames(network: nn.Module, frames: torch.Tensor, zooms: Sequence[float] = (1.0,),
+                   frame_batch: int = 64) -> torch.Tensor:
+    """(N, 1, H, W) frames -> (N, H, W) int64 labels on the CPU: the argmax of the softmax averaged over views zoomed
+    out by each factor of `zooms` (each view's probabilities mapped back to the frame); (1.0,) is the plain network.
+    Test-time zooming: torch's grid_sample because MONAI's TestTimeAugmentation inverts random draws per item."""
+    device = next(network.parameters()).device
+    labels = []
+    with eval_mode(network):
+        for batch in frames.split(frame_batch):
+            x = batch.to(device, torch.float32)
+            probs = sum(_warp(network(_warp(x, z)).float().softmax(1), 1.0 / z) for z in zooms)
+            labels.append(probs.argmax(1).cpu())
+    return torch.cat(labels)
+
+
 class CineInferer(Inferer):
     """The labeller's method as a MONAI Inferer around the per-frame UNet: (B, 1, X, Y, T)
     canonical cines (MetaTensor, pixel size from the affine) -> (B, 1, X, Y, T) labels 0..5. A window search at the
-    training pixel size `spacing_mm`, then `refine` passes on the heart crop (docs/segmenter.md)."""
+    training pixel size `spacing_mm`, then `refine` passes on the heart crop, each averaged over views zoomed out by
+    `zooms` (the search uses the plain network) (docs/segmenter.md)."""
 
     def __init__(self, spacing_mm: float, refine: int = 2, margin: float = 0.15, stride: int = 16,
-                 search_frames: int = 5, frame_batch: int = 64) -> None:
+                 search_frames: int = 5, frame_batch: int = 64, zooms: Sequence[float] = LABELLER_ZOOMS) -> None:
         super().__init__()
         self.spacing_mm, self.refine, self.margin = float(spacing_mm), refine, margin
         self.stride, self.search_frames, self.frame_batch = stride, search_frames, frame_batch
+        self.zooms = tuple(float(z) for z in zooms)
 
-    def segment(self, network: nn.Module, view: torch.Tensor) -> torch.Tensor:
+    def segment(self, network: nn.Module, view: torch.Tensor, zooms: Sequence[float] = (1.0,)) -> torch.Tensor:
         """(T, 1, h, w) view -> (T, h, w) labels, the view segmented at 96 x 96 (largest components kept)."""
-        x = scale_percentiles(resize(view))
-        device = next(network.parameters()).device
-        with eval_mode(network):
-            labels = torch.cat([network(b.to(device)).argmax(1).cpu() for b in x.split(self.frame_batch)]).numpy()
+        labels = segment_frames(network, scale_percentiles(resize(view)), zooms, self.frame_batch).numpy()
         kept = keep_largest_per_label(labels)
         kept = kept * largest_component_3d(kept > 0)
         return F.interpolate(torch.from_numpy(kept).float()[:, None], size=list(view.shape[-2:]),
@@ -212,7 +236,7 @@ class CineInferer(Inferer):
         x = cine.float().permute(2, 0, 1)[:, None]  # (T, 1, X, Y)
         box, labels = self.locate(network, x, spacing_mm), torch.zeros(x.shape[0], *x.shape[-2:])
         for _ in range(max(self.refine, 1)):
-            labels = uncrop(self.segment(network, crop_pad(x, box)), box, labels.shape)
+            labels = uncrop(self.segment(network, crop_pad(x, box), self.zooms), box, labels.shape)
             if not labels.any():
                 break
             box = heart_box((labels > 0).any(0).numpy(), spacing_mm, self.margin)

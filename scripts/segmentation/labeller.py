@@ -15,7 +15,7 @@ from scripts.data.cine_files import load_subject
 from scripts.data.heart_crop import box_fraction, heart_box
 from scripts.data.prepare import SEGMENTER_ED_SMOOTHING, end_diastole, prepare
 from scripts.runtime.progress import track
-from scripts.segmentation.cine_bundle import CineInferer
+from scripts.segmentation.cine_bundle import LABELLER_ZOOMS, CineInferer
 from scripts.segmentation.segmenter import dice_per_label, load_prepared, load_segmenter, read_info, segment_cines
 
 
@@ -25,9 +25,11 @@ class CineLabeller:
     why not SlidingWindowInferer: docs/segmenter.md)."""
 
     def __init__(self, checkpoint: str | Path, network: nn.Module, device: torch.device | str = "cpu", refine: int = 2,
-                 margin: float = 0.15, stride: int = 16, search_frames: int = 5) -> None:
+                 margin: float = 0.15, stride: int = 16, search_frames: int = 5,
+                 zooms: Sequence[float] = LABELLER_ZOOMS) -> None:
         self.checkpoint = str(checkpoint)
-        self.inferer = CineInferer(float(read_info(checkpoint)["spacing_mm"]), refine, margin, stride, search_frames)
+        self.inferer = CineInferer(float(read_info(checkpoint)["spacing_mm"]), refine, margin, stride, search_frames,
+                                   zooms=zooms)
         self.network = load_segmenter(checkpoint, network, device)
 
     def __call__(self, image: np.ndarray, spacing_mm: Sequence[float]) -> np.ndarray:
@@ -38,12 +40,12 @@ class CineLabeller:
 
 def crop_agreement(dataset_dir: str | Path, checkpoint: str | Path, network: nn.Module, subjects: Sequence[str],
                    margin: float = 0.15, image_name: str = "la_4ch.nii.gz",
-                   label_name: str = "seg4_la_4ch.nii.gz") -> dict[str, dict]:
+                   label_name: str = "seg4_la_4ch.nii.gz", zooms: Sequence[float] = LABELLER_ZOOMS) -> dict[str, dict]:
     """{subject: {"box_iou", "heart_fraction", "side_ratio", "ed_frame_error", "dice"}}: the heart crop of the
     segmenter's full-view labels against the label file's (IoU, true heart voxels inside, side ratio), the cyclic
     distance (frames) between their end-diastoles (largest LV area, as prepare picks each) and the full-view Dice per
     label."""
-    labeller, out = CineLabeller(checkpoint, network), {}
+    labeller, out = CineLabeller(checkpoint, network, zooms=zooms), {}
     for subject in track(subjects, "crop agreement"):
         folder = Path(dataset_dir) / subject
         image, label = load_subject(folder / image_name, folder / label_name, subject)
@@ -66,7 +68,7 @@ def _cyclic_distance(a: int, b: int, frames: int) -> int:
 
 
 def real_subject_dice(dataset_dir: str | Path, checkpoint: str | Path, network: nn.Module, work_dir: str | Path,
-                      device: torch.device | str = "cpu") -> dict[str, dict[str, float]]:
+                      device: torch.device | str = "cpu", zooms: Sequence[float] = LABELLER_ZOOMS) -> dict[str, dict[str, float]]:
     """Prepare a labelled cohort (e.g. ../shared/data/ukbb_demo) into `work_dir` with the default configs/prepare.json
     settings, segment every prepared cine with `network` (weights from `checkpoint`); {subject: Dice per label}."""
     report = prepare(dataset_dir, work_dir, splits=(1.0, 0.0, 0.0), num_workers=0)
@@ -75,5 +77,5 @@ def real_subject_dice(dataset_dir: str | Path, checkpoint: str | Path, network: 
     for subject in sorted(report["subjects"]):
         item = {"image": f"images/{subject}.npy", "label": f"labels/{subject}.npy"}
         image, label = load_prepared(work_dir, [item])
-        out[subject] = dice_per_label(segment_cines(network, image), label)
+        out[subject] = dice_per_label(segment_cines(network, image, zooms=zooms), label)
     return out

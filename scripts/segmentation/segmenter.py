@@ -14,7 +14,6 @@ import torch
 from ignite.engine import Engine
 from monai.handlers import MeanDice
 from monai.metrics import DiceMetric
-from monai.networks import eval_mode
 from monai.networks.utils import one_hot
 from monai.transforms import DivisiblePad, MapTransform
 from monai.utils import CommonKeys
@@ -29,6 +28,7 @@ from scripts.runtime.files import write_json
 from scripts.runtime.handlers import ReconstructionMontage
 from scripts.runtime.montage import grid, to_uint8
 from scripts.runtime.progress import track
+from scripts.segmentation.cine_bundle import segment_frames
 
 logger = logging.getLogger(__name__)
 
@@ -47,15 +47,13 @@ def load_segmenter(path: str | Path, network: nn.Module, device: torch.device | 
 
 @torch.no_grad()
 def segment_cines(network: nn.Module, cines: torch.Tensor, frame_batch: int = 64,
-                  largest_component: bool = True) -> torch.Tensor:
+                  largest_component: bool = True, zooms: Sequence[float] = (1.0,)) -> torch.Tensor:
     """(B, 1, T, H, W) float cines in [0, 1], any H, W -> (B, T, H, W) uint8 labels 0..5 on the CPU, `frame_batch`
-    frames at a time; with `largest_component` only the largest component of each label per frame is kept."""
+    frames at a time, averaged over views zoomed out by `zooms` (`segment_frames`); with `largest_component` only
+    the largest component of each label per frame is kept."""
     b, _, t, h, w = cines.shape
-    device = next(network.parameters()).device
     frames = DivisiblePad(k=16, method="end")(cines.transpose(1, 2).reshape(b * t, h, w))  # (B*T, H', W')
-    with eval_mode(network):
-        labels = torch.cat([network(x[:, None].to(device, torch.float32)).argmax(1).cpu()
-                            for x in torch.as_tensor(frames).split(frame_batch)])[:, :h, :w]  # (B*T, H, W)
+    labels = segment_frames(network, torch.as_tensor(frames)[:, None], zooms, frame_batch)[:, :h, :w]  # (B*T, H, W)
     labels = torch.from_numpy(keep_largest_per_label(labels.numpy())) if largest_component else labels
     return labels.to(torch.uint8).reshape(b, t, h, w)
 
@@ -169,7 +167,7 @@ def load_prepared(prepared_dir: str | Path, items: Sequence[dict]) -> tuple[torc
 
 
 def split_dice(network: nn.Module, prepared_dir: str | Path, split: str = "test",
-               batch_size: int = 4) -> dict[str, float]:
+               batch_size: int = 4, zooms: Sequence[float] = (1.0,)) -> dict[str, float]:
     """Dice per label (and mean) of the segmenter on every cine of a split, cines segmented as `segment_cines`."""
     items = split_items(prepared_dir, [split])
     if not items:
@@ -177,7 +175,7 @@ def split_dice(network: nn.Module, prepared_dir: str | Path, split: str = "test"
     preds, truths = [], []
     for start in track(range(0, len(items), batch_size), f"segmenter Dice on {split}"):
         images, labels = load_prepared(prepared_dir, items[start:start + batch_size])
-        preds.append(segment_cines(network, images))
+        preds.append(segment_cines(network, images, zooms=zooms))
         truths.append(labels)
     return dice_per_label(torch.cat(preds), torch.cat(truths)) | {"n": len(items)}
 
