@@ -127,6 +127,10 @@ def test_a_user_error_ends_in_one_line_unless_debugging() -> None:
     chained = RuntimeError("Failed to evaluate")
     chained.__cause__ = FileNotFoundError("x.csv: not found")
     assert cli.user_error(chained) is chained.__cause__ and cli.user_error(RuntimeError("a bug")) is None
+    clear = ValueError("segmenter.json: missing or malformed segmenter info")  # ours, raised from the raw OSError
+    clear.__cause__ = FileNotFoundError("[Errno 2] No such file or directory: 'segmenter.json'")
+    chained.__cause__ = clear
+    assert cli.user_error(chained) is clear
 
 
 @pytest.mark.parametrize("key, value, python", [("resume", "false", "False"), ("resume", "true", "True"),

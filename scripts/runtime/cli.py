@@ -160,13 +160,15 @@ DEBUG_ENV = "CPGG_DEBUG"  # set to 1 for full tracebacks of user errors
 
 
 def user_error(error: BaseException) -> BaseException | None:
-    """The innermost user error (bad value, file, table or cine: USER_ERRORS) in `error`'s chain of causes, or None."""
-    found, seen = None, set()
+    """The outermost user error (bad value, file, table or cine: USER_ERRORS) in `error`'s chain of causes, or None:
+    below MONAI's RuntimeError wrappers, and above the OSError a clearer message of ours was raised from."""
+    seen = set()
     while error is not None and id(error) not in seen:
+        if isinstance(error, USER_ERRORS):
+            return error
         seen.add(id(error))
-        found = error if isinstance(error, USER_ERRORS) else found
         error = error.__cause__ or error.__context__
-    return found
+    return None
 
 
 def one_line_errors(kind: type, error: BaseException, trace: object) -> None:
