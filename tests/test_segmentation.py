@@ -312,7 +312,8 @@ def test_cine_labeller_resamples_to_the_training_pixel_size(segmenter_runs: dict
 
 # ------------------------------------------------------------------------------------------------- real subject
 def test_real_subject_dice(ukbb_demo: Path, tmp_path: Path) -> None:
-    """Dice per label of a trained segmenter on the real demo subject (reported, not a target)."""
+    """Dice per label of a trained segmenter, with the labeller's views, on the real demo subject (reported, not a
+    target)."""
     if not TRAINED.is_file():
         pytest.skip(f"no trained segmenter at {TRAINED} (set SEGMENTER_CHECKPOINT, or train {CONFIG})")
     dice = real_subject_dice(ukbb_demo, TRAINED, build("segmenter_def", read_info(TRAINED)["profile"]), tmp_path)
