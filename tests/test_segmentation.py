@@ -16,7 +16,7 @@ from PIL import Image
 
 from scripts.data.heart_crop import crop_pad, uncrop
 from scripts.data.prepare import prepare
-from scripts.segmentation.cine_bundle import segment_frames
+from scripts.segmentation.cine_bundle import CineInferer, segment_frames
 from scripts.segmentation.labeller import CineLabeller, crop_agreement, real_subject_dice
 from scripts.segmentation.randomise import RandLabelRenderd
 from scripts.segmentation.segmenter import (
@@ -84,6 +84,18 @@ def test_zoomed_out_views_are_mapped_back_onto_the_frame() -> None:
     both = segment_frames(Threshold(), frames, zooms=(1.0, 1.2), frame_batch=1)
     away = (radius - 10).abs() > 1.5  # the disk's rim may move by a resampling pixel
     assert torch.equal(both[:, away], plain[:, away])
+
+
+def test_window_search_prefers_a_whole_heart_to_a_larger_area_cut_by_the_edge() -> None:
+    """CineInferer.locate on a view holding a disk (a whole 'heart') and a wide band running off every window (more
+    labelled area in any window that cuts it): the chosen window holds the disk (ranking by area alone picks the
+    band)."""
+    yy, xx = torch.meshgrid(torch.arange(256.0), torch.arange(256.0), indexing="ij")
+    frame = (((yy - 150) ** 2 + (xx - 60) ** 2).sqrt() < 20).float()
+    frame[:, 190:250] = 1.0  # the band: 60 columns, every row
+    box = CineInferer(spacing_mm=1.0, stride=16).locate(Threshold(), frame[None, None].repeat(5, 1, 1, 1), (1.0, 1.0))
+    (x0, x1), (y0, y1) = box
+    assert x0 <= 130 and x1 >= 170 and y0 <= 40 and y1 >= 80, box
 
 
 def test_dice_per_label_against_hand_counts() -> None:

@@ -193,6 +193,15 @@ def segment_frames(network: nn.Module, frames: torch.Tensor, zooms: Sequence[flo
     return torch.cat(labels)
 
 
+def _window_score(labels: torch.Tensor) -> tuple[int, bool, int]:
+    """(T, h, w) labels of a search window -> (labels present, heart clear of the window's edge, labelled area):
+    ranks a whole heart above a larger labelled area cut by the edge (a network trained on larger hearts over-labels
+    off-centre windows)."""
+    heart = labels > 0
+    edge = heart[:, [0, -1], :].any() or heart[:, :, [0, -1]].any()
+    return len(torch.unique(labels[heart])), not bool(edge), int(heart.sum())
+
+
 class CineInferer(Inferer):
     """The labeller's method as a MONAI Inferer around the per-frame UNet: (B, 1, X, Y, T)
     canonical cines (MetaTensor, pixel size from the affine) -> (B, 1, X, Y, T) labels 0..5. A window search at the
@@ -225,8 +234,7 @@ class CineInferer(Inferer):
         for i in starts[0]:
             for j in starts[1]:
                 window = [[i, i + IMAGE_SIZE], [j, j + IMAGE_SIZE]]
-                labels = self.segment(network, crop_pad(view, window))
-                score = (len(torch.unique(labels[labels > 0])), int((labels > 0).sum()))
+                score = _window_score(self.segment(network, crop_pad(view, window)))
                 if score > best:
                     best, box = score, window
         return [[round(a / f), round(b / f)] for (a, b), f in zip(box, factor)]
