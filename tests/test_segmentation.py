@@ -98,6 +98,20 @@ def test_window_search_prefers_a_whole_heart_to_a_larger_area_cut_by_the_edge() 
     assert x0 <= 130 and x1 >= 170 and y0 <= 40 and y1 >= 80, box
 
 
+def test_labeller_places_the_box_with_plain_views_and_zooms_only_the_final_labels(monkeypatch) -> None:
+    """CineInferer.label with zooms (1.0, 1.2) and 2 refine passes: the window search and the first pass segment plain
+    views, the last pass the zoomed ones; the labelled disk comes back in place."""
+    yy, xx = torch.meshgrid(torch.arange(128.0), torch.arange(128.0), indexing="ij")
+    disk = ((yy - 70) ** 2 + (xx - 50) ** 2).sqrt() < 15
+    calls, segment = [], CineInferer.segment
+    monkeypatch.setattr(CineInferer, "segment",
+                        lambda self, net, view, zooms=(1.0,): calls.append(tuple(zooms)) or segment(self, net, view, zooms))
+    labels = CineInferer(spacing_mm=1.0, refine=2, zooms=(1.0, 1.2)).label(
+        Threshold(), disk.float()[..., None].repeat(1, 1, 3), (1.0, 1.0))
+    assert calls[-2:] == [(1.0,), (1.0, 1.2)] and set(calls[:-1]) == {(1.0,)}
+    assert labels.shape == (128, 128, 3) and int((labels[..., 0] > 0).ne(disk).sum()) < 0.05 * int(disk.sum())
+
+
 def test_dice_per_label_against_hand_counts() -> None:
     truth = torch.zeros(2, 1, 4, 4, dtype=torch.uint8)  # (B, T, H, W)
     pred = torch.zeros_like(truth)

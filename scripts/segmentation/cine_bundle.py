@@ -205,8 +205,8 @@ def _window_score(labels: torch.Tensor) -> tuple[int, bool, int]:
 class CineInferer(Inferer):
     """The labeller's method as a MONAI Inferer around the per-frame UNet: (B, 1, X, Y, T)
     canonical cines (MetaTensor, pixel size from the affine) -> (B, 1, X, Y, T) labels 0..5. A window search at the
-    training pixel size `spacing_mm`, then `refine` passes on the heart crop, each averaged over views zoomed out by
-    `zooms` (the search uses the plain network) (docs/segmenter.md)."""
+    training pixel size `spacing_mm`, then `refine` passes on the heart crop, the last averaged over views zoomed out
+    by `zooms` (the search and the passes that place the box use the plain network) (docs/segmenter.md)."""
 
     def __init__(self, spacing_mm: float, refine: int = 2, margin: float = 0.15, stride: int = 16,
                  search_frames: int = 5, frame_batch: int = 64, zooms: Sequence[float] = LABELLER_ZOOMS) -> None:
@@ -243,8 +243,10 @@ class CineInferer(Inferer):
         """(X, Y, T) float cine with its pixel size (mm) -> (X, Y, T) float labels."""
         x = cine.float().permute(2, 0, 1)[:, None]  # (T, 1, X, Y)
         box, labels = self.locate(network, x, spacing_mm), torch.zeros(x.shape[0], *x.shape[-2:])
-        for _ in range(max(self.refine, 1)):
-            labels = uncrop(self.segment(network, crop_pad(x, box), self.zooms), box, labels.shape)
+        passes = max(self.refine, 1)
+        for k in range(passes):  # the box from plain views (zoomed-out ones widen the labels' rim), the labels zoomed
+            zooms = self.zooms if k == passes - 1 else (1.0,)
+            labels = uncrop(self.segment(network, crop_pad(x, box), zooms), box, labels.shape)
             if not labels.any():
                 break
             box = heart_box((labels > 0).any(0).numpy(), spacing_mm, self.margin)
