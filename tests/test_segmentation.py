@@ -18,7 +18,7 @@ from scripts.data.heart_crop import crop_pad, uncrop
 from scripts.data.prepare import prepare
 from scripts.segmentation.cine_bundle import CineInferer, segment_frames
 from scripts.segmentation.labeller import CineLabeller, crop_agreement, real_subject_dice
-from scripts.segmentation.randomise import RandLabelRenderd
+from scripts.segmentation.randomise import RandLabelRenderd, RandTrabeculated
 from scripts.segmentation.segmenter import (
     LABEL_NAMES,
     NUM_CLASSES,
@@ -182,6 +182,32 @@ def test_label_render_probability_zero_and_shape_errors() -> None:
     assert RandLabelRenderd(prob=0.0)({"image": image, "label": label})["image"] is image
     with pytest.raises(ValueError, match=r"expects \(1, H, W\) image and label"):
         RandLabelRenderd(prob=1.0)({"image": image[None], "label": label[None]})
+
+
+def test_trabeculation_darkens_only_the_chosen_ventricle_near_its_wall_and_keeps_the_label() -> None:
+    """RandTrabeculated on an LV disk in a myocardial ring and an RV block: RV pixels within the band move towards the
+    myocardium's intensity, the deep cavity and every other pixel stay as they were, the label is untouched."""
+    yy, xx = torch.meshgrid(torch.arange(48.0), torch.arange(48.0), indexing="ij")
+    radius = ((yy - 24) ** 2 + (xx - 14) ** 2).sqrt()
+    label = torch.zeros(1, 48, 48, dtype=torch.uint8)
+    label[0][radius < 12], label[0][radius < 8], label[0, 8:40, 28:46] = 2, 1, 3
+    image = torch.tensor([0.0, 1.0, 0.2, 0.8, 0.0, 0.0])[label.long()]
+    trab = RandTrabeculated(prob=1.0, chambers=("RV",), depth_px=(3.0, 3.0), fill=(0.5, 0.5), strength=(1.0, 1.0))
+    trab.set_random_state(0)
+    out = trab({"image": image, "label": label})
+    x, rv = out["image"][0], label[0] == 3
+    assert out["label"] is label and out["image"].shape == image.shape and x.dtype == image.dtype
+    assert torch.equal(x[~rv], image[0][~rv])  # LV, myocardium and background untouched
+    depth = torch.minimum(torch.minimum(yy - 8, 39 - yy), torch.minimum(xx - 28, 45 - xx))  # px inside the RV
+    assert torch.equal(x[rv & (depth >= 6)], image[0][rv & (depth >= 6)])  # the deep cavity stays blood
+    band = x[rv & (depth == 0)]
+    assert float(band.min()) < 0.5 and float(band.min()) >= 0.2 - 1e-6 and float((band < 0.75).float().mean()) > 0.2
+    trab.set_random_state(0)
+    assert torch.equal(trab({"image": image, "label": label})["image"], out["image"])  # seeded
+    with pytest.raises(ValueError, match="chambers must be among"):
+        RandTrabeculated(chambers=("Myo",))
+    with pytest.raises(ValueError, match=r"RandTrabeculated expects \(1, H, W\) image and label"):
+        trab({"image": image[None], "label": label[None]})
 
 
 def test_partially_labelled_cines_keep_only_their_labelled_frames() -> None:

@@ -29,7 +29,7 @@ from scripts.runtime.files import atomic_write
 
 IMAGE_SIZE = 96  # the segmenter's frame size (scripts/data/shapes.py)
 LABEL_NAMES = ("background", "LV", "Myo", "RV", "LA", "RA")  # channel k = label value k
-LABELLER_ZOOMS = (1.0, 1.2)  # the labeller's test-time views (segment_frames; measured in docs/segmenter.md)
+LABELLER_ZOOMS = (1.0,)  # the labeller's test-time views: plain for networks trained on larger hearts (docs/segmenter.md)
 
 
 # ------------------------------------------------------------------------------------------------------- transforms
