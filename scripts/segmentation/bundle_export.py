@@ -170,8 +170,9 @@ segmenter (profile `{info['profile']}`, training pixel size {float(info['spacing
 - **Network** (`network_def`): MONAI's 2D UNet, trained on 96 x 96 heart crops; `models/model.pt` is its state dict.
 - **Inference** (`configs/inference.json`): `LoadImaged` and `CanonicalCined` (the cine in one in-plane orientation),
   then `CineInferer`: 5 frames resampled to the training pixel size, every 96 x 96 window segmented (stride 16),
-  the window with the most labels, then labels clear of its edge, then the most heart pixels kept; then twice the heart box of the current labels (square, margin 0.15) is
-  resized to 96 x 96 and every frame segmented there (largest component per label and frame, one heart per cine).
+  the window with the most labels, then labels clear of its edge, then the most heart pixels kept; then twice the
+  heart box of the current labels (square, margin 0.15) is resized to 96 x 96 and every frame segmented there
+  (largest component per label and frame, one heart per cine; the last pass averaged over the `zooms` views).
   `RestoreCined` returns the labels to the input's orientation; `SaveCined` writes
   `<output_dir>/<folder>/<name>_seg.nii.gz` (uint8) with the input's shape and affine.
 - **Fine-tuning** (`configs/train.json`): pairs of raw cines and label cines; each cine's heart crop (from its labels)

@@ -28,12 +28,33 @@ def _interfaces(label: np.ndarray, width: int) -> np.ndarray:
     return np.logical_or.reduce([a & b for i, a in enumerate(masks) for j, b in enumerate(near) if i != j])
 
 
-def _check_frame(image: torch.Tensor, label: torch.Tensor, name: str) -> None:
-    if image.ndim != 3 or image.shape != label.shape or image.shape[0] != 1:
-        raise ValueError(f"{name} expects (1, H, W) image and label, got {tuple(image.shape)} and {tuple(label.shape)}")
+class _LabelledFrameTransform(RandomizableTransform, MapTransform):
+    """With probability `prob`, a (1, H, W) "image" replaced by `render` of it and its (1, H, W) "label" (unchanged)."""
+
+    def __init__(self, keys: KeysCollection, prob: float) -> None:
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob)
+        self.image_key, self.label_key = self.keys
+
+    def render(self, image: np.ndarray, label: np.ndarray) -> np.ndarray:
+        """(H, W) float image and int64 label -> (H, W) float32 image (the draws of `self.R`)."""
+        raise NotImplementedError
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        image, label = (torch.as_tensor(d[k]) for k in (self.image_key, self.label_key))
+        if image.ndim != 3 or image.shape != label.shape or image.shape[0] != 1:
+            raise ValueError(f"{type(self).__name__} expects (1, H, W) image and label, got {tuple(image.shape)} and "
+                             f"{tuple(label.shape)}")
+        out = self.render(image[0].float().numpy(), label[0].numpy().astype(np.int64))
+        d[self.image_key] = torch.from_numpy(out)[None].to(image.dtype)
+        return d
 
 
-class RandLabelRenderd(RandomizableTransform, MapTransform):
+class RandLabelRenderd(_LabelledFrameTransform):
     """With probability `prob`, replace a (1, H, W) "image" by a rendering of its (1, H, W) "label": background split
     into `background_classes` regions by the smoothed image's own intensity quantiles (lung, muscle, fat, ... of the
     phantom keep their shapes), every region a random mean in [0, 1] with a random Gaussian texture (sd up to `max_texture_sd`,
@@ -47,11 +68,9 @@ class RandLabelRenderd(RandomizableTransform, MapTransform):
                  max_texture_sd: float = 0.12, texture_sigma: Sequence[float] = (0.5, 3.0),
                  blur_sigma: Sequence[float] = (0.0, 1.2), blood_pool_prob: float = 0.5, blood_jitter: float = 0.05,
                  wall_prob: float = 0.5) -> None:
-        MapTransform.__init__(self, keys)
-        RandomizableTransform.__init__(self, prob)
+        super().__init__(keys, prob)
         if background_classes < 1:
             raise ValueError(f"background_classes must be >= 1, got {background_classes}")
-        self.image_key, self.label_key = self.keys
         self.background_classes, self.max_texture_sd = background_classes, max_texture_sd
         self.texture_sigma, self.blur_sigma = tuple(texture_sigma), tuple(blur_sigma)
         self.blood_pool_prob, self.blood_jitter, self.wall_prob = blood_pool_prob, blood_jitter, wall_prob
@@ -67,7 +86,7 @@ class RandLabelRenderd(RandomizableTransform, MapTransform):
 
     def render(self, image: np.ndarray, label: np.ndarray) -> np.ndarray:
         """(H, W) float image and integer label -> (H, W) float32 rendering in [0, 1] (the random draws of `self.R`)."""
-        regions = self._regions(image, label.astype(np.int64))
+        regions = self._regions(image, label)
         n = self.background_classes + len(LABELS)
         means = self.R.uniform(0.0, 1.0, n)
         blood = [self.background_classes - 1 + LABELS[name] for name in BLOOD_POOLS]
@@ -83,19 +102,8 @@ class RandLabelRenderd(RandomizableTransform, MapTransform):
         lo, hi = out.min(), out.max()
         return ((out - lo) / max(hi - lo, 1e-6)).astype(np.float32)
 
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
-        d = dict(data)
-        self.randomize(None)
-        if not self._do_transform:
-            return d
-        image, label = (torch.as_tensor(d[k]) for k in (self.image_key, self.label_key))
-        _check_frame(image, label, type(self).__name__)
-        rendered = self.render(image[0].float().numpy(), label[0].numpy())
-        d[self.image_key] = torch.from_numpy(rendered)[None].to(image.dtype)
-        return d
 
-
-class RandTrabeculated(RandomizableTransform, MapTransform):
+class RandTrabeculated(_LabelledFrameTransform):
     """With probability `prob`, trabeculation drawn into each ventricle of `chambers` of a (1, H, W) "image": within a
     random depth (`depth_px`) of the blood pool's wall (myocardium or background; a valve plane to another blood pool is
     no wall), blobs of the frame's myocardium intensity (its median on the label; a smooth random field of correlation
@@ -107,17 +115,15 @@ class RandTrabeculated(RandomizableTransform, MapTransform):
                  chambers: Sequence[str] = ("LV", "RV"), depth_px: Sequence[float] = (2.0, 7.0),
                  fill: Sequence[float] = (0.2, 0.6), strength: Sequence[float] = (0.4, 1.0),
                  sigma_px: Sequence[float] = (0.6, 1.5)) -> None:
-        MapTransform.__init__(self, keys)
-        RandomizableTransform.__init__(self, prob)
+        super().__init__(keys, prob)
         unknown = set(chambers) - set(BLOOD_POOLS)
         if unknown:
             raise ValueError(f"chambers must be among {BLOOD_POOLS}, got {sorted(unknown)}")
-        self.image_key, self.label_key = self.keys
         self.chambers, self.depth_px, self.fill = tuple(chambers), tuple(depth_px), tuple(fill)
         self.strength, self.sigma_px = tuple(strength), tuple(sigma_px)
 
     def render(self, image: np.ndarray, label: np.ndarray) -> np.ndarray:
-        """(H, W) float image and integer label -> (H, W) float32 image with trabeculae (the draws of `self.R`)."""
+        """(H, W) float image and int64 label -> (H, W) float32 image with trabeculae (the draws of `self.R`)."""
         pools = np.isin(label, [LABELS[name] for name in BLOOD_POOLS])
         depth = distance_transform_edt(pools)  # px to the nearest wall or background pixel
         myo = label == LABELS["Myo"]
@@ -133,14 +139,3 @@ class RandTrabeculated(RandomizableTransform, MapTransform):
             weight = gaussian_filter((blobs & chamber) * fade, 0.5) * chamber * self.R.uniform(*self.strength)
             out = out * (1.0 - weight) + tissue * weight
         return out.astype(np.float32)
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
-        d = dict(data)
-        self.randomize(None)
-        if not self._do_transform:
-            return d
-        image, label = (torch.as_tensor(d[k]) for k in (self.image_key, self.label_key))
-        _check_frame(image, label, type(self).__name__)
-        drawn = self.render(image[0].float().numpy(), label[0].numpy().astype(np.int64))
-        d[self.image_key] = torch.from_numpy(drawn)[None].to(image.dtype)
-        return d
