@@ -270,6 +270,8 @@ def test_evaluation_config_on_a_tiny_pipeline_run(tiny_pipeline: Path, i3d_stand
     assert {k: v["status"] for k, v in metrics["sets"].items()} == {"cfg": "ok", "unconditional": "ok",
                                                                      "absent": "missing"}
     assert set(json.loads((out / "stage_times.json").read_text())) == {"train_segmenter", "generate_unconditional"}
+    assert (run / "models" / "evaluation" / "segmenter.pt").is_file()  # the instrument, apart from the labeller's
+    assert not (run / "models" / "segmenter.pt").exists()
     assert len(list((run / "generated_unconditional" / "images").glob("G*.npy"))) == 4
     for metric in ("fid", "fvd", "vae_fd"):
         for name in ("cfg", "unconditional"):
