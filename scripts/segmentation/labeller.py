@@ -68,7 +68,8 @@ def _cyclic_distance(a: int, b: int, frames: int) -> int:
 
 
 def real_subject_dice(dataset_dir: str | Path, checkpoint: str | Path, network: nn.Module, work_dir: str | Path,
-                      device: torch.device | str = "cpu", zooms: Sequence[float] = LABELLER_ZOOMS) -> dict[str, dict[str, float]]:
+                      device: torch.device | str = "cpu",
+                      zooms: Sequence[float] = LABELLER_ZOOMS) -> dict[str, dict[str, float]]:
     """Prepare a labelled cohort (e.g. ../shared/data/ukbb_demo) into `work_dir` with the default configs/prepare.json
     settings, segment every prepared cine with `network` (weights from `checkpoint`), averaged over `zooms` (the
     labeller's views by default; (1.0,): the plain network); {subject: Dice per label}."""
