@@ -29,7 +29,7 @@ def test_budget_derives_epochs_and_records_them(tmp_path: Path) -> None:
     engine.run([0, 1], max_epochs=50)
     record = json.loads((tmp_path / "budget.json").read_text())
     assert 3 <= engine.state.epoch == record["max_epochs"] <= 6  # of the 50 allowed
-    assert budget.state_dict() == {"derived": record["max_epochs"]}
+    assert budget.state_dict() == {"derived": record["max_epochs"], "record": record}
 
 
 def test_budget_never_below_min_epochs_nor_above_max(tmp_path: Path) -> None:
@@ -61,7 +61,7 @@ def test_resumed_budget_keeps_its_decision_and_none_is_off(tmp_path: Path) -> No
     engine = _engine(0.0)
     off.attach(engine)
     engine.run([0, 1], max_epochs=5)
-    assert engine.state.epoch == 5 and off.state_dict() == {"derived": -1}
+    assert engine.state.epoch == 5 and off.state_dict() == {"derived": -1, "record": {}}
 
 
 def test_budget_stretches_a_cosine_schedule_to_the_derived_length(tmp_path: Path) -> None:
@@ -137,3 +137,39 @@ def test_a_checkpoint_of_an_earlier_scheduler_resumes_at_its_position(tmp_path: 
     again = scheduler("lambda")
     LatestCheckpoint(tmp_path / "same.pt", {"lr_scheduler": again}).load(Engine(lambda e, b: None))
     assert again.lr_lambdas[0].total == 8 and "another scheduler" not in caplog.text
+
+
+def test_budget_revises_once_when_a_costlier_phase_starts(tmp_path: Path) -> None:
+    """The GAN's steps cost more than the timed first epochs: the first epoch wholly in that phase is timed and the
+    count revised down so the run still fits; the record keeps both measurements and survives a resume."""
+    phase = 5  # iterations 1-4 (epochs 1-2) cheap, from iteration 5 (epoch 3) four times the cost
+    engine = Engine(lambda e, b: time.sleep(0.01 if e.state.iteration < phase else 0.04))
+    budget = EpochBudget(0.6, tmp_path / "b.json", measure_epochs=2, phase_iteration=phase)
+    budget.attach(engine)
+    engine.run([0, 1], max_epochs=100)
+    record = json.loads((tmp_path / "b.json").read_text())
+    assert 0.015 < record["seconds_per_epoch"] < 0.06 and record["phase_seconds_per_epoch"] > 0.07
+    # cheap epochs alone would fit ~30; with two cheap ones the rest fit (0.6 - 0.04) / 0.08 ~ 7 more
+    assert 5 <= engine.state.epoch == record["max_epochs"] <= 11 and record["phase_iteration"] == phase
+    resumed = EpochBudget(0.6, tmp_path / "b.json", phase_iteration=phase)
+    resumed.load_state_dict(budget.state_dict())
+    assert resumed.derived == record["max_epochs"] and resumed.record == record
+    unchanged = EpochBudget(0.6, tmp_path / "u.json", measure_epochs=2, phase_iteration=1)  # timed epochs in phase
+    engine = Engine(lambda e, b: time.sleep(0.04))
+    unchanged.attach(engine)
+    engine.run([0, 1], max_epochs=100)
+    unrevised = json.loads((tmp_path / "u.json").read_text())
+    assert unrevised["phase_iteration"] == 1 and "phase_seconds_per_epoch" not in unrevised
+
+
+def test_budget_revision_counts_the_validation_between_epochs(tmp_path: Path) -> None:
+    """Epochs of equal cost, a 0.1 s validation after every second epoch (outside the first timed epochs' wall time):
+    the revision's window of round_to = 2 epochs holds one validation, so the count falls to what fits with them."""
+    engine = Engine(lambda e, b: time.sleep(0.01))
+    engine.add_event_handler(Events.EPOCH_COMPLETED(every=2), lambda e: time.sleep(0.1))
+    budget = EpochBudget(1.0, tmp_path / "b.json", measure_epochs=1, round_to=2, phase_iteration=3)
+    budget.attach(engine)
+    engine.run([0, 1], max_epochs=100)
+    record = json.loads((tmp_path / "b.json").read_text())
+    assert record["phase_seconds_per_epoch"] > 0.06  # 0.02 of steps + half a validation
+    assert 8 <= engine.state.epoch == record["max_epochs"] <= 16 and engine.state.epoch % 2 == 0  # not ~50

@@ -19,17 +19,21 @@ logger = logging.getLogger(__name__)
 class EpochBudget:
     """Derive max_epochs = min(max_epochs, the epochs that fit in `budget_s` seconds at the mean wall time of the first
     `measure_epochs` epochs of this run), rounded down to a multiple of `round_to` (a validation interval, so the last
-    epoch is validated), at least `min_epochs`; budget_s None: off. Writes the decision to `path`; a
-    per-iteration `scheduler` with a `T_max` (cosine) or a LambdaLR of a factor with a `total` (WarmupCosine) is
-    stretched to the derived length. Attach after
-    LatestCheckpoint: a resumed run applies the checkpointed decision once the checkpoint is loaded."""
+    epoch is validated), at least `min_epochs`; budget_s None: off. `phase_iteration`: the iteration from which each
+    step costs more (the autoencoder's GAN); the first `round_to` epochs run wholly in that phase are timed with the
+    validation between them and the count revised once from the time left, so the run still ends within its budget. Writes each decision to `path`; a per-iteration
+    `scheduler` with a `T_max` (cosine) or a LambdaLR of a factor with a `total` (WarmupCosine) is stretched to the
+    derived length. Attach after LatestCheckpoint: a resumed run applies the checkpointed decision once the checkpoint
+    is loaded."""
 
     def __init__(self, budget_s: float | None, path: str | Path, min_epochs: int = 1, measure_epochs: int = 2,
-                 scheduler: LRScheduler | None = None, round_to: int = 1) -> None:
+                 scheduler: LRScheduler | None = None, round_to: int = 1, phase_iteration: int | None = None) -> None:
         self.budget_s, self.path, self.min_epochs, self.measure_epochs = budget_s, Path(path), min_epochs, measure_epochs
-        self.scheduler, self.round_to = scheduler, max(1, round_to)
+        self.scheduler, self.round_to, self.phase_iteration = scheduler, max(1, round_to), phase_iteration
         self.derived: int | None = None
+        self.record: dict = {}
         self.started, self.first_epoch = 0.0, 0
+        self.marks: dict[int, float] = {}  # epoch -> wall time at its last iteration (before its validation)
 
     def attach(self, engine: Engine) -> None:
         if self.budget_s is None:
@@ -41,21 +45,47 @@ class EpochBudget:
         if self.derived is not None:  # decided in the run this one resumes: keep it
             self._apply(engine, max(self.derived, engine.state.epoch))
         self.started, self.first_epoch = time.perf_counter(), engine.state.epoch
+        self.marks = {engine.state.epoch: self.started}
 
     def decide(self, engine: Engine) -> None:
-        length = engine.state.epoch_length
-        done = engine.state.epoch - self.first_epoch
-        if self.derived is not None or done < self.measure_epochs or engine.state.iteration % length:
-            return  # only at the last iteration of the measured epochs
-        per_epoch = (time.perf_counter() - self.started) / done
-        fit = math.floor(self.budget_s / per_epoch) // self.round_to * self.round_to  # at this machine's speed
-        self.derived = max(self.min_epochs, min(engine.state.max_epochs, fit), engine.state.epoch)
-        self._apply(engine, self.derived)
-        record = {"budget_s": self.budget_s, "seconds_per_epoch": round(per_epoch, 2), "measured_epochs": done,
-                  "max_epochs": self.derived, "min_epochs": self.min_epochs, "round_to": self.round_to}
-        write_json(self.path, record)
-        logger.info("time budget %.0f s at %.1f s per epoch: training %d epochs (recorded in %s)", self.budget_s,
-                    per_epoch, self.derived, self.path)
+        if engine.state.iteration % engine.state.epoch_length:
+            return  # only at an epoch's last iteration
+        now, epoch = time.perf_counter(), engine.state.epoch
+        self.marks[epoch] = now
+        done = epoch - self.first_epoch
+        if self.derived is None and done >= self.measure_epochs:
+            per_epoch = (now - self.started) / done
+            timed = {"seconds_per_epoch": round(per_epoch, 2), "measured_epochs": done}
+            if self.phase_iteration is not None and self.phase_iteration <= engine.state.iteration:
+                timed["phase_iteration"] = self.phase_iteration  # the phase ran in the timed epochs: nothing to revise
+            self._decide(engine, self._fit(engine, self.budget_s / per_epoch), timed)
+        elif self.derived is not None and self._phase_window(engine) in self.marks:
+            per_epoch = (now - self.marks[self._phase_window(engine)]) / self.round_to  # with one validation
+            elapsed = now - self.started + self.first_epoch * self.record["seconds_per_epoch"]  # before a resume: est.
+            fit = epoch + max(0.0, self.budget_s - elapsed) / per_epoch
+            self._decide(engine, min(self.derived, self._fit(engine, fit)),
+                         {"phase_iteration": self.phase_iteration, "phase_seconds_per_epoch": round(per_epoch, 2),
+                          "seconds_before_revision": round(elapsed, 1)})
+
+    def _phase_window(self, engine: Engine) -> int | None:
+        """The epoch whose end opens a window of `round_to` epochs run wholly in a costlier phase, not timed yet."""
+        if self.phase_iteration is None or "phase_iteration" in self.record or "seconds_per_epoch" not in self.record:
+            return None
+        first = engine.state.epoch - self.round_to + 1  # the window's first epoch
+        return first - 1 if (first - 1) * engine.state.epoch_length + 1 >= self.phase_iteration else None
+
+    def _fit(self, engine: Engine, epochs: float) -> int:
+        fit = math.floor(epochs) // self.round_to * self.round_to  # at this machine's speed
+        return max(self.min_epochs, min(engine.state.max_epochs, fit), engine.state.epoch)
+
+    def _decide(self, engine: Engine, epochs: int, measured: dict) -> None:
+        self.derived = epochs
+        self._apply(engine, epochs)
+        self.record = {**self.record, "budget_s": self.budget_s, **measured, "max_epochs": epochs,
+                       "min_epochs": self.min_epochs, "round_to": self.round_to}
+        write_json(self.path, self.record)
+        logger.info("time budget %.0f s: training %d epochs (%s; recorded in %s)", self.budget_s, epochs,
+                    ", ".join(f"{k} {v}" for k, v in measured.items()), self.path)
 
     def _apply(self, engine: Engine, max_epochs: int) -> None:
         engine.state.max_epochs = max_epochs
@@ -67,7 +97,8 @@ class EpochBudget:
                 factor.total = total
 
     def state_dict(self) -> dict:
-        return {"derived": -1 if self.derived is None else self.derived}
+        return {"derived": -1 if self.derived is None else self.derived, "record": self.record}
 
     def load_state_dict(self, state: dict) -> None:
         self.derived = None if int(state["derived"]) < 0 else int(state["derived"])
+        self.record = dict(state.get("record", {}))  # checkpoints before the phase revision hold no record
