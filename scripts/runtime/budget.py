@@ -21,10 +21,10 @@ class EpochBudget:
     `measure_epochs` epochs of this run), rounded down to a multiple of `round_to` (a validation interval, so the last
     epoch is validated), at least `min_epochs`; budget_s None: off. `phase_iteration`: the iteration from which each
     step costs more (the autoencoder's GAN); the first `round_to` epochs run wholly in that phase are timed with the
-    validation between them and the count revised once from the time left, so the run still ends within its budget. Writes each decision to `path`; a per-iteration
-    `scheduler` with a `T_max` (cosine) or a LambdaLR of a factor with a `total` (WarmupCosine) is stretched to the
-    derived length. Attach after LatestCheckpoint: a resumed run applies the checkpointed decision once the checkpoint
-    is loaded."""
+    validation between them and the count revised once (down only) from the time left, so the run still ends within
+    its budget. Writes each decision to `path`; a per-iteration `scheduler` with a `T_max` (cosine) or a LambdaLR of a
+    factor with a `total` (WarmupCosine) is stretched to the derived length. Attach after LatestCheckpoint: a resumed
+    run applies the checkpointed decision once the checkpoint is loaded."""
 
     def __init__(self, budget_s: float | None, path: str | Path, min_epochs: int = 1, measure_epochs: int = 2,
                  scheduler: LRScheduler | None = None, round_to: int = 1, phase_iteration: int | None = None) -> None:
@@ -32,8 +32,8 @@ class EpochBudget:
         self.scheduler, self.round_to, self.phase_iteration = scheduler, max(1, round_to), phase_iteration
         self.derived: int | None = None
         self.record: dict = {}
-        self.started, self.first_epoch = 0.0, 0
-        self.marks: dict[int, float] = {}  # epoch -> wall time at its last iteration (before its validation)
+        self.first_epoch = 0
+        self.marks: dict[int, float] = {}  # epoch -> wall time at its end (before its validation); the start at first_epoch
 
     def attach(self, engine: Engine) -> None:
         if self.budget_s is None:
@@ -44,24 +44,24 @@ class EpochBudget:
     def start(self, engine: Engine) -> None:
         if self.derived is not None:  # decided in the run this one resumes: keep it
             self._apply(engine, max(self.derived, engine.state.epoch))
-        self.started, self.first_epoch = time.perf_counter(), engine.state.epoch
-        self.marks = {engine.state.epoch: self.started}
+        self.first_epoch = engine.state.epoch
+        self.marks = {self.first_epoch: time.perf_counter()}
 
     def decide(self, engine: Engine) -> None:
         if engine.state.iteration % engine.state.epoch_length:
             return  # only at an epoch's last iteration
         now, epoch = time.perf_counter(), engine.state.epoch
         self.marks[epoch] = now
-        done = epoch - self.first_epoch
+        started, done = self.marks[self.first_epoch], epoch - self.first_epoch
         if self.derived is None and done >= self.measure_epochs:
-            per_epoch = (now - self.started) / done
+            per_epoch = (now - started) / done
             timed = {"seconds_per_epoch": round(per_epoch, 2), "measured_epochs": done}
             if self.phase_iteration is not None and self.phase_iteration <= engine.state.iteration:
                 timed["phase_iteration"] = self.phase_iteration  # the phase ran in the timed epochs: nothing to revise
             self._decide(engine, self._fit(engine, self.budget_s / per_epoch), timed)
-        elif self.derived is not None and self._phase_window(engine) in self.marks:
-            per_epoch = (now - self.marks[self._phase_window(engine)]) / self.round_to  # with one validation
-            elapsed = now - self.started + self.first_epoch * self.record["seconds_per_epoch"]  # before a resume: est.
+        elif self.derived is not None and (window := self._phase_window(engine)) in self.marks:
+            per_epoch = (now - self.marks[window]) / self.round_to  # with one validation
+            elapsed = now - started + self.first_epoch * self.record["seconds_per_epoch"]  # before a resume: estimated
             fit = epoch + max(0.0, self.budget_s - elapsed) / per_epoch
             self._decide(engine, min(self.derived, self._fit(engine, fit)),
                          {"phase_iteration": self.phase_iteration, "phase_seconds_per_epoch": round(per_epoch, 2),
