@@ -154,12 +154,12 @@ def test_budget_revises_once_when_a_costlier_phase_starts(tmp_path: Path) -> Non
     resumed = EpochBudget(0.6, tmp_path / "b.json", phase_iteration=phase)
     resumed.load_state_dict(budget.state_dict())
     assert resumed.derived == record["max_epochs"] and resumed.record == record
-    unchanged = EpochBudget(0.6, tmp_path / "u.json", measure_epochs=2, phase_iteration=1)  # timed epochs in phase
+    steady = EpochBudget(0.6, tmp_path / "s.json", measure_epochs=2, phase_iteration=1)  # timed epochs in phase
     engine = Engine(lambda e, b: time.sleep(0.04))
-    unchanged.attach(engine)
+    steady.attach(engine)
     engine.run([0, 1], max_epochs=100)
-    unrevised = json.loads((tmp_path / "u.json").read_text())
-    assert unrevised["phase_iteration"] == 1 and "phase_seconds_per_epoch" not in unrevised
+    kept = json.loads((tmp_path / "s.json").read_text())  # revised from epochs of the same cost: about the same count
+    assert kept["phase_seconds_per_epoch"] > 0.07 and 5 <= kept["max_epochs"] <= 7  # 0.6 / 0.08
 
 
 def test_budget_revision_counts_the_validation_between_epochs(tmp_path: Path) -> None:
@@ -173,3 +173,22 @@ def test_budget_revision_counts_the_validation_between_epochs(tmp_path: Path) ->
     record = json.loads((tmp_path / "b.json").read_text())
     assert record["phase_seconds_per_epoch"] > 0.06  # 0.02 of steps + half a validation
     assert 8 <= engine.state.epoch == record["max_epochs"] <= 16 and engine.state.epoch % 2 == 0  # not ~50
+
+
+def test_budget_revision_counts_periodic_checks_without_a_phase(tmp_path: Path) -> None:
+    """MAR: a 0.1 s sample-quality check after every third epoch, unseen by the two timed epochs: with window = 3 the
+    revision times three epochs with one check among them and the count falls to what fits with the checks."""
+    engine = Engine(lambda e, b: time.sleep(0.01))
+    engine.add_event_handler(Events.EPOCH_COMPLETED(every=3), lambda e: time.sleep(0.1))
+    budget = EpochBudget(1.0, tmp_path / "b.json", measure_epochs=2, window=3)
+    budget.attach(engine)
+    engine.run([0, 1], max_epochs=100)
+    record = json.loads((tmp_path / "b.json").read_text())
+    assert record["window"] == 3 and record["phase_seconds_per_epoch"] > 0.045  # 0.02 of steps + a third of a check
+    assert 10 <= engine.state.epoch == record["max_epochs"] <= 22  # the timed epochs alone: ~50
+    unrevised = EpochBudget(1.0, tmp_path / "u.json", measure_epochs=2)  # neither phase nor window: decided once
+    engine = Engine(lambda e, b: time.sleep(0.01))
+    engine.add_event_handler(Events.EPOCH_COMPLETED(every=3), lambda e: time.sleep(0.1))
+    unrevised.attach(engine)
+    engine.run([0, 1], max_epochs=100)
+    assert "phase_seconds_per_epoch" not in json.loads((tmp_path / "u.json").read_text())

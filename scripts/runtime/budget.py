@@ -19,17 +19,21 @@ logger = logging.getLogger(__name__)
 class EpochBudget:
     """Derive max_epochs = min(max_epochs, the epochs that fit in `budget_s` seconds at the mean wall time of the first
     `measure_epochs` epochs of this run), rounded down to a multiple of `round_to` (a validation interval, so the last
-    epoch is validated), at least `min_epochs`; budget_s None: off. `phase_iteration`: the iteration from which each
-    step costs more (the autoencoder's GAN); the first `round_to` epochs run wholly in that phase are timed with the
-    validation between them and the count revised once (down only) from the time left, so the run still ends within
-    its budget. Writes each decision to `path`; a per-iteration `scheduler` with a `T_max` (cosine) or a LambdaLR of a
-    factor with a `total` (WarmupCosine) is stretched to the derived length. Attach after LatestCheckpoint: a resumed
-    run applies the checkpointed decision once the checkpoint is loaded."""
+    epoch is validated), at least `min_epochs`; budget_s None: off. Those first epochs see neither the validations nor
+    a costlier phase from `phase_iteration` on (the autoencoder's GAN): given `phase_iteration` or `window`, the first
+    `window` epochs (default round_to; MAR: its sample-quality interval) run wholly in the phase after epoch 1 are timed
+    with the one validation or check among them and the count is revised once (down only) from the time left, so the
+    run still ends within its budget. Writes each decision to `path`; a per-iteration `scheduler` with a `T_max`
+    (cosine) or a LambdaLR of a factor with a `total` (WarmupCosine) is stretched to the derived length. Attach after
+    LatestCheckpoint: a resumed run applies the checkpointed decision once the checkpoint is loaded."""
 
     def __init__(self, budget_s: float | None, path: str | Path, min_epochs: int = 1, measure_epochs: int = 2,
-                 scheduler: LRScheduler | None = None, round_to: int = 1, phase_iteration: int | None = None) -> None:
+                 scheduler: LRScheduler | None = None, round_to: int = 1, phase_iteration: int | None = None,
+                 window: int | None = None) -> None:
         self.budget_s, self.path, self.min_epochs, self.measure_epochs = budget_s, Path(path), min_epochs, measure_epochs
-        self.scheduler, self.round_to, self.phase_iteration = scheduler, max(1, round_to), phase_iteration
+        self.scheduler, self.round_to = scheduler, max(1, round_to)
+        self.revise = phase_iteration is not None or window is not None
+        self.phase_iteration, self.window = phase_iteration or 1, max(1, window or self.round_to)
         self.derived: int | None = None
         self.record: dict = {}
         self.first_epoch = 0
@@ -56,23 +60,21 @@ class EpochBudget:
         if self.derived is None and done >= self.measure_epochs:
             per_epoch = (now - started) / done
             timed = {"seconds_per_epoch": round(per_epoch, 2), "measured_epochs": done}
-            if self.phase_iteration is not None and self.phase_iteration <= engine.state.iteration:
-                timed["phase_iteration"] = self.phase_iteration  # the phase ran in the timed epochs: nothing to revise
             self._decide(engine, self._fit(engine, self.budget_s / per_epoch), timed)
-        elif self.derived is not None and (window := self._phase_window(engine)) in self.marks:
-            per_epoch = (now - self.marks[window]) / self.round_to  # with one validation
+        elif self.derived is not None and (window := self._revision_window(engine)) in self.marks:
+            per_epoch = (now - self.marks[window]) / self.window  # with the validation or check among them
             elapsed = now - started + self.first_epoch * self.record["seconds_per_epoch"]  # before a resume: estimated
             fit = epoch + max(0.0, self.budget_s - elapsed) / per_epoch
             self._decide(engine, min(self.derived, self._fit(engine, fit)),
-                         {"phase_iteration": self.phase_iteration, "phase_seconds_per_epoch": round(per_epoch, 2),
-                          "seconds_before_revision": round(elapsed, 1)})
+                         {"phase_iteration": self.phase_iteration, "window": self.window,
+                          "phase_seconds_per_epoch": round(per_epoch, 2), "seconds_before_revision": round(elapsed, 1)})
 
-    def _phase_window(self, engine: Engine) -> int | None:
-        """The epoch whose end opens a window of `round_to` epochs run wholly in a costlier phase, not timed yet."""
-        if self.phase_iteration is None or "phase_iteration" in self.record or "seconds_per_epoch" not in self.record:
+    def _revision_window(self, engine: Engine) -> int | None:
+        """The epoch (>= 1, so validated ones follow) whose end opens `window` epochs wholly in the phase, not timed yet."""
+        if not self.revise or "phase_seconds_per_epoch" in self.record or "seconds_per_epoch" not in self.record:
             return None
-        first = engine.state.epoch - self.round_to + 1  # the window's first epoch
-        return first - 1 if (first - 1) * engine.state.epoch_length + 1 >= self.phase_iteration else None
+        opens = engine.state.epoch - self.window  # its end starts the window's wall time, before its validation
+        return opens if opens >= 1 and opens * engine.state.epoch_length + 1 >= self.phase_iteration else None
 
     def _fit(self, engine: Engine, epochs: float) -> int:
         fit = math.floor(epochs) // self.round_to * self.round_to  # at this machine's speed
