@@ -17,8 +17,12 @@ from scripts.runtime.checkpoints import LatestCheckpoint
 from scripts.runtime.schedules import WarmupCosine
 
 
-def _engine(seconds_per_epoch: float) -> Engine:
+def _engine(seconds_per_epoch: float, check_every: int | None = None) -> Engine:
+    """Epochs of 2 iterations at `seconds_per_epoch`; with `check_every`, a 0.1 s pause (a validation or sample-quality
+    check) after every that many epochs."""
     engine = Engine(lambda e, b: time.sleep(seconds_per_epoch / 2))
+    if check_every:
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=check_every), lambda e: time.sleep(0.1))
     return engine
 
 
@@ -165,8 +169,7 @@ def test_budget_revises_once_when_a_costlier_phase_starts(tmp_path: Path) -> Non
 def test_budget_revision_counts_the_validation_between_epochs(tmp_path: Path) -> None:
     """Epochs of equal cost, a 0.1 s validation after every second epoch (outside the first timed epochs' wall time):
     the revision's window of round_to = 2 epochs holds one validation, so the count falls to what fits with them."""
-    engine = Engine(lambda e, b: time.sleep(0.01))
-    engine.add_event_handler(Events.EPOCH_COMPLETED(every=2), lambda e: time.sleep(0.1))
+    engine = _engine(0.02, check_every=2)
     budget = EpochBudget(1.0, tmp_path / "b.json", measure_epochs=1, round_to=2, phase_iteration=3)
     budget.attach(engine)
     engine.run([0, 1], max_epochs=100)
@@ -178,8 +181,7 @@ def test_budget_revision_counts_the_validation_between_epochs(tmp_path: Path) ->
 def test_budget_revision_counts_periodic_checks_without_a_phase(tmp_path: Path) -> None:
     """MAR: a 0.1 s sample-quality check after every third epoch, unseen by the two timed epochs: with window = 3 the
     revision times three epochs with one check among them and the count falls to what fits with the checks."""
-    engine = Engine(lambda e, b: time.sleep(0.01))
-    engine.add_event_handler(Events.EPOCH_COMPLETED(every=3), lambda e: time.sleep(0.1))
+    engine = _engine(0.02, check_every=3)
     budget = EpochBudget(1.0, tmp_path / "b.json", measure_epochs=2, window=3)
     budget.attach(engine)
     engine.run([0, 1], max_epochs=100)
@@ -187,8 +189,7 @@ def test_budget_revision_counts_periodic_checks_without_a_phase(tmp_path: Path) 
     assert record["window"] == 3 and record["phase_seconds_per_epoch"] > 0.045  # 0.02 of steps + a third of a check
     assert 10 <= engine.state.epoch == record["max_epochs"] <= 22  # the timed epochs alone: ~50
     unrevised = EpochBudget(1.0, tmp_path / "u.json", measure_epochs=2)  # neither phase nor window: decided once
-    engine = Engine(lambda e, b: time.sleep(0.01))
-    engine.add_event_handler(Events.EPOCH_COMPLETED(every=3), lambda e: time.sleep(0.1))
+    engine = _engine(0.02, check_every=3)
     unrevised.attach(engine)
     engine.run([0, 1], max_epochs=100)
     assert "phase_seconds_per_epoch" not in json.loads((tmp_path / "u.json").read_text())
