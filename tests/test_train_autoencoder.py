@@ -89,6 +89,27 @@ def test_recon_loss_pieces_and_perceptual_term() -> None:
     assert with_perceptual["nll"].item() == pytest.approx(0.25 + 0.1 * with_perceptual["perceptual"].item())
 
 
+def test_perceptual_term_on_chosen_frames() -> None:
+    """perceptual_frames random frames per cine go through the feature network, the same ones for both cines."""
+    seen = []
+
+    def features(frames: torch.Tensor) -> torch.Tensor:  # (N, 1, H, W) -> (N, 1): records each frame's value
+        seen.append(frames[:, 0, 0, 0].clone())
+        return frames.mean((2, 3))
+
+    target = torch.arange(10.0).reshape(1, 1, 10, 1, 1).expand(2, 1, 10, 4, 4)  # frame t holds t
+    recon, zeros = target + 100.0, torch.zeros(2, 2, 5, 1, 1)
+    torch.manual_seed(0)
+    out = CineReconLoss(feature_network=features, perceptual_weight=1.0, perceptual_frames=3)(recon, target, zeros,
+                                                                                             zeros)
+    fake, real = seen
+    assert len(fake) == len(real) == 2 * 3 and torch.equal(fake - 100.0, real)  # 3 frames of each of the 2 cines
+    assert len(set(real.tolist())) == 3 and out["perceptual"].item() == pytest.approx(100.0)
+    seen.clear()
+    CineReconLoss(feature_network=features, perceptual_frames=None)(recon, target, zeros, zeros)
+    assert len(seen[0]) == 2 * 10  # None: every frame
+
+
 # ---------------------------------------------------------------------------------------------------------- profiles
 @pytest.mark.parametrize("name", PROFILES)
 def test_profiles_set_every_stage_tunable(name: str) -> None:
@@ -142,3 +163,4 @@ def test_cli_wrong_profile_checkpoint_is_an_error_naming_the_file(autoencoder_ru
     assert done.returncode != 0
     assert f"{models / 'autoencoder_latest.pt'}: checkpoint does not match CineAutoencoderKL of autoencoder profile 'tiny'" in log
     assert "shape mismatch" in log
+

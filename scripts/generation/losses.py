@@ -27,14 +27,16 @@ class VAELoss(nn.Module):
 
 
 class CineReconLoss(nn.Module):
-    """L1 (mean per voxel) + perceptual_weight x per-frame feature L1 (only with a `feature_network`) + kl_weight x KL
-    (mean per latent element: the weight does not change with the cine or latent size).
+    """L1 (mean per voxel) + perceptual_weight x per-frame feature L1 (only with a `feature_network`; on
+    `perceptual_frames` random frames per cine, None: all) + kl_weight x KL (mean per latent element: the weight does
+    not change with the cine or latent size).
     Returns {"loss", "nll" (L1 + perceptual: the term the adaptive GAN weight balances), "l1", "perceptual", "kl"}."""
 
     def __init__(self, kl_weight: float = 1e-6, feature_network: nn.Module | None = None,
-                 perceptual_weight: float = 0.1) -> None:
+                 perceptual_weight: float = 0.1, perceptual_frames: int | None = None) -> None:
         super().__init__()
         self.kl_weight, self.feature_network, self.perceptual_weight = kl_weight, feature_network, perceptual_weight
+        self.perceptual_frames = perceptual_frames
 
     def forward(self, recon: torch.Tensor, target: torch.Tensor, mean: torch.Tensor,
                 logvar: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -42,6 +44,10 @@ class CineReconLoss(nn.Module):
         l1 = (recon - target).abs().mean()
         perceptual = torch.zeros_like(l1)
         if self.feature_network is not None:
+            frames = recon.shape[2]
+            if self.perceptual_frames is not None and self.perceptual_frames < frames:  # the same frames of both
+                keep = torch.randperm(frames, device=recon.device)[:self.perceptual_frames]
+                recon, target = recon[:, :, keep], target[:, :, keep]
             fake, real = frames_as_images({CommonKeys.PRED: recon, CommonKeys.LABEL: target})
             perceptual = (self.feature_network(fake) - self.feature_network(real)).abs().mean()
         nll = l1 + self.perceptual_weight * perceptual
