@@ -17,6 +17,7 @@ from PIL import Image
 from scripts.data.heart_crop import crop_pad, uncrop
 from scripts.data.prepare import prepare
 from scripts.segmentation.cine_bundle import CineInferer, segment_frames
+from scripts.segmentation.features import SegmenterFeatures, export_features
 from scripts.segmentation.labeller import CineLabeller, crop_agreement, real_subject_dice
 from scripts.segmentation.randomise import RandLabelRenderd, RandTrabeculated
 from scripts.segmentation.segmenter import (
@@ -31,7 +32,7 @@ from scripts.segmentation.segmenter import (
     validation_batch_size,
 )
 from tests.conftest import ONE_THREAD, REPO, run_bundle, tensorboard_events
-from tests.networks import build
+from tests.networks import build, def_kwargs
 from tests.test_io import synthetic_cine
 
 torch.set_num_threads(1)
@@ -126,6 +127,29 @@ def test_dice_per_label_against_hand_counts() -> None:
     assert dice["mean"] == pytest.approx(np.mean([(4 / 6 + 1) / 2, 0.0, 0.5, 1.0]))
     with pytest.raises(ValueError, match="shapes differ"):
         dice_per_label(pred[:, :, :3], truth)
+
+
+def test_segmenter_features_weigh_every_level_alike_and_export_to_torchscript(tmp_path: Path) -> None:
+    """The encoder levels of a UNet, unit-normalised over channels, each level's share of the mean the same; the
+    exported TorchScript gives the same features; a checkpoint of another profile is an error naming the file."""
+    unet = build("segmenter_def", "tiny")
+    features = SegmenterFeatures(unet, frame_size=32).eval()
+    x = torch.rand(3, 1, 32, 32)
+    levels = features._levels(x)  # (N, C_l * H_l * W_l) each
+    channels = def_kwargs("segmenter_def", "tiny")["channels"]
+    for f, c in zip(levels, channels):  # every pixel's feature vector has unit length: squares sum to H_l * W_l
+        assert torch.allclose(f.pow(2).sum(1), torch.full((3,), f.shape[1] / c), rtol=1e-3)
+    sizes = [f.shape[1] for f in levels]
+    weights = [s * n for s, n in zip(features.scales, sizes)]  # a level's weight in the mean over all features
+    assert len(set(sizes)) > 1 and max(weights) == pytest.approx(min(weights))
+    checkpoint = tmp_path / "segmenter.pt"
+    torch.save(unet.state_dict(), checkpoint)
+    path = export_features(checkpoint, build("segmenter_def", "tiny"), tmp_path / "out" / "features.pt")
+    scripted = torch.jit.load(str(path))
+    assert torch.allclose(scripted(x), features(x), atol=1e-6) and [p.name for p in path.parent.iterdir()] == [path.name]
+    with pytest.raises(ValueError, match="segmenter.pt"):
+        export_features(checkpoint, build("segmenter_def", "cpu"), tmp_path / "wrong.pt")
+    assert not (tmp_path / "wrong.pt").exists()
 
 
 # ------------------------------------------------------------------------------------------ domain randomisation
