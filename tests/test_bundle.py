@@ -133,14 +133,28 @@ def test_a_user_error_ends_in_one_line_unless_debugging() -> None:
     assert cli.user_error(chained) is clear
 
 
-@pytest.mark.parametrize("key, value, python", [("resume", "false", "False"), ("resume", "true", "True"),
-                                               ("mar#time_budget_s", "null", "None")])
-def test_json_literals_on_the_command_line_are_refused(key: str, value: str, python: str) -> None:
-    """python-fire passes `--resume false` on as the text 'false' (true in Python): refused, naming the spelling."""
+@pytest.mark.parametrize("key, value, write, passes", [
+    ("resume", "false", "False", "False"), ("resume", "true", "True", "True"),
+    ("mar#time_budget_s", "null", "'$None'", "$None"), ("mar#time_budget_s", "None", "'$None'", "$None")])
+def test_json_literals_and_none_on_the_command_line_are_refused(key: str, value: str, write: str, passes: str) -> None:
+    """python-fire passes `--resume false` on as the text 'false' (true in Python), and monai.bundle run drops a None
+    value: refused, naming the spelling that works."""
     argv = ["/x/monai/bundle/__main__.py", "run", "--config_file", "configs/train_mar.json", f"--{key}", value]
-    with pytest.raises(ValueError, match=rf"--{key} {value} \(write --{key} {python}\)"):
+    with pytest.raises(ValueError, match=re.escape(f"--{key} {value} (write --{key} {write})")):
         cli.check_overrides(argv)
-    cli.check_overrides(argv[:-1] + [python])  # the Python spelling passes
+    cli.check_overrides(argv[:-1] + [passes])  # the spelling given passes (the shell strips the quotes)
+
+
+def test_monai_run_drops_a_none_override_and_keeps_the_none_expression() -> None:
+    """Why the guard refuses None: MONAI's run merges overrides with update_kwargs, which ignores None values, while
+    '$None' is kept and resolves to None."""
+    from monai.bundle import ConfigParser
+    from monai.bundle.scripts import update_kwargs
+
+    for value, expected in ((None, 1800), ("$None", None)):
+        parser = ConfigParser({"mar": {"time_budget_s": 1800}})
+        parser.update(pairs=update_kwargs({}, **{"mar#time_budget_s": value}))  # as monai.bundle run applies them
+        assert parser.get_parsed_content("mar#time_budget_s") == expected
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -154,7 +168,7 @@ def test_values_of_the_wrong_kind_are_refused_naming_the_key(key: str, value: st
     argv = ["/x/monai/bundle/__main__.py", "run", "--config_file", configs, f"--{key}", value]
     with pytest.raises(ValueError, match=re.escape(message)):
         cli.check_overrides(argv)
-    for fine in ("1", "None", "$@seed + 1"):  # a number where a float is expected, None, an expression: passed on
+    for fine in ("1", "$None", "$@seed + 1"):  # a number where a float is expected, expressions: passed on
         cli.check_overrides([*argv[:-2], "--mar#ema_decay", fine, "--num_subjects", "3.0", "--resume", "True"])
 
 

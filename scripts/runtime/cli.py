@@ -101,12 +101,16 @@ def as_bool(value: object, key: str) -> bool:
 
 
 # The command line (python-fire) reads Python literals: `--resume false` would arrive as the text 'false', which is
-# true, and `--mar#time_budget_s null` as the text 'null'.
-JSON_LITERALS = {"true": "True", "false": "False", "null": "None"}
+# true, and `--mar#time_budget_s null` as the text 'null'. A None value is dropped by `monai.bundle run` itself
+# (update_kwargs ignores None), so `--mar#time_budget_s None` would leave the config's value; '$None' (an expression,
+# quoted for the shell) sets None.
+NONE_SPELLING = "'$None'"
+JSON_LITERALS = {"true": "True", "false": "False", "null": NONE_SPELLING, "None": NONE_SPELLING}
 
 
 def json_literal_values(argv: Sequence[str]) -> list[str]:
-    """`--key value` pairs whose value is a JSON literal, each with the Python spelling to use instead."""
+    """`--key value` pairs whose value is a JSON literal or None (which MONAI drops without a word), each with the
+    spelling to use instead."""
     return [f"--{k} {v} (write --{k} {JSON_LITERALS[v]})" for k, v in _cli_pairs(argv).items() if v in JSON_LITERALS]
 
 
@@ -193,7 +197,8 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
     sys.excepthook = one_line_errors
     literals = json_literal_values(argv[2:])
     if literals:
-        raise ValueError(f"the command line takes Python literals: {', '.join(literals)}")
+        raise ValueError(f"the command line takes Python literals, and None only as the expression {NONE_SPELLING} "
+                         f"(monai.bundle run drops a None value): {', '.join(literals)}")
     pairs = _cli_pairs(argv[2:])
     config = load_configs(pairs) if "config_file" in pairs else {}
     bad, known = unknown_keys(argv[2:], config)
