@@ -105,13 +105,13 @@ def as_bool(value: object, key: str) -> bool:
 # (update_kwargs ignores None), so `--mar#time_budget_s None` would leave the config's value; '$None' (an expression,
 # quoted for the shell) sets None.
 NONE_SPELLING = "'$None'"
-JSON_LITERALS = {"true": "True", "false": "False", "null": NONE_SPELLING, "None": NONE_SPELLING}
+MISREAD_VALUES = {"true": "True", "false": "False", "null": NONE_SPELLING, "None": NONE_SPELLING}
 
 
-def json_literal_values(argv: Sequence[str]) -> list[str]:
-    """`--key value` pairs whose value is a JSON literal or None (which MONAI drops without a word), each with the
-    spelling to use instead."""
-    return [f"--{k} {v} (write --{k} {JSON_LITERALS[v]})" for k, v in _cli_pairs(argv).items() if v in JSON_LITERALS]
+def misread_values(argv: Sequence[str]) -> list[str]:
+    """`--key value` pairs whose value does not reach the config as meant (a JSON literal, read as text; None, which
+    MONAI drops without a word), each with the spelling to use instead."""
+    return [f"--{k} {v} (write --{k} {MISREAD_VALUES[v]})" for k, v in _cli_pairs(argv).items() if v in MISREAD_VALUES]
 
 
 def _default(config: object, cid: str) -> object:
@@ -195,7 +195,7 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
     if not (argv and argv[0].replace("\\", "/").endswith("monai/bundle/__main__.py") and "run" in argv[1:2]):
         return
     sys.excepthook = one_line_errors
-    literals = json_literal_values(argv[2:])
+    literals = misread_values(argv[2:])
     if literals:
         raise ValueError(f"the command line takes Python literals, and None only as the expression {NONE_SPELLING} "
                          f"(monai.bundle run drops a None value): {', '.join(literals)}")
