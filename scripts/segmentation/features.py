@@ -49,7 +49,7 @@ def export_features(checkpoint: str | Path, network: nn.Module, path: str | Path
     path = Path(path)
     if idist.get_rank() != 0:
         return path
-    features = SegmenterFeatures(load_weights(copy.deepcopy(network), checkpoint).cpu().eval()).eval()
+    features = SegmenterFeatures(load_weights(copy.deepcopy(network), checkpoint).cpu()).eval()
     for parameter in features.parameters():
         parameter.requires_grad_(False)
     with atomic_write(path) as tmp:
